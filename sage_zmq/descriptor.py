@@ -1,0 +1,473 @@
+"""``QueueDescriptor``: a small value that names a queue, and the registry of queue types.
+
+A descriptor is ``(queue_id, queue_type, metadata)``. It pickles, turns into a dict or JSON
+and back, and can be sent to any process; the socket behind it opens lazily in each process
+that calls ``put`` or ``get``. On first use the descriptor binds ``put``/``get`` straight to
+this process's queue end, so the per-record call costs no extra indirection.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import threading
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sage_zmq import _runtime
+from sage_zmq.config import current_config
+from sage_zmq.errors import DescriptorError, SageZmqError
+from sage_zmq.queues.base import QueueStatistics, QueueType
+
+__all__ = [
+    "QueueDescriptor",
+    "QueueSettings",
+    "lookup_queue_type",
+    "queue_types",
+    "register_queue_type",
+]
+
+_TYPES: dict[str, QueueType] = {}
+_LAZY_TYPES = {
+    "local": "sage_zmq.queues.local:LocalQueueType",
+    "shm": "sage_zmq.queues.shm:ShmQueueType",
+    "tcp": "sage_zmq.queues.tcp:TcpQueueType",
+    "sage": "sage_zmq.queues.sage:SageQueueType",
+    "ray": "sage_zmq.queues.ray:RayQueueType",
+}
+
+
+def register_queue_type(qtype: QueueType | type[QueueType]) -> QueueType:
+    """Register a queue type under its ``name`` (kombu-style: transports found by name)."""
+    instance = qtype() if isinstance(qtype, type) else qtype
+    _TYPES[instance.name] = instance
+    return instance
+
+
+def queue_types() -> list[str]:
+    """Names of every known queue type."""
+    return sorted(set(_TYPES) | set(_LAZY_TYPES))
+
+
+def lookup_queue_type(name: str) -> QueueType:
+    """The registered queue type called ``name``; a clear error (with "did you mean") if none."""
+    found = _TYPES.get(name)
+    if found is not None:
+        return found
+    target = _LAZY_TYPES.get(name)
+    if target is None:
+        hint = difflib.get_close_matches(str(name), queue_types(), n=1)
+        extra = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise DescriptorError(
+            f"unknown queue_type {name!r}{extra} Known types: {', '.join(queue_types())}"
+        )
+    module_name, cls_name = target.split(":")
+    import importlib
+
+    module = importlib.import_module(module_name)
+    return register_queue_type(getattr(module, cls_name))
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """Effective settings of a queue: metadata over config defaults."""
+
+    maxsize: int
+    upstreams: int
+    batch_size: int
+    flush_interval: float
+    timeout: float
+
+
+_INT_KEYS = {"maxsize": 1, "upstreams": 1, "batch_size": 1}
+_FLOAT_KEYS = {"timeout", "flush_interval"}
+
+
+def _check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(metadata, Mapping):
+        raise DescriptorError(
+            f"metadata must be a mapping (dict), got {type(metadata).__name__}"
+        )
+    meta = dict(metadata)
+    for key, minimum in _INT_KEYS.items():
+        if key in meta:
+            value = meta[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise DescriptorError(
+                    f"metadata[{key!r}] must be an integer >= {minimum}, got {value!r}"
+                )
+    for key in _FLOAT_KEYS:
+        if key in meta:
+            value = meta[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise DescriptorError(f"metadata[{key!r}] must be a number > 0, got {value!r}")
+    endpoint = meta.get("endpoint")
+    if endpoint is not None and not isinstance(endpoint, str):
+        raise DescriptorError(
+            f"metadata['endpoint'] must be a string like tcp://127.0.0.1:5555, got {endpoint!r}"
+        )
+    return meta
+
+
+class QueueDescriptor:
+    """Names a queue: ``queue_id``, ``queue_type`` and ``metadata`` (maxsize, endpoint, ...).
+
+    ``put``/``get`` follow :class:`queue.Queue`: ``Full``/``Empty`` (subclasses of
+    ``queue.Full``/``queue.Empty``) on timeout. Many producers, one consumer, FIFO per producer.
+    """
+
+    def __init__(
+        self,
+        queue_id: str | None = None,
+        queue_type: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
+        if queue_id is None:
+            queue_id = f"q-{os.urandom(6).hex()}"
+        if not isinstance(queue_id, str) or not queue_id or len(queue_id) > 200:
+            raise DescriptorError(
+                f"queue_id must be a non-empty string of at most 200 characters, got {queue_id!r}"
+            )
+        if queue_type is None:
+            queue_type = current_config().communication.queue.default_type
+        if not isinstance(queue_type, str):
+            raise DescriptorError(
+                f"queue_type must be a string such as 'local', got {queue_type!r}"
+            )
+        qtype = lookup_queue_type(queue_type)
+        meta = _check_metadata(metadata or {})
+        meta.update(options)
+        self.queue_id = queue_id
+        self.queue_type = queue_type
+        self.metadata = meta
+        self.metadata = _check_metadata(qtype.prepare(self))
+
+    # ---------------------------------------------------------------- value
+    @classmethod
+    def _restore(cls, queue_id: str, queue_type: str, metadata: dict[str, Any]) -> QueueDescriptor:
+        self = cls.__new__(cls)
+        self.queue_id = queue_id
+        self.queue_type = queue_type
+        self.metadata = dict(metadata)
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (QueueDescriptor._restore, (self.queue_id, self.queue_type, dict(self.metadata)))
+
+    def __copy__(self) -> QueueDescriptor:
+        return QueueDescriptor._restore(self.queue_id, self.queue_type, self.metadata)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> QueueDescriptor:
+        import copy
+
+        return QueueDescriptor._restore(
+            self.queue_id, self.queue_type, copy.deepcopy(self.metadata, memo)
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, QueueDescriptor):
+            return NotImplemented
+        return (self.queue_id, self.queue_type, self.metadata) == (
+            other.queue_id,
+            other.queue_type,
+            other.metadata,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.queue_id, self.queue_type, str(self.metadata.get("endpoint"))))
+
+    def __repr__(self) -> str:
+        return (
+            f"QueueDescriptor(queue_id={self.queue_id!r}, queue_type={self.queue_type!r}, "
+            f"metadata={self.metadata!r})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "queue_id": self.queue_id,
+            "queue_type": self.queue_type,
+            "metadata": dict(self.metadata),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QueueDescriptor:
+        if not isinstance(data, Mapping):
+            raise DescriptorError(f"from_dict needs a mapping, got {type(data).__name__}")
+        unknown = set(data) - {"queue_id", "queue_type", "metadata"}
+        if unknown:
+            raise DescriptorError(
+                f"unknown descriptor keys {sorted(unknown)}; expected queue_id, queue_type, "
+                "metadata"
+            )
+        if "queue_id" not in data or "queue_type" not in data:
+            raise DescriptorError("a descriptor dict needs 'queue_id' and 'queue_type'")
+        meta = data.get("metadata") or {}
+        if isinstance(meta, Mapping) and "endpoint" in meta:
+            # Complete descriptors come back as they were: no binding, no new endpoint.
+            qtype = lookup_queue_type(data["queue_type"])
+            restored = cls._restore(data["queue_id"], data["queue_type"], _check_metadata(meta))
+            if not isinstance(restored.queue_id, str) or not restored.queue_id:
+                raise DescriptorError("queue_id must be a non-empty string")
+            del qtype
+            return restored
+        return cls(data["queue_id"], data["queue_type"], meta)
+
+    def to_json(self) -> str:
+        try:
+            return json.dumps(self.to_dict(), sort_keys=True)
+        except TypeError as exc:
+            raise DescriptorError(
+                f"descriptor {self.queue_id!r} has metadata that JSON cannot carry: {exc}"
+            ) from None
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> QueueDescriptor:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise DescriptorError(f"not a descriptor JSON document: {exc}") from None
+        return cls.from_dict(data)
+
+    def with_options(self, **changes: Any) -> QueueDescriptor:
+        """A copy with some metadata changed (same queue)."""
+        meta = dict(self.metadata)
+        meta.update(changes)
+        return QueueDescriptor._restore(self.queue_id, self.queue_type, _check_metadata(meta))
+
+    @property
+    def endpoint(self) -> str | None:
+        value = self.metadata.get("endpoint")
+        return None if value is None else str(value)
+
+    @property
+    def maxsize(self) -> int:
+        return self.settings().maxsize
+
+    def settings(self) -> QueueSettings:
+        cfg = current_config()
+        meta = self.metadata
+        return QueueSettings(
+            maxsize=int(meta.get("maxsize", cfg.communication.queue.max_size)),
+            upstreams=int(meta.get("upstreams", 1)),
+            batch_size=int(meta.get("batch_size", cfg.performance.batch_size)),
+            flush_interval=float(meta.get("flush_interval", cfg.performance.flush_interval)),
+            timeout=float(meta.get("timeout", cfg.communication.queue.timeout)),
+        )
+
+    @property
+    def capabilities(self) -> Any:
+        return lookup_queue_type(self.queue_type).capabilities
+
+    # ---------------------------------------------------------------- queue ops
+    def _handle(self) -> _QueueHandle:
+        key = (self.queue_type, str(self.metadata.get("endpoint")))
+        handle: _QueueHandle | None = _runtime.existing_handle(key)
+        if handle is None:
+            qtype = lookup_queue_type(self.queue_type)
+            qtype.check_usable_here(self)
+            handle = _runtime.handle_for(key, lambda: _QueueHandle(self, qtype, key))
+        return handle
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Put a record; blocks while the consumer has no room (``Full`` after ``timeout``)."""
+        producer = self._handle().producer(self)
+        producer.put(item, block, timeout)
+
+    def put_nowait(self, item: Any) -> None:
+        self.put(item, block=False)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """The next record (``Empty`` after ``timeout``); ``EndOfStream`` at the end."""
+        consumer = self._handle().consumer(self)
+        return consumer.get(block, timeout)
+
+    def get_nowait(self) -> Any:
+        return self.get(block=False)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._handle().consumer(self))
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send what this process has put but not yet shipped."""
+        handle = self._handle()
+        if handle.has_producer():
+            handle.producer(self).flush(timeout)
+
+    def qsize(self) -> int:
+        handle = self._handle()
+        if handle.has_consumer() or not handle.has_producer():
+            return int(handle.consumer(self).qsize())
+        return int(handle.producer(self).qsize())
+
+    def empty(self) -> bool:
+        handle = self._handle()
+        if handle.has_consumer() or not handle.has_producer():
+            return bool(handle.consumer(self).empty())
+        return handle.producer(self).qsize() == 0
+
+    def full(self) -> bool:
+        handle = self._handle()
+        if handle.has_producer():
+            return bool(handle.producer(self).full())
+        return bool(handle.consumer(self).full())
+
+    def statistics(self) -> QueueStatistics:
+        return self._handle().statistics()
+
+    def backlog(self) -> int:
+        """Records this process put that the consumer has not reported consumed (cheap).
+
+        Routers use it as the live load of a target: it moves with the consumer's credits.
+        """
+        handle = self._handle()
+        return int(handle.producer(self).qsize()) if handle.has_producer() else 0
+
+    def close(self, timeout: float | None = None) -> None:
+        """Close this process's ends of the queue (a producer first delivers what it put)."""
+        key = (self.queue_type, str(self.metadata.get("endpoint")))
+        handle: _QueueHandle | None = _runtime.existing_handle(key)
+        if handle is not None:
+            handle.close(timeout)
+        else:
+            self._unbind()
+
+    def _unbind(self) -> None:
+        for name in _BOUND_NAMES:
+            self.__dict__.pop(name, None)
+
+    def __enter__(self) -> QueueDescriptor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- conversion
+    def as_type(self, new_type: str, **metadata: Any) -> QueueDescriptor:
+        """The same queue reachable through another type (e.g. promote ``local`` to ``shm``).
+
+        Call it in the process that consumes the queue: that consumer starts listening on the
+        new endpoint too, so local and remote producers feed one queue, keeping its id and the
+        records already in it, in order.
+        """
+        if new_type == self.queue_type and not metadata:
+            return self
+        qtype = lookup_queue_type(new_type)
+        if not qtype.capabilities.cross_process and new_type != self.queue_type:
+            raise DescriptorError(f"cannot promote to {new_type!r}: it is not cross-process")
+        lookup_queue_type(self.queue_type).check_usable_here(self)
+        keep = {k: v for k, v in self.metadata.items() if k not in ("endpoint", "owner", "bind")}
+        keep.update(metadata)
+        new = QueueDescriptor(self.queue_id, new_type, keep)
+        handle = self._handle()
+        consumer = handle.consumer(self)
+        consumer.add_inlet(qtype.open_consumer_inlet(new))
+        _runtime.handle_for((new.queue_type, str(new.endpoint)), lambda: handle)
+        handle.aliases.append((new.queue_type, str(new.endpoint)))
+        return new
+
+    @classmethod
+    def from_existing(cls, queue: Any, queue_id: str | None = None) -> QueueDescriptor:
+        """Wrap an existing ``queue.Queue``, ``multiprocessing.Queue`` or Ray queue."""
+        from sage_zmq.queues.wrapped import wrap_existing
+
+        return wrap_existing(cls, queue, queue_id)
+
+
+_BOUND_NAMES = ("put", "get")
+
+
+class _QueueHandle:
+    """This process's ends of one queue, created on first use."""
+
+    def __init__(self, descriptor: QueueDescriptor, qtype: QueueType, key: tuple[str, str]) -> None:
+        self.descriptor = descriptor
+        self.qtype = qtype
+        self.key = key
+        self.aliases: list[tuple[str, str]] = []
+        self._producer: Any = None
+        self._consumer: Any = None
+        self._lock = threading.Lock()
+        self._bound: list[weakref.ref[QueueDescriptor]] = []
+
+    def has_producer(self) -> bool:
+        return self._producer is not None
+
+    def has_consumer(self) -> bool:
+        return self._consumer is not None
+
+    def producer(self, bind_to: QueueDescriptor) -> Any:
+        producer = self._producer
+        if producer is None:
+            with self._lock:
+                if self._producer is None:
+                    self._producer = self.qtype.make_producer(self.descriptor)
+                producer = self._producer
+        self._bind(bind_to, "put", producer.put)
+        return producer
+
+    def consumer(self, bind_to: QueueDescriptor) -> Any:
+        consumer = self._consumer
+        if consumer is None:
+            with self._lock:
+                if self._consumer is None:
+                    self._consumer = self.qtype.make_consumer(self.descriptor)
+                consumer = self._consumer
+        self._bind(bind_to, "get", consumer.get)
+        return consumer
+
+    def _bind(self, descriptor: QueueDescriptor, name: str, method: Any) -> None:
+        if descriptor.__dict__.get(name) is not method:
+            descriptor.__dict__[name] = method
+            self._bound.append(weakref.ref(descriptor))
+
+    def statistics(self) -> QueueStatistics:
+        from dataclasses import replace
+
+        if self._consumer is None and self._producer is None:
+            return QueueStatistics(self.descriptor.queue_id, self.descriptor.queue_type, "idle")
+        if self._consumer is None:
+            stats: QueueStatistics = self._producer.statistics()
+            return stats
+        stats = self._consumer.statistics()
+        if self._producer is not None:
+            p = self._producer.statistics()
+            stats = replace(
+                stats,
+                role="producer+consumer",
+                sent=p.sent,
+                bytes_sent=p.bytes_sent,
+                batches_sent=p.batches_sent,
+                credit_waits=p.credit_waits,
+                encode_errors=p.encode_errors,
+                in_flight=p.in_flight,
+            )
+        return stats
+
+    def close(self, timeout: float | None = None) -> None:
+        error: SageZmqError | None = None
+        with self._lock:
+            producer, consumer = self._producer, self._consumer
+            self._producer = self._consumer = None
+        for ref in self._bound:
+            d = ref()
+            if d is not None:
+                d._unbind()
+        self._bound.clear()
+        _runtime.forget_handle(self.key, self)
+        for alias in self.aliases:
+            _runtime.forget_handle(alias, self)
+        if producer is not None:
+            if consumer is not None:
+                producer.assist = consumer.assist
+            try:
+                producer.close(timeout)
+            except SageZmqError as exc:
+                error = exc
+        if consumer is not None:
+            consumer.close(timeout)
+        if error is not None:
+            raise error

@@ -1,0 +1,78 @@
+"""The flat family of errors.
+
+Callers catch by meaning: every error raised by sage-zmq is a :class:`SageZmqError`;
+``Empty`` and ``Full`` are also ``queue.Empty`` / ``queue.Full`` so that existing worker loops
+written against :mod:`queue` keep working unchanged.
+"""
+
+from __future__ import annotations
+
+import queue as _stdlib_queue
+
+
+class SageZmqError(Exception):
+    """Base of every error raised by sage-zmq."""
+
+
+class ConfigError(SageZmqError, ValueError):
+    """A configuration value or key is wrong; the message names the key path."""
+
+
+class DescriptorError(SageZmqError, ValueError):
+    """A queue descriptor is malformed: unknown type, bad endpoint, bad metadata."""
+
+
+class Empty(SageZmqError, _stdlib_queue.Empty):
+    """``get`` found nothing before its timeout."""
+
+
+class Full(SageZmqError, _stdlib_queue.Full):
+    """``put`` found no room (no credit from the consumer) before its timeout."""
+
+
+class EncodeError(SageZmqError, TypeError):
+    """A record could not be encoded for the wire; the message names its type."""
+
+
+class DecodeError(SageZmqError, ValueError):
+    """Bytes from the wire are not a valid frame; the frame was rejected."""
+
+
+class DeliveryError(SageZmqError):
+    """Records accepted by ``put`` could not be confirmed as delivered."""
+
+    def __init__(self, message: str, undelivered: int = 0) -> None:
+        super().__init__(message)
+        self.undelivered = undelivered
+
+
+class QueueClosed(SageZmqError):
+    """The queue was closed in this process; open a new descriptor handle to use it again."""
+
+
+class RoutingError(SageZmqError):
+    """A router could not deliver a packet to any connection that should receive it."""
+
+
+class SecurityError(SageZmqError):
+    """Authentication or a security policy refused an operation."""
+
+
+class MissingDependency(SageZmqError, ImportError):
+    """An optional extra is needed; the message says what to install."""
+
+
+__all__ = [
+    "ConfigError",
+    "DecodeError",
+    "DeliveryError",
+    "DescriptorError",
+    "Empty",
+    "EncodeError",
+    "Full",
+    "MissingDependency",
+    "QueueClosed",
+    "RoutingError",
+    "SageZmqError",
+    "SecurityError",
+]

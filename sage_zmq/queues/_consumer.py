@@ -1,0 +1,303 @@
+"""The consuming end of any queue: batches in, records out, credits back, ends counted.
+
+``get`` is ``next()`` on an iterator over the current batch; only at a batch boundary does it
+take the slow path, which retires the finished batch (granting its producer credit), reads what
+has arrived, and counts ends of stream. An upstream's END marker sits in the batch queue after
+that upstream's records, so an upstream counts as ended only once its records were consumed;
+``get`` returns :class:`EndOfStream` when every upstream has ended, and from then on at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+from sage_zmq.errors import Empty, QueueClosed
+from sage_zmq.packet import EndOfStream, Packet
+from sage_zmq.queues.base import ConsumerInlet, Credit, QueueStatistics
+
+log = logging.getLogger("sage_zmq.queue")
+
+_END = None  # records slot of an END marker in the batch queue
+_EMPTY_ITER: Iterator[Any] = iter(())
+
+
+class _Upstream:
+    """What the consumer knows of one producer."""
+
+    __slots__ = ("closing", "ended", "granted", "inlet", "peer", "producer", "received", "acked")
+
+    def __init__(self, producer: str, inlet: ConsumerInlet, peer: Any, base: int) -> None:
+        self.producer = producer
+        self.inlet = inlet
+        self.peer = peer
+        self.received = base  # every seq below has arrived
+        self.acked = base  # every seq below was consumed
+        self.granted = 0  # the limit last granted
+        self.closing = False
+        self.ended = False
+
+
+class Consumer:
+    """One consumer per queue per process; threads may share it."""
+
+    def __init__(
+        self,
+        inlets: list[ConsumerInlet],
+        *,
+        queue_id: str,
+        queue_type: str,
+        maxsize: int,
+        upstreams: int = 1,
+    ) -> None:
+        self.queue_id = queue_id
+        self.queue_type = queue_type
+        self.session = os.urandom(6).hex()
+        self._inlets = inlets
+        self._maxsize = maxsize
+        self._upstreams = upstreams
+        self._batches: deque[tuple[_Upstream, int, list[Any] | None]] = deque()
+        self._current: Iterator[Any] = _EMPTY_ITER
+        self._cur_upstream: _Upstream | None = None
+        self._cur_end = 0
+        self._queued = 0
+        self._ups: dict[str, _Upstream] = {}
+        self._ended = 0
+        self._lock = threading.RLock()
+        self._closed = False
+        self._received = 0
+        self._bytes = 0
+        self._batches_in = 0
+        self._duplicates = 0
+        self._gaps = 0
+        self._latencies: deque[float] = deque(maxlen=2048)
+
+    # ---------------------------------------------------------------- hot path
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """The next record; :class:`EndOfStream` once every upstream has ended."""
+        try:
+            return next(self._current)
+        except StopIteration:
+            return self._get_slow(block, timeout)
+
+    def get_nowait(self) -> Any:
+        return self.get(block=False)
+
+    def __iter__(self) -> Iterator[Any]:
+        """Records until every upstream has ended."""
+        while True:
+            yield from self._current
+            item = self._get_slow(True, None)
+            if item.__class__ is EndOfStream:
+                return
+            yield item
+
+    # --------------------------------------------------------------- slow path
+    def _get_slow(self, block: bool, timeout: float | None) -> Any:
+        deadline = None if timeout is None or not block else time.monotonic() + timeout
+        with self._lock:
+            while True:
+                if self._closed:
+                    raise QueueClosed(f"queue {self.queue_id!r} was closed in this process")
+                for item in self._current:  # another thread may have refilled it
+                    return item
+                self._retire_current()
+                self._pump(0)
+                while self._batches:
+                    up, end_seq, records = self._batches.popleft()
+                    if records is _END:
+                        up.acked = end_seq
+                        up.ended = True
+                        self._ended += 1
+                        continue
+                    self._queued -= len(records)
+                    self._cur_upstream, self._cur_end = up, end_seq
+                    first = records[0]
+                    if first.__class__ is Packet:
+                        self._latencies.append(time.time() - first.timestamp)
+                    self._current = iter(records)
+                    return next(self._current)
+                if self._ended >= self._upstreams:
+                    return EndOfStream()
+                if not block:
+                    raise Empty(f"queue {self.queue_id!r} is empty")
+                wait = 0.5 if deadline is None else deadline - time.monotonic()
+                if wait <= 0:
+                    raise Empty(f"queue {self.queue_id!r}: nothing arrived within {timeout} s")
+                self._pump(min(wait, 0.5))
+
+    def _retire_current(self) -> None:
+        up = self._cur_upstream
+        if up is None:
+            return
+        self._cur_upstream = None
+        self._current = _EMPTY_ITER
+        up.acked = self._cur_end
+        if up.granted - up.acked <= self._share() // 2:
+            self._grant(up)
+
+    def _share(self) -> int:
+        active = sum(1 for u in self._ups.values() if not u.closing) or 1
+        return max(1, self._maxsize // active)
+
+    def _grant(self, up: _Upstream) -> None:
+        limit = max(up.granted, up.acked + self._share())
+        up.granted = limit
+        credit = Credit(self.session, up.received, up.acked, limit)
+        if not up.inlet.send_credit(up.peer, credit):
+            log.debug("queue %s: producer %s is gone", self.queue_id, up.producer)
+
+    # ------------------------------------------------------------------ intake
+    def _pump(self, timeout: float) -> None:
+        inlets = self._inlets
+        if len(inlets) == 1:
+            events = inlets[0].recv(timeout)
+        else:
+            events = self._recv_any(timeout)
+        for event in events:
+            self._on_event(event)
+
+    def _recv_any(self, timeout: float) -> list[tuple[Any, ...]]:
+        # Several inlets (a promoted local queue): poll each briefly until one has something.
+        deadline = time.monotonic() + timeout
+        while True:
+            events: list[tuple[Any, ...]] = []
+            for inlet in self._inlets:
+                events.extend(inlet.recv(0))
+            remaining = deadline - time.monotonic()
+            if events or remaining <= 0:
+                return events
+            events = self._inlets[0].recv(min(remaining, 0.002))
+            if events:
+                return events
+
+    def _upstream(self, producer: str, inlet: ConsumerInlet, peer: Any, base: int) -> _Upstream:
+        up = self._ups.get(producer)
+        if up is None:
+            up = self._ups[producer] = _Upstream(producer, inlet, peer, base)
+        else:
+            up.inlet, up.peer = inlet, peer
+        return up
+
+    def _on_event(self, event: tuple[Any, ...]) -> None:
+        what = event[0]
+        if what == "data":
+            _, inlet, peer, producer, seq, records, nbytes = event
+            up = self._upstream(producer, inlet, peer, seq)
+            end = seq + len(records)
+            if end <= up.received:
+                self._duplicates += len(records)
+                return
+            if seq > up.received:
+                self._gaps += seq - up.received
+                log.warning(
+                    "queue %s: producer %s skipped seq %d..%d (records lost in transit)",
+                    self.queue_id,
+                    producer,
+                    up.received,
+                    seq - 1,
+                )
+            elif seq < up.received:
+                skip = up.received - seq
+                self._duplicates += skip
+                records = records[skip:]
+            up.received = end
+            self._batches.append((up, end, records))
+            self._queued += len(records)
+            self._received += len(records)
+            self._bytes += nbytes
+            self._batches_in += 1
+        elif what == "end":
+            _, inlet, peer, producer, seq = event
+            up = self._upstream(producer, inlet, peer, seq)
+            if seq < up.received:
+                return  # a retransmitted END we already have
+            up.received = seq + 1
+            self._batches.append((up, seq + 1, _END))
+            self._grant(up)  # a receipt: producers usually close right after their end
+        elif what == "hello":
+            _, inlet, peer, fields = event
+            producer = fields["producer"]
+            known = producer in self._ups
+            up = self._upstream(producer, inlet, peer, fields.get("acked", fields["next_seq"]))
+            up.closing = False
+            if not known:
+                self._grant(up)
+        elif what == "close":
+            _, inlet, peer, producer, seq = event
+            up = self._upstream(producer, inlet, peer, seq)
+            up.closing = True
+            self._grant(up)  # the receipt the closing producer waits for
+        elif what == "heartbeat":
+            _, inlet, peer, producer = event
+            up = self._ups.get(producer)
+            if up is not None:
+                up.inlet, up.peer = inlet, peer
+                self._grant(up)
+
+    def assist(self) -> None:
+        """Read what has arrived without waiting (a producer in this process is waiting)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                if not self._closed:
+                    self._pump(0)
+            finally:
+                self._lock.release()
+
+    # -------------------------------------------------------------- inspection
+    def qsize(self) -> int:
+        from operator import length_hint
+
+        return length_hint(self._current) + self._queued
+
+    def empty(self) -> bool:
+        with self._lock:
+            self._pump(0)
+            return self.qsize() == 0
+
+    def full(self) -> bool:
+        return self.qsize() >= self._maxsize
+
+    def add_inlet(self, inlet: ConsumerInlet) -> None:
+        with self._lock:
+            self._inlets = [*self._inlets, inlet]
+
+    def statistics(self) -> QueueStatistics:
+        lat = sorted(self._latencies)
+        return QueueStatistics(
+            queue_id=self.queue_id,
+            queue_type=self.queue_type,
+            role="consumer",
+            received=self._received,
+            depth=self.qsize(),
+            maxsize=self._maxsize,
+            bytes_received=self._bytes,
+            batches_received=self._batches_in,
+            duplicates=self._duplicates,
+            rejected=sum(getattr(i, "rejected", 0) for i in self._inlets),
+            producers=len(self._ups),
+            upstreams=self._upstreams,
+            upstreams_ended=self._ended,
+            latency_p50=lat[len(lat) // 2] if lat else None,
+            latency_p99=lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
+            extra={"gaps": self._gaps, "session": self.session},
+        )
+
+    def close(self, timeout: float | None = None) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._batches.clear()
+            self._current = _EMPTY_ITER
+            for inlet in self._inlets:
+                inlet.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed

@@ -1,0 +1,334 @@
+"""The producing end of any queue: batching, credits, end of stream, the close handshake.
+
+The per-record path (``put``) is three cheap steps: check room, append, maybe flush. Records
+wait in ``_pending`` (a deque, so threads may append without a lock) until a flush ships them as
+one batch. ``_flush_at`` adapts: 1 while puts arrive slowly (an idle queue adds no latency),
+``batch_size`` once they arrive faster than ``BUSY_GAP`` apart; a process-wide flusher thread
+ships a busy producer's partial batch if it has not moved for a tick (``flush_interval``).
+
+Room is credit: the consumer grants a cumulative limit on sequence numbers, so a producer is
+never more than its window (``maxsize``) ahead of what the consumer has consumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from sage_zmq import _runtime
+from sage_zmq.errors import DeliveryError, EncodeError, Full, QueueClosed
+from sage_zmq.packet import EndOfStream
+from sage_zmq.queues.base import Credit, ProducerLink, QueueStatistics
+
+log = logging.getLogger("sage_zmq.queue")
+
+BUSY_GAP = 20e-6
+"""Puts closer together than this switch a producer from send-at-once to batching."""
+
+_HOST = socket.gethostname()[:40]
+
+
+def new_producer_id() -> str:
+    return f"{_HOST}:{os.getpid()}:{os.urandom(4).hex()}"
+
+
+class Producer:
+    """One producer per queue per process; threads may share it (FIFO per thread)."""
+
+    def __init__(
+        self,
+        link: ProducerLink,
+        *,
+        queue_id: str,
+        queue_type: str,
+        window: int,
+        batch_size: int,
+        flush_interval: float,
+        timeout: float,
+        producer_id: str | None = None,
+        epoch: int = 0,
+        next_seq: int = 0,
+    ) -> None:
+        self.queue_id = queue_id
+        self.queue_type = queue_type
+        self.producer_id = producer_id or new_producer_id()
+        self.epoch = epoch
+        self._link = link
+        self._window = window
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval
+        self._timeout = timeout
+        self._pending: deque[Any] = deque()
+        self._lock = threading.RLock()
+        self._flush_at = 1
+        self._next_seq = next_seq
+        self._limit = next_seq + window  # implicit first credit: both ends know maxsize
+        self._received = next_seq
+        self._acked = next_seq
+        self._session: str | None = None
+        self._room = window
+        self._fast_limit = 0
+        self._errors: list[str] = []
+        self._closed = False
+        self._last_flush = 0.0
+        self._flushes = 0
+        self._flushes_seen = -1
+        self._sent = 0
+        self._bytes = 0
+        self._batches = 0
+        self._credit_waits = 0
+        self._encode_errors = 0
+        self.assist: Any = None  # set when this process also consumes: pumps while we wait
+        link.send_hello(self.producer_id, epoch, next_seq, next_seq)
+
+    # ---------------------------------------------------------------- hot path
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Queue ``item``; blocks (or raises :class:`Full` after ``timeout``) without credit."""
+        pending = self._pending
+        if len(pending) < self._fast_limit and item.__class__ is not EndOfStream:
+            pending.append(item)  # room left and no flush due: nothing else to do
+            return
+        self._put_slow(item, block, timeout)
+
+    def put_nowait(self, item: Any) -> None:
+        self.put(item, block=False)
+
+    # --------------------------------------------------------------- slow path
+    def _put_slow(self, item: Any, block: bool, timeout: float | None) -> None:
+        if self._closed:
+            raise QueueClosed(f"queue {self.queue_id!r} was closed in this process")
+        if isinstance(item, EndOfStream):
+            self._put_end(timeout)
+            return
+        with self._lock:
+            if self._errors:
+                raise self._take_error(accepted=False)
+            self._update_room()
+            if self._room <= 0 and not self._wait_for_room(block, timeout):
+                raise Full(
+                    f"queue {self.queue_id!r} is full: the consumer has not taken the "
+                    f"{self._window} records it has room for"
+                    + (f" within {timeout} s" if block and timeout is not None else "")
+                    + "; get() from it, raise maxsize, or put with a longer timeout"
+                )
+            self._pending.append(item)
+            if len(self._pending) >= self._flush_at:
+                self._flush_locked()
+            else:
+                self._update_room()
+            if self._errors:
+                raise self._take_error(accepted=True)
+
+    def _wait_for_room(self, block: bool, timeout: float | None) -> bool:
+        self._apply(self._link.poll(0))
+        self._update_room()
+        if self._room > 0:
+            return True
+        if not block:
+            return False
+        self._credit_waits += 1
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._flush_locked()
+            if self._room > 0:
+                return True
+            wait = 0.5 if deadline is None else deadline - time.monotonic()
+            if wait <= 0:
+                return False
+            self._apply(self._link.poll(min(wait, 0.5)))
+            self._update_room()
+            if self._room > 0:
+                return True
+
+    def _put_end(self, timeout: float | None) -> None:
+        with self._lock:
+            self._drain(self._timeout if timeout is None else timeout)
+            if self._pending:
+                raise Full(
+                    f"queue {self.queue_id!r}: end of stream not sent, {len(self._pending)} "
+                    "records are still waiting for credit from the consumer"
+                )
+            self._link.send_end(self.producer_id, self._next_seq)
+            self._next_seq += 1
+            self._limit += 1  # the END marker takes a sequence number, not buffer space
+            self._update_room()
+            if self._errors:
+                raise self._take_error(accepted=True)
+
+    # --------------------------------------------------------------- flushing
+    def _flush_locked(self) -> None:
+        now = time.perf_counter()
+        link = self._link
+        if self._limit - self._next_seq < 2 * self._batch_size or not self._flushes & 15:
+            self._apply(link.poll(0))  # credit runs low (or a periodic look): read replies
+        pending = self._pending
+        popleft = pending.popleft
+        while pending:
+            allowed = self._limit - self._next_seq
+            if allowed <= 0:
+                break
+            n = min(len(pending), allowed, self._batch_size)
+            batch = [popleft() for _ in range(n)]
+            sent, nbytes, errors = link.send_batch(self.producer_id, self._next_seq, batch)
+            self._next_seq += sent
+            self._sent += sent
+            self._bytes += nbytes
+            self._batches += 1
+            if errors:
+                self._encode_errors += len(errors)
+                self._errors.extend(errors)
+                self._limit -= 0  # dropped records never took a sequence number
+        gap = now - self._last_flush
+        if self._flush_at == 1:
+            if gap < BUSY_GAP and self._batch_size > 1:
+                self._flush_at = self._batch_size
+                _runtime.flusher(self._flush_interval).add(self)
+        elif gap > self._flush_interval:
+            self._flush_at = 1
+        self._last_flush = now
+        self._flushes += 1
+        self._update_room()
+
+    def flush_if_stale(self) -> None:
+        """Called by the flusher thread each tick: ship a partial batch that did not move."""
+        if self._flushes == self._flushes_seen and self._pending:
+            if self._lock.acquire(blocking=False):
+                try:
+                    if self._pending and not self._closed:
+                        self._flush_locked()
+                        self._flush_at = 1
+                finally:
+                    self._lock.release()
+        elif self._flush_at == 1 and not self._pending:
+            _runtime.flusher(self._flush_interval).discard(self)
+        self._flushes_seen = self._flushes
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send everything pending now, waiting for credit up to ``timeout`` seconds."""
+        with self._lock:
+            self._drain(self._timeout if timeout is None else timeout)
+            if self._errors:
+                raise self._take_error(accepted=True)
+
+    def _drain(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._flush_locked()
+            if not self._pending:
+                return
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                return
+            self._apply(self._link.poll(min(wait, 0.5)))
+
+    # ----------------------------------------------------------------- credit
+    def _apply(self, credits: list[Credit]) -> None:
+        for credit in credits:
+            if credit.session != self._session:
+                if self._session is not None:
+                    log.info(
+                        "queue %s: consumer session changed %s -> %s",
+                        self.queue_id,
+                        self._session,
+                        credit.session,
+                    )
+                self._session = credit.session
+            if credit.limit > self._limit:
+                self._limit = credit.limit
+            if credit.received > self._received:
+                self._received = credit.received
+            if credit.acked > self._acked:
+                self._acked = credit.acked
+
+    def _update_room(self) -> None:
+        room = 0 if self._errors or self._closed else self._limit - self._next_seq
+        room -= len(self._pending)
+        self._room = room
+        # put() appends without a lock while below this: room remains and no flush is due.
+        self._fast_limit = min(len(self._pending) + room, self._flush_at - 1)
+
+    def _take_error(self, *, accepted: bool) -> EncodeError:
+        errors, self._errors = self._errors, []
+        self._update_room()
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        err = EncodeError(f"queue {self.queue_id!r}: record dropped: {errors[0]}{more}")
+        err.records_dropped = len(errors)  # type: ignore[attr-defined]
+        err.accepted = accepted  # type: ignore[attr-defined]
+        return err
+
+    # -------------------------------------------------------------- lifecycle
+    def close(self, timeout: float | None = None) -> None:
+        """Ship everything and wait until the consumer confirms it received it.
+
+        Raises :class:`DeliveryError` naming how many records were not confirmed within
+        ``timeout`` (default ``communication.queue.timeout``).
+        """
+        if self._closed:
+            return
+        timeout = self._timeout if timeout is None else timeout
+        with self._lock:
+            if self._closed:
+                return
+            _runtime.flusher(self._flush_interval).discard(self)
+            deadline = time.monotonic() + timeout
+            self._drain(timeout)
+            unsent = len(self._pending)
+            self._link.send_close(self.producer_id, self._next_seq)
+            while self._received < self._next_seq:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    break
+                if self.assist is not None:
+                    self.assist()
+                    wait = min(wait, 0.01)
+                self._apply(self._link.poll(min(wait, 0.5)))
+            undelivered = unsent + max(0, self._next_seq - self._received)
+            self._closed = True
+            self._update_room()
+            self._link.close()
+            errors, self._errors = self._errors, []
+        if undelivered:
+            raise DeliveryError(
+                f"queue {self.queue_id!r}: {undelivered} records put were not confirmed "
+                f"as received by the consumer within {timeout} s (is the consumer running "
+                "and reading?)",
+                undelivered,
+            )
+        if errors:
+            raise EncodeError(f"queue {self.queue_id!r}: record dropped: {errors[0]}")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def qsize(self) -> int:
+        """Records this producer put that the consumer has not yet reported consumed."""
+        return self._next_seq - self._acked + len(self._pending)
+
+    def full(self) -> bool:
+        with self._lock:
+            self._apply(self._link.poll(0))
+            self._update_room()
+            return self._room <= 0
+
+    def statistics(self) -> QueueStatistics:
+        in_flight = self._next_seq - self._acked
+        return QueueStatistics(
+            queue_id=self.queue_id,
+            queue_type=self.queue_type,
+            role="producer",
+            sent=self._sent,
+            depth=in_flight + len(self._pending),
+            maxsize=self._window,
+            bytes_sent=self._bytes,
+            batches_sent=self._batches,
+            acked=self._acked,
+            in_flight=in_flight,
+            credit_waits=self._credit_waits,
+            encode_errors=self._encode_errors,
+        )

@@ -1,0 +1,306 @@
+"""The socket links shared by ``shm``, ``tcp`` and ``sage``: DEALER producers, ROUTER consumer.
+
+DEALER/ROUTER because the consumer must answer each producer (credits, receipts, acks) and
+never drops silently: the ROUTER sets ``ROUTER_MANDATORY`` so a reply to a vanished producer is
+an error we see. High-water marks are lifted (0 = none) because credits, not HWMs, bound what
+is in flight: HWMs count frames, not records, and libzmq drops an ipc tail at the HWM.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from sage_zmq import _runtime
+from sage_zmq.errors import DecodeError, DescriptorError
+from sage_zmq.queues.base import Credit
+from sage_zmq.wire.codec import Codec
+from sage_zmq.wire.frame import Kind
+
+log = logging.getLogger("sage_zmq.queue")
+
+_TCP = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_]+|\*):(\d{1,5}|\*)$")
+
+
+@dataclass(frozen=True)
+class SocketOptions:
+    """Options applied to every socket of a queue."""
+
+    max_message_size: int = -1
+    reconnect_ivl_ms: int = 100
+    reconnect_ivl_max_ms: int = 2000
+    heartbeat_ivl_ms: int = 0
+    heartbeat_timeout_ms: int = 0
+    linger_ms: int = 1000
+    curve: Any = None  # sage_zmq.security.CurveSetup or None
+
+
+def check_tcp_endpoint(endpoint: str) -> tuple[str, int | None]:
+    """Validate ``tcp://host:port``; returns ``(host, port)`` (port None for ``*``)."""
+    m = _TCP.match(endpoint)
+    if not m:
+        raise DescriptorError(
+            f"malformed tcp endpoint {endpoint!r}: expected tcp://HOST:PORT, e.g. "
+            "tcp://127.0.0.1:5555 (or leave endpoint out to get a free port)"
+        )
+    host, port = m.group(1), m.group(2)
+    if port == "*":
+        return host, None
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise DescriptorError(f"tcp endpoint {endpoint!r}: port must be 0-65535")
+    return host, number
+
+
+def check_ipc_endpoint(endpoint: str) -> str:
+    if not endpoint.startswith("ipc://") or len(endpoint) <= len("ipc://"):
+        raise DescriptorError(
+            f"malformed ipc endpoint {endpoint!r}: expected ipc:///path/to/socket "
+            "(or leave endpoint out to get a private one)"
+        )
+    path = endpoint[len("ipc://") :]
+    if len(path.encode()) > zmq.IPC_PATH_MAX_LEN:
+        raise DescriptorError(
+            f"ipc path {path!r} is {len(path.encode())} bytes; the limit is "
+            f"{zmq.IPC_PATH_MAX_LEN}: use a shorter path or leave endpoint out"
+        )
+    return path
+
+
+def _apply_common(sock: zmq.Socket[Any], opts: SocketOptions) -> None:
+    sock.setsockopt(zmq.LINGER, opts.linger_ms)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    if opts.heartbeat_ivl_ms:
+        sock.setsockopt(zmq.HEARTBEAT_IVL, opts.heartbeat_ivl_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, opts.heartbeat_timeout_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, opts.heartbeat_timeout_ms)
+
+
+class DealerLink:
+    """A producer's socket: DEALER connected to the consumer's ROUTER."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        codec: Codec,
+        opts: SocketOptions,
+        *,
+        compress: bool = False,
+        queue_id: str = "",
+    ) -> None:
+        self.endpoint = endpoint
+        self.codec = codec
+        self.compress = compress
+        self.queue_id = queue_id
+        self.released: list[int] = []
+        self.errors = 0
+        sock = _runtime.context().socket(zmq.DEALER)
+        _apply_common(sock, opts)
+        sock.setsockopt(zmq.RECONNECT_IVL, opts.reconnect_ivl_ms)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, opts.reconnect_ivl_max_ms)
+        if opts.curve is not None:
+            opts.curve.apply_client(sock)
+        sock.connect(endpoint)
+        self.sock = sock
+        self._producer = ""
+
+    def send_hello(self, producer: str, epoch: int, next_seq: int, acked: int) -> None:
+        self._producer = producer
+        body = {
+            "producer": producer,
+            "epoch": epoch,
+            "queue": self.queue_id,
+            "next_seq": next_seq,
+            "acked": acked,
+        }
+        self.sock.send(self.codec.encode_control(Kind.HELLO, body))
+
+    def send_batch(
+        self, producer: str, seq: int, records: list[Any]
+    ) -> tuple[int, int, list[str]]:
+        frame, sent, errors = self.codec.encode_batch(
+            producer, seq, records, compress=self.compress
+        )
+        if sent:
+            self.sock.send(frame, copy=len(frame) < 65536)
+        return len(sent), len(frame) if sent else 0, errors
+
+    def send_frame(self, frame: bytes) -> None:
+        """Send an already encoded frame (retransmission)."""
+        self.sock.send(frame, copy=len(frame) < 65536)
+
+    def send_end(self, producer: str, seq: int) -> None:
+        self.sock.send(self.codec.encode_control(Kind.END, [producer, seq]))
+
+    def send_close(self, producer: str, seq: int) -> None:
+        self.sock.send(self.codec.encode_control(Kind.CLOSE, [producer, seq]))
+
+    def send_heartbeat(self, producer: str) -> None:
+        self.sock.send(self.codec.encode_control(Kind.HEARTBEAT, [producer]))
+
+    def poll(self, timeout: float) -> list[Credit]:
+        sock = self.sock
+        if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN and (
+            timeout <= 0 or not sock.poll(int(timeout * 1000) or 1, zmq.POLLIN)
+        ):
+            return []
+        credits: list[Credit] = []
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            frame = sock.recv()
+            try:
+                msg = self.codec.decode(frame)
+            except DecodeError as exc:
+                self.errors += 1
+                log.warning("queue %s: bad frame from consumer: %s", self.queue_id, exc)
+                continue
+            if msg.kind is Kind.CREDIT:
+                f = msg.fields
+                credits.append(Credit(f["session"], f["received"], f["acked"], f["limit"]))
+            elif msg.kind is Kind.RELEASE:
+                self.released.extend(msg.fields[1])
+            elif msg.kind is Kind.ERROR:
+                self.errors += 1
+                log.warning(
+                    "queue %s: consumer rejected a frame: %s (%s)",
+                    self.queue_id,
+                    msg.fields["message"],
+                    msg.fields["code"],
+                )
+            else:
+                self.errors += 1
+                log.warning("queue %s: unexpected %s from consumer", self.queue_id, msg.kind.name)
+        return credits
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class RouterInlet:
+    """The consumer's socket: a ROUTER bound on the queue's endpoint."""
+
+    MAX_FRAMES_PER_PUMP = 8
+
+    def __init__(self, endpoint: str, codec: Codec, opts: SocketOptions, *, queue_id: str = "") -> None:
+        self.codec = codec
+        self.queue_id = queue_id
+        self.rejected = 0
+        self._last_warning: dict[bytes, float] = {}
+        sock = _runtime.context().socket(zmq.ROUTER)
+        _apply_common(sock, opts)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, opts.max_message_size)
+        if opts.curve is not None:
+            opts.curve.apply_server(sock)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise DescriptorError(
+                f"cannot bind queue {queue_id!r} on {endpoint}: {exc}; is another consumer "
+                "already bound there? (a queue has one consumer)"
+            ) from None
+        self.endpoint: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.sock = sock
+
+    def recv(self, timeout: float) -> list[tuple[Any, ...]]:
+        sock = self.sock
+        if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN and (
+            timeout <= 0 or not sock.poll(int(timeout * 1000) or 1, zmq.POLLIN)
+        ):
+            return []
+        events: list[tuple[Any, ...]] = []
+        decode = self.codec.decode
+        for _ in range(self.MAX_FRAMES_PER_PUMP):
+            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                break
+            parts = sock.recv_multipart()
+            if len(parts) != 2:
+                self._reject(parts[0], f"expected one frame per message, got {len(parts) - 1}")
+                continue
+            peer, frame = parts
+            try:
+                msg = decode(frame)
+            except DecodeError as exc:
+                self._reject(peer, str(exc))
+                continue
+            kind, f = msg.kind, msg.fields
+            if kind is Kind.DATA:
+                events.append(("data", self, peer, f[0], f[1], f[2], msg.nbytes))
+            elif kind is Kind.END:
+                events.append(("end", self, peer, f[0], f[1]))
+            elif kind is Kind.HELLO:
+                events.append(("hello", self, peer, f))
+            elif kind is Kind.CLOSE:
+                events.append(("close", self, peer, f[0], f[1]))
+            elif kind is Kind.HEARTBEAT:
+                events.append(("heartbeat", self, peer, f[0]))
+            else:
+                self._reject(peer, f"{kind.name} is not sent to a consumer")
+        return events
+
+    def _reject(self, peer: bytes, why: str) -> None:
+        self.rejected += 1
+        now = time.monotonic()
+        if now - self._last_warning.get(peer, -1e9) > 10.0:
+            self._last_warning[peer] = now
+            if len(self._last_warning) > 4096:
+                self._last_warning.clear()
+            log.warning("queue %s: rejected a frame from peer %s: %s", self.queue_id, peer.hex(), why)
+        try:
+            body = {"code": "rejected", "message": why[:200]}
+            self.sock.send_multipart(
+                [peer, self.codec.encode_control(Kind.ERROR, body)], zmq.NOBLOCK
+            )
+        except zmq.ZMQError:
+            pass
+
+    def send_credit(self, peer: Any, credit: Credit) -> bool:
+        body = {
+            "session": credit.session,
+            "received": credit.received,
+            "acked": credit.acked,
+            "limit": credit.limit,
+        }
+        try:
+            self.sock.send_multipart([peer, self.codec.encode_control(Kind.CREDIT, body)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
+
+    def send_release(self, peer: Any, producer: str, slots: list[int]) -> bool:
+        try:
+            frame = self.codec.encode_control(Kind.RELEASE, [producer, slots])
+            self.sock.send_multipart([peer, frame], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+_prebound: dict[str, RouterInlet] = {}
+
+
+def claim_prebound(endpoint: str) -> RouterInlet | None:
+    """The inlet bound early for ``endpoint`` by this process (see ``tcp`` without endpoint)."""
+    return _prebound.pop(endpoint, None)
+
+
+def prebind(endpoint: str, inlet: RouterInlet) -> None:
+    _prebound[endpoint] = inlet
+
+
+def _forget_prebound() -> None:
+    _prebound.clear()
+
+
+import os as _os  # noqa: E402
+
+_os.register_at_fork(after_in_child=_forget_prebound)

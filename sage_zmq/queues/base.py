@@ -1,0 +1,171 @@
+"""The small interface every queue type implements, and what it declares it supports.
+
+A queue type (``local``, ``shm``, ``tcp``, ...) is a :class:`QueueType`: it prepares a
+descriptor's metadata (deriving an endpoint, binding early where needed) and opens the two ends
+of a queue in a process: a :class:`ProducerLink` (how batches leave) and a
+:class:`ConsumerInlet` (how they arrive). Batching, credits, end-of-stream counting and
+statistics live above these hooks, in :mod:`sage_zmq.queues._producer` and
+:mod:`sage_zmq.queues._consumer`, and are shared by every type.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from sage_zmq.descriptor import QueueDescriptor
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a queue type supports; the conformance suite reads this table."""
+
+    cross_process: bool
+    cross_host: bool
+    by_reference: bool = False
+    zero_copy: bool = False
+    reliable: bool = False
+    shared_memory: bool = False
+    extra: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    """A consumer's report to one producer: cumulative and idempotent.
+
+    All records with ``seq < received`` arrived; ``seq < acked`` were consumed; the producer may
+    send records with ``seq < limit``. ``session`` changes when the consumer restarts.
+    """
+
+    session: str
+    received: int
+    acked: int
+    limit: int
+
+
+class ProducerLink(Protocol):
+    """How one producer's batches leave the process."""
+
+    def send_hello(self, producer: str, epoch: int, next_seq: int, acked: int) -> None: ...
+
+    def send_batch(
+        self, producer: str, seq: int, records: list[Any]
+    ) -> tuple[int, int, list[str]]:
+        """Send records starting at ``seq``; returns ``(records_sent, bytes, encode_errors)``."""
+        ...
+
+    def send_end(self, producer: str, seq: int) -> None: ...
+
+    def send_close(self, producer: str, seq: int) -> None: ...
+
+    def send_heartbeat(self, producer: str) -> None: ...
+
+    def poll(self, timeout: float) -> list[Credit]:
+        """Credits that arrived, waiting up to ``timeout`` seconds for the first (0 = no wait)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class ConsumerInlet(Protocol):
+    """How batches arrive at the consumer and how it answers producers."""
+
+    def recv(self, timeout: float) -> list[tuple[Any, ...]]:
+        """Events that arrived, waiting up to ``timeout`` seconds for the first (0 = no wait).
+
+        Events: ``("hello", peer, fields)``, ``("data", peer, producer, seq, records, nbytes)``,
+        ``("end", peer, producer, seq)``, ``("close", peer, producer, seq)``,
+        ``("heartbeat", peer, producer)``, ``("release", peer, producer, slots)``.
+        """
+        ...
+
+    def send_credit(self, peer: Any, credit: Credit) -> bool:
+        """Answer one producer; False when the peer is gone."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class QueueType(ABC):
+    """A registered queue type: a name, capabilities and the hooks to open its ends."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+
+    def prepare(self, descriptor: QueueDescriptor) -> dict[str, Any]:
+        """Metadata to store in a new descriptor (e.g. a derived endpoint); validates input."""
+        return dict(descriptor.metadata)
+
+    @abstractmethod
+    def open_producer_link(self, descriptor: QueueDescriptor) -> ProducerLink: ...
+
+    @abstractmethod
+    def open_consumer_inlet(self, descriptor: QueueDescriptor) -> ConsumerInlet: ...
+
+    def check_usable_here(self, descriptor: QueueDescriptor) -> None:
+        """Raise a clear error if this process cannot use the descriptor."""
+
+    def make_producer(self, descriptor: QueueDescriptor) -> Any:
+        """The producing end in this process (a layer such as reliability may override)."""
+        from sage_zmq.queues._producer import Producer
+
+        s = descriptor.settings()
+        return Producer(
+            self.open_producer_link(descriptor),
+            queue_id=descriptor.queue_id,
+            queue_type=descriptor.queue_type,
+            window=s.maxsize,
+            batch_size=s.batch_size,
+            flush_interval=s.flush_interval,
+            timeout=s.timeout,
+        )
+
+    def make_consumer(self, descriptor: QueueDescriptor) -> Any:
+        """The consuming end in this process."""
+        from sage_zmq.queues._consumer import Consumer
+
+        s = descriptor.settings()
+        return Consumer(
+            [self.open_consumer_inlet(descriptor)],
+            queue_id=descriptor.queue_id,
+            queue_type=descriptor.queue_type,
+            maxsize=s.maxsize,
+            upstreams=s.upstreams,
+        )
+
+
+@dataclass(frozen=True)
+class QueueStatistics:
+    """A snapshot of one queue end in this process (trio-style: small, frozen)."""
+
+    queue_id: str
+    queue_type: str
+    role: str
+    sent: int = 0
+    received: int = 0
+    depth: int = 0
+    maxsize: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    batches_sent: int = 0
+    batches_received: int = 0
+    acked: int = 0
+    in_flight: int = 0
+    credit_waits: int = 0
+    encode_errors: int = 0
+    rejected: int = 0
+    retransmits: int = 0
+    duplicates: int = 0
+    producers: int = 0
+    upstreams: int = 1
+    upstreams_ended: int = 0
+    latency_p50: float | None = None
+    latency_p99: float | None = None
+    extra: dict[str, Any] | None = None
+
+    @property
+    def utilisation(self) -> float:
+        """Depth as a fraction of ``maxsize`` (0 when unbounded)."""
+        return self.depth / self.maxsize if self.maxsize else 0.0

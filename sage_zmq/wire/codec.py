@@ -1,0 +1,407 @@
+"""Record codec: msgpack plus the extension types the protocol defines.
+
+Extension types (see ``transports/PROTOCOL.md``):
+
+====  ===========  ===================================================================
+code  what         body (msgpack)
+====  ===========  ===================================================================
+1     Packet       [payload, input_index, partition_key, partition_strategy, headers, timestamp]
+2     ndarray      [dtype, shape, data]: dtype = numpy ``dtype.str`` or a ``descr`` list,
+                   shape = list of ints, data = bin in C order
+3     EndOfStream  [source]
+4     shm ref      reserved for shared-memory side buffers (a transport installs the hook)
+127   pickle       pickle protocol 5 bytes; decoded only where pickle is enabled
+====  ===========  ===================================================================
+
+Nothing decoded from the wire executes code unless the user enabled pickle for the link.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import lz4.frame
+import msgpack
+import numpy as np
+
+from sage_zmq.errors import DecodeError, EncodeError
+from sage_zmq.packet import EndOfStream, Packet
+from sage_zmq.wire.frame import FLAG_LZ4, FLAG_PICKLE, HEADER_SIZE, Kind, header, parse_header
+
+EXT_PACKET = 1
+EXT_NDARRAY = 2
+EXT_END_OF_STREAM = 3
+EXT_SHM_REF = 4
+EXT_PICKLE = 127
+
+MAX_PRODUCER_ID = 128
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds on what one frame may make the receiver allocate."""
+
+    max_frame_bytes: int = 2**31 - 1
+    max_decompressed_bytes: int = 2**31 - 1
+    max_records: int = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A decoded frame. ``fields`` depends on ``kind`` (see ``Codec.decode``)."""
+
+    kind: Kind
+    fields: Any
+    nbytes: int
+
+
+ShmEncoder = Callable[[Any], "msgpack.ExtType | None"]
+ShmDecoder = Callable[[bytes], Any]
+
+
+class Codec:
+    """Encodes batches and control messages into frames and decodes frames back.
+
+    One codec per socket: its msgpack ``Packer`` is reused and is not thread-safe.
+    """
+
+    def __init__(
+        self,
+        *,
+        allow_pickle: bool = False,
+        limits: DecodeLimits | None = None,
+        zero_copy: bool = True,
+        shm_encoder: ShmEncoder | None = None,
+        shm_decoder: ShmDecoder | None = None,
+    ) -> None:
+        self.allow_pickle = allow_pickle
+        self.limits = limits or DecodeLimits()
+        self.zero_copy = zero_copy
+        self.shm_encoder = shm_encoder
+        self.shm_decoder = shm_decoder
+        self._packer = msgpack.Packer(default=self._default, use_bin_type=True, datetime=False)
+
+    # ------------------------------------------------------------------ encode
+    def _default(self, obj: Any) -> Any:
+        cls = obj.__class__
+        if cls is Packet:
+            return msgpack.ExtType(
+                EXT_PACKET,
+                self._pack_inner(
+                    [
+                        obj.payload,
+                        obj.input_index,
+                        obj.partition_key,
+                        obj.partition_strategy,
+                        obj.headers,
+                        obj.timestamp,
+                    ]
+                ),
+            )
+        if isinstance(obj, np.ndarray):
+            if self.shm_encoder is not None:
+                ref = self.shm_encoder(obj)
+                if ref is not None:
+                    return ref
+            return msgpack.ExtType(EXT_NDARRAY, self._pack_ndarray(obj))
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if cls is EndOfStream:
+            return msgpack.ExtType(EXT_END_OF_STREAM, self._pack_inner([obj.source]))
+        if isinstance(obj, memoryview | bytearray):
+            return bytes(obj)
+        if self.allow_pickle:
+            try:
+                return msgpack.ExtType(EXT_PICKLE, pickle.dumps(obj, protocol=5))
+            except Exception as exc:
+                raise EncodeError(f"cannot pickle {type(obj).__qualname__}: {exc}") from exc
+        raise EncodeError(
+            f"cannot encode a record of type {type(obj).__module__}.{type(obj).__qualname__}: "
+            "records must be msgpack types (dict, list, str, bytes, int, float, bool, None), "
+            "Packet, EndOfStream or numpy arrays; convert it, or enable pickle "
+            "(security.allow_pickle) on an authenticated or local link"
+        )
+
+    def _pack_inner(self, value: Any) -> bytes:
+        return msgpack.packb(value, default=self._default, use_bin_type=True, datetime=False)
+
+    def _pack_ndarray(self, arr: np.ndarray) -> bytes:
+        if arr.dtype.hasobject:
+            raise EncodeError(
+                "cannot encode a numpy array of dtype object: it holds Python objects; "
+                "use a numeric dtype or enable pickle (security.allow_pickle)"
+            )
+        dtype: Any = arr.dtype.str if arr.dtype.fields is None else arr.dtype.descr
+        data = np.ascontiguousarray(arr)
+        return msgpack.packb(
+            [dtype, list(arr.shape), memoryview(data).cast("B") if data.size else b""],
+            use_bin_type=True,
+        )
+
+    def encode_batch(
+        self, producer: str, seq: int, records: list[Any], *, compress: bool = False
+    ) -> tuple[bytes, list[Any], list[str]]:
+        """Encode a DATA frame. Returns ``(frame, sent_records, errors)``.
+
+        A record that cannot be encoded is left out (and named in ``errors``); the others are
+        still encoded, so one bad record does not cost its batch.
+        """
+        try:
+            body = self._packer.pack([producer, seq, records])
+            sent, errors = records, []
+        except Exception:
+            self._packer.reset()
+            body, sent, errors = self._encode_salvaging(producer, seq, records)
+        flags = 0
+        if compress and len(body) >= 64:
+            packed = lz4.frame.compress(body)
+            if len(packed) < len(body):
+                body, flags = packed, FLAG_LZ4
+        if self.allow_pickle:
+            flags |= FLAG_PICKLE
+        return header(Kind.DATA, flags) + body, sent, errors
+
+    def _encode_salvaging(
+        self, producer: str, seq: int, records: list[Any]
+    ) -> tuple[bytes, list[Any], list[str]]:
+        parts: list[bytes] = []
+        sent: list[Any] = []
+        errors: list[str] = []
+        for record in records:
+            try:
+                parts.append(self._pack_inner(record))
+                sent.append(record)
+            except Exception as exc:
+                errors.append(str(exc) if isinstance(exc, EncodeError) else _describe(record, exc))
+        head = msgpack.Packer(use_bin_type=True)
+        body = (
+            head.pack_array_header(3)
+            + head.pack(producer)
+            + head.pack(seq)
+            + head.pack_array_header(len(parts))
+            + b"".join(parts)
+        )
+        return body, sent, errors
+
+    def encode_control(self, kind: Kind, body: Any) -> bytes:
+        """Encode a control frame (anything but DATA)."""
+        return header(kind) + msgpack.packb(body, use_bin_type=True)
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, frame: bytes | memoryview) -> Message:
+        """Decode and validate one frame; raises :class:`DecodeError` on anything off-spec.
+
+        ``fields`` per kind: DATA ``(producer, seq, records)``; END/CLOSE ``(producer, seq)``;
+        HEARTBEAT ``(producer,)``; HELLO/CREDIT/ERROR a dict; RELEASE ``(producer, [slot ids])``.
+        """
+        nbytes = len(frame)
+        if nbytes > self.limits.max_frame_bytes:
+            raise DecodeError(f"frame of {nbytes} bytes exceeds the limit")
+        kind, flags = parse_header(frame)
+        body: Any = memoryview(frame)[HEADER_SIZE:]
+        if flags & FLAG_LZ4:
+            body = self._decompress(body)
+        if flags & FLAG_PICKLE and not self.allow_pickle:
+            raise DecodeError("frame is marked as carrying pickle, but pickle is not enabled")
+        try:
+            value = msgpack.unpackb(
+                body,
+                ext_hook=self._ext_hook,
+                raw=False,
+                strict_map_key=False,
+                use_list=True,
+            )
+        except DecodeError:
+            raise
+        except Exception as exc:
+            raise DecodeError(f"malformed {kind.name} body: {exc}") from None
+        return Message(kind, _VALIDATORS[kind](value, self.limits), nbytes)
+
+    def _decompress(self, body: memoryview) -> bytes:
+        limit = self.limits.max_decompressed_bytes
+        try:
+            decompressor = lz4.frame.LZ4FrameDecompressor()
+            out = decompressor.decompress(bytes(body), max_length=limit)
+        except Exception as exc:
+            raise DecodeError(f"bad lz4 body: {exc}") from None
+        if not decompressor.eof:
+            raise DecodeError(f"lz4 body is truncated or inflates beyond {limit} bytes")
+        return out
+
+    def _ext_hook(self, code: int, data: bytes) -> Any:
+        try:
+            if code == EXT_PACKET:
+                fields = self._unpack_inner(data)
+                if not isinstance(fields, list) or len(fields) != 6:
+                    raise DecodeError("Packet extension must hold 6 fields")
+                payload, index, key, strategy, headers, ts = fields
+                if not isinstance(index, int) or not isinstance(ts, int | float):
+                    raise DecodeError("Packet input_index/timestamp have wrong types")
+                if strategy is not None and not isinstance(strategy, str):
+                    raise DecodeError("Packet partition_strategy must be a string or nil")
+                if headers is not None and not isinstance(headers, dict):
+                    raise DecodeError("Packet headers must be a map or nil")
+                return Packet(payload, index, key, strategy, headers, float(ts))
+            if code == EXT_NDARRAY:
+                return self._decode_ndarray(data)
+            if code == EXT_END_OF_STREAM:
+                fields = self._unpack_inner(data)
+                source = fields[0] if isinstance(fields, list) and fields else None
+                return EndOfStream(source if isinstance(source, str) else None)
+            if code == EXT_SHM_REF and self.shm_decoder is not None:
+                return self.shm_decoder(data)
+            if code == EXT_PICKLE and self.allow_pickle:
+                return pickle.loads(data)
+        except DecodeError:
+            raise
+        except Exception as exc:
+            raise DecodeError(f"bad extension value (type {code}): {exc}") from None
+        raise DecodeError(f"unknown or disabled msgpack extension type {code}")
+
+    def _unpack_inner(self, data: bytes) -> Any:
+        return msgpack.unpackb(
+            data,
+            ext_hook=self._ext_hook,
+            raw=False,
+            strict_map_key=False,
+        )
+
+    def _decode_ndarray(self, data: bytes) -> np.ndarray:
+        fields = msgpack.unpackb(data, raw=False)
+        if not isinstance(fields, list) or len(fields) != 3:
+            raise DecodeError("ndarray extension must hold [dtype, shape, data]")
+        dtype_spec, shape, raw = fields
+        if not isinstance(shape, list) or not all(
+            isinstance(n, int) and n >= 0 for n in shape
+        ):
+            raise DecodeError("ndarray shape must be a list of non-negative ints")
+        if not isinstance(raw, bytes):
+            raise DecodeError("ndarray data must be bin")
+        if isinstance(dtype_spec, list):
+            dtype_spec = [tuple(f) for f in dtype_spec]
+        dtype = np.dtype(dtype_spec)
+        if dtype.hasobject:
+            raise DecodeError("ndarray of dtype object is not allowed on the wire")
+        count = 1
+        for n in shape:
+            count *= n
+        if count * dtype.itemsize != len(raw):
+            raise DecodeError(
+                f"ndarray data is {len(raw)} bytes; shape {shape} of {dtype} needs "
+                f"{count * dtype.itemsize}"
+            )
+        arr = np.frombuffer(raw, dtype=dtype) if raw else np.empty(0, dtype=dtype)
+        arr = arr.reshape(shape)
+        return arr if self.zero_copy else arr.copy()
+
+
+def _describe(record: Any, exc: Exception) -> str:
+    return (
+        f"cannot encode a record of type {type(record).__module__}.{type(record).__qualname__}: "
+        f"{exc}"
+    )
+
+
+# -------------------------------------------------------------------- validation
+def _producer_id(value: Any) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_PRODUCER_ID:
+        raise DecodeError("producer id must be a string of 1-128 characters")
+    return value
+
+
+def _seq(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+        raise DecodeError("sequence numbers must be integers in [0, 2^63)")
+    return value
+
+
+def _check_data(value: Any, limits: DecodeLimits) -> tuple[str, int, list[Any]]:
+    if not isinstance(value, list) or len(value) != 3:
+        raise DecodeError("DATA body must be [producer, seq, records]")
+    producer, seq, records = value
+    if not isinstance(records, list):
+        raise DecodeError("DATA records must be an array")
+    if len(records) > limits.max_records:
+        raise DecodeError(f"DATA batch of {len(records)} records exceeds the limit")
+    return _producer_id(producer), _seq(seq), records
+
+
+def _check_seq_msg(value: Any, limits: DecodeLimits) -> tuple[str, int]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise DecodeError("END/CLOSE body must be [producer, seq]")
+    return _producer_id(value[0]), _seq(value[1])
+
+
+def _check_heartbeat(value: Any, limits: DecodeLimits) -> tuple[str]:
+    if not isinstance(value, list) or len(value) != 1:
+        raise DecodeError("HEARTBEAT body must be [producer]")
+    return (_producer_id(value[0]),)
+
+
+_MAP_SCHEMAS: dict[Kind, dict[str, type | tuple[type, ...]]] = {
+    Kind.HELLO: {
+        "producer": str,
+        "epoch": int,
+        "queue": str,
+        "next_seq": int,
+        "acked": int,
+        "window": int,
+    },
+    Kind.CREDIT: {"session": str, "received": int, "acked": int, "limit": int},
+    Kind.ERROR: {"code": str, "message": str},
+}
+_REQUIRED: dict[Kind, tuple[str, ...]] = {
+    Kind.HELLO: ("producer", "epoch", "next_seq"),
+    Kind.CREDIT: ("session", "received", "acked", "limit"),
+    Kind.ERROR: ("code", "message"),
+}
+
+
+def _map_checker(kind: Kind) -> Callable[[Any, DecodeLimits], dict[str, Any]]:
+    schema = _MAP_SCHEMAS[kind]
+    required = _REQUIRED[kind]
+
+    def check(value: Any, limits: DecodeLimits) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise DecodeError(f"{kind.name} body must be a map")
+        for key in required:
+            if key not in value:
+                raise DecodeError(f"{kind.name} lacks {key!r}")
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            expected = schema.get(key) if isinstance(key, str) else None
+            if expected is None:
+                continue  # unknown keys are ignored: room for later minor additions
+            if not isinstance(item, expected) or isinstance(item, bool):
+                raise DecodeError(f"{kind.name} field {key!r} has the wrong type")
+            if expected is int:
+                _seq(item)
+            out[key] = item
+        if "producer" in out:
+            _producer_id(out["producer"])
+        if kind is Kind.CREDIT and not out["acked"] <= out["received"]:
+            raise DecodeError("CREDIT acked must not exceed received")
+        return out
+
+    return check
+
+
+def _check_release(value: Any, limits: DecodeLimits) -> tuple[str, list[int]]:
+    if not isinstance(value, list) or len(value) != 2 or not isinstance(value[1], list):
+        raise DecodeError("RELEASE body must be [producer, [slot ids]]")
+    return _producer_id(value[0]), [_seq(s) for s in value[1]]
+
+
+_VALIDATORS: dict[Kind, Callable[[Any, DecodeLimits], Any]] = {
+    Kind.DATA: _check_data,
+    Kind.END: _check_seq_msg,
+    Kind.CLOSE: _check_seq_msg,
+    Kind.HEARTBEAT: _check_heartbeat,
+    Kind.HELLO: _map_checker(Kind.HELLO),
+    Kind.CREDIT: _map_checker(Kind.CREDIT),
+    Kind.ERROR: _map_checker(Kind.ERROR),
+    Kind.RELEASE: _check_release,
+}

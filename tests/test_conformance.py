@@ -1,0 +1,142 @@
+"""The contract every queue type keeps (see ``sage_zmq.testing`` for the checks themselves)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sage_zmq import QueueDescriptor, _runtime
+from sage_zmq import testing as conf
+from sage_zmq.testing import DescriptorFactory
+
+
+def test_fifo_per_producer_threads(make_descriptor: DescriptorFactory) -> None:
+    conf.check_fifo_per_producer(make_descriptor)
+
+
+def test_timeouts_raise_on_time(make_descriptor: DescriptorFactory) -> None:
+    conf.check_timeouts(make_descriptor)
+
+
+def test_maxsize_backpressure(make_descriptor: DescriptorFactory) -> None:
+    conf.check_backpressure(make_descriptor)
+
+
+def test_end_of_stream_after_every_upstream(make_descriptor: DescriptorFactory) -> None:
+    conf.check_end_of_stream(make_descriptor)
+
+
+def test_descriptor_round_trips(make_descriptor: DescriptorFactory) -> None:
+    conf.check_round_trips(make_descriptor)
+
+
+def test_records_of_every_kind(make_descriptor: DescriptorFactory) -> None:
+    conf.check_records(make_descriptor)
+
+
+def test_large_payloads(make_descriptor: DescriptorFactory) -> None:
+    conf.check_large_payloads(make_descriptor)
+
+
+def test_unencodable_record(make_descriptor: DescriptorFactory) -> None:
+    conf.check_unencodable_record(make_descriptor)
+
+
+def test_inspection_and_statistics(make_descriptor: DescriptorFactory) -> None:
+    conf.check_inspection(make_descriptor)
+
+
+def test_close_without_consumer_reports_delivery_error(
+    make_descriptor: DescriptorFactory,
+) -> None:
+    conf.check_delivery_error(make_descriptor)
+
+
+# ------------------------------------------------------------------ across processes
+def test_spawned_producers_fifo(make_remote_descriptor: DescriptorFactory) -> None:
+    conf.check_process_producers(make_remote_descriptor)
+
+
+def test_spawned_upstreams_end_of_stream(make_remote_descriptor: DescriptorFactory) -> None:
+    conf.check_end_of_stream_processes(make_remote_descriptor)
+
+
+def test_spawned_producer_tail_is_delivered(make_remote_descriptor: DescriptorFactory) -> None:
+    conf.check_producer_tail(make_remote_descriptor)
+
+
+def test_spawned_consumer() -> None:
+    # tcp without an endpoint binds in the creating process, so only shm can move its consumer.
+    conf.check_spawned_consumer(conf.descriptor_factory("shm"))
+
+
+def test_local_from_another_process_is_a_descriptor_error() -> None:
+    conf.check_local_rejects_other_process(conf.descriptor_factory("local"))
+
+
+@pytest.mark.parametrize("to", ["shm", "tcp"])
+def test_local_promotion(to: str) -> None:
+    conf.check_local_promotion(conf.descriptor_factory("local"), to=to)
+
+
+# ------------------------------------------------------------------ endpoints and cleanup
+def test_tcp_without_endpoint_binds_at_once() -> None:
+    import re
+    import socket
+
+    qd = QueueDescriptor("tcp-auto", "tcp")
+    try:
+        m = re.fullmatch(r"tcp://127\.0\.0\.1:(\d+)", qd.endpoint or "")
+        assert m and int(m.group(1)) > 0, qd.endpoint
+        # Something already listens there: the descriptor is connectable before any get().
+        with socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=5):
+            pass
+        clone = QueueDescriptor.from_json(qd.to_json())
+        assert clone.endpoint == qd.endpoint, "a restored descriptor must not bind again"
+        clone.put("hello", timeout=conf.GET_TIMEOUT)
+        assert qd.get(timeout=conf.GET_TIMEOUT) == "hello"
+    finally:
+        conf.close_quietly(qd)
+
+
+def test_tcp_descriptor_closed_unused_releases_its_socket() -> None:
+    before = _open_socket_count()
+    qd = QueueDescriptor("tcp-unused", "tcp")
+    assert _open_socket_count() == before + 1  # bound early, see above
+    qd.close()
+    assert _open_socket_count() == before, "close() of an unused tcp descriptor leaked its socket"
+
+
+def test_shm_long_queue_id_gets_short_ipc_path() -> None:
+    qd = QueueDescriptor("q" * 200, "shm")
+    try:
+        assert qd.endpoint is not None and qd.endpoint.startswith("ipc://")
+        assert len(qd.endpoint[len("ipc://") :].encode()) <= 107, qd.endpoint
+        qd.put({"ok": True}, timeout=conf.GET_TIMEOUT)
+        assert qd.get(timeout=conf.GET_TIMEOUT) == {"ok": True}
+    finally:
+        conf.close_quietly(qd)
+
+
+def test_close_releases_everything(queue_type: str) -> None:
+    import os
+
+    sockets = _open_socket_count()
+    qd = conf.descriptor_factory(queue_type)()
+    for i in range(100):
+        qd.put(i, timeout=conf.GET_TIMEOUT)
+    assert conf.drain(qd, 100) == list(range(100))
+    qd.close()
+    assert _open_socket_count() == sockets
+    assert not [k for k in _runtime._handles if qd.endpoint in k[1]], "a handle survived close()"
+    if qd.endpoint and qd.endpoint.startswith("ipc://"):
+        path = qd.endpoint[len("ipc://") :]
+        conf.wait_until(lambda: not os.path.exists(path), what=f"{path} to be removed")
+    # The descriptor is a value: using it again opens the queue afresh.
+    qd.put("again", timeout=conf.GET_TIMEOUT)
+    assert qd.get(timeout=conf.GET_TIMEOUT) == "again"
+    qd.close()
+
+
+def _open_socket_count() -> int:
+    ctx = _runtime._context
+    return 0 if ctx is None else sum(1 for s in list(ctx._sockets) if not s.closed)
