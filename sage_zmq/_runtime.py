@@ -1,4 +1,4 @@
-"""Per-process runtime state: the ZeroMQ context, open queue handles and the flusher thread.
+"""Per-process runtime state: the ZeroMQ context, open queue handles and the ticker thread.
 
 Everything here is created lazily *in the process that uses it* and forgotten in a forked child,
 because ZeroMQ contexts and sockets must never cross a fork.
@@ -12,7 +12,7 @@ import logging
 import os
 import tempfile
 import threading
-import weakref
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -23,7 +23,7 @@ log = logging.getLogger("sage_zmq.runtime")
 _lock = threading.RLock()
 _context: zmq.Context[Any] | None = None
 _handles: dict[tuple[str, str], Any] = {}
-_flusher: _Flusher | None = None
+_ticker: _Ticker | None = None
 
 
 def context() -> zmq.Context[Any]:
@@ -61,7 +61,7 @@ def forget_handle(key: tuple[str, str], handle: Any) -> None:
 
 def shutdown(linger: float = 0.0) -> None:
     """Close every queue handle of this process and terminate the ZeroMQ context."""
-    global _context
+    global _context, _ticker
     with _lock:
         handles = list(_handles.values())
     for handle in handles:
@@ -71,10 +71,11 @@ def shutdown(linger: float = 0.0) -> None:
             log.warning("closing %r at shutdown: %s", handle, exc)
     with _lock:
         _handles.clear()
-        flusher, ctx = _flusher, _context
+        tick, ctx = _ticker, _context
         _context = None
-    if flusher is not None:
-        flusher.stop()
+        _ticker = None
+    if tick is not None:
+        tick.stop()
     if ctx is not None:
         ctx.destroy(linger=int(linger * 1000))
 
@@ -97,33 +98,37 @@ def runtime_dir() -> str:
     return base
 
 
-class Flushable(Protocol):
-    def flush_if_stale(self) -> None: ...
+class Tickable(Protocol):
+    def tick(self, now: float) -> float | None:
+        """Do background work; return seconds until the next tick, or None to leave."""
+        ...
 
 
-class _Flusher:
-    """One daemon thread per process that flushes partial batches of busy producers.
+class _Ticker:
+    """One daemon thread per process for background work on queue ends.
 
-    A producer in batching mode registers here; each tick, a producer whose partial batch did not
-    move since the previous tick is flushed, so a burst's tail waits at most ~2 ticks.
+    Producers in batching mode ship a partial batch that did not move for a tick; consumers
+    read what arrived while their application is not in ``get`` (so a closing producer gets its
+    receipt and heartbeats are answered). Members say when they next want a tick.
     """
 
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._members: weakref.WeakSet[Any] = weakref.WeakSet()
+    def __init__(self) -> None:
+        self._due: dict[Any, float] = {}
         self._wake = threading.Condition()
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="sage-zmq-flusher", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="sage-zmq-ticker", daemon=True)
         self._thread.start()
 
-    def add(self, member: Flushable) -> None:
+    def add(self, member: Tickable, delay: float = 0.0) -> None:
         with self._wake:
-            self._members.add(member)
-            self._wake.notify()
+            due = time.monotonic() + delay
+            if due < self._due.get(member, float("inf")):
+                self._due[member] = due
+                self._wake.notify()
 
-    def discard(self, member: Flushable) -> None:
+    def discard(self, member: Tickable) -> None:
         with self._wake:
-            self._members.discard(member)
+            self._due.pop(member, None)
 
     def stop(self) -> None:
         with self._wake:
@@ -135,33 +140,41 @@ class _Flusher:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._stopped and not self._members:
-                    self._wake.wait()
+                while not self._stopped:
+                    now = time.monotonic()
+                    due = [m for m, t in self._due.items() if t <= now]
+                    if due:
+                        break
+                    wait = min(self._due.values(), default=now + 3600) - now
+                    self._wake.wait(wait)
                 if self._stopped:
                     return
-                self._wake.wait(self.interval)
-                members = list(self._members)
-            for member in members:
+                for member in due:
+                    del self._due[member]
+            for member in due:
                 try:
-                    member.flush_if_stale()
+                    delay = member.tick(now)
                 except Exception as exc:
-                    log.debug("background flush failed: %s", exc)
+                    log.debug("background tick failed for %r: %s", member, exc)
+                    delay = 0.05
+                if delay is not None:
+                    self.add(member, delay)
 
 
-def flusher(interval: float) -> _Flusher:
-    global _flusher
+def ticker() -> _Ticker:
+    global _ticker
     with _lock:
-        if _flusher is None:
-            _flusher = _Flusher(interval)
-        return _flusher
+        if _ticker is None:
+            _ticker = _Ticker()
+        return _ticker
 
 
 def _after_fork_in_child() -> None:
     # The parent's context, sockets and threads do not exist here; start from nothing.
-    global _context, _flusher, _lock
+    global _context, _ticker, _lock
     _lock = threading.RLock()
     _context = None
-    _flusher = None
+    _ticker = None
     _handles.clear()
 
 

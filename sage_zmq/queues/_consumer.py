@@ -17,7 +17,9 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
+from sage_zmq import observe as _observe
 from sage_zmq.errors import Empty, QueueClosed
+from sage_zmq.observe.metrics import LatencySamples
 from sage_zmq.packet import EndOfStream, Packet
 from sage_zmq.queues.base import ConsumerInlet, Credit, QueueStatistics
 
@@ -75,7 +77,10 @@ class Consumer:
         self._batches_in = 0
         self._duplicates = 0
         self._gaps = 0
-        self._latencies: deque[float] = deque(maxlen=2048)
+        self._latencies: LatencySamples = _observe.new_latency_window(2048)
+        from sage_zmq import _runtime
+
+        _runtime.ticker().add(self, self.SERVICE_INTERVAL)
 
     # ---------------------------------------------------------------- hot path
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
@@ -240,6 +245,19 @@ class Consumer:
                 up.inlet, up.peer = inlet, peer
                 self._grant(up)
 
+    SERVICE_INTERVAL = 0.01
+
+    def tick(self, now: float) -> float | None:
+        """Background tick: read what arrived while the application is not in ``get``.
+
+        So a closing producer gets its receipt and heartbeats are answered even when the
+        application is busy or done reading; credit still follows consumption only.
+        """
+        if self._closed:
+            return None
+        self.assist()
+        return self.SERVICE_INTERVAL
+
     def assist(self) -> None:
         """Read what has arrived without waiting (a producer in this process is waiting)."""
         if self._lock.acquire(blocking=False):
@@ -285,7 +303,11 @@ class Consumer:
             upstreams_ended=self._ended,
             latency_p50=lat[len(lat) // 2] if lat else None,
             latency_p99=lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
-            extra={"gaps": self._gaps, "session": self.session},
+            extra={
+                "gaps": self._gaps,
+                "session": self.session,
+                "latency_histogram": self._latencies.histogram(),
+            },
         )
 
     def close(self, timeout: float | None = None) -> None:
@@ -293,6 +315,9 @@ class Consumer:
             if self._closed:
                 return
             self._closed = True
+            from sage_zmq import _runtime
+
+            _runtime.ticker().discard(self)
             self._batches.clear()
             self._current = _EMPTY_ITER
             for inlet in self._inlets:

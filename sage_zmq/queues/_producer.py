@@ -3,7 +3,7 @@
 The per-record path (``put``) is three cheap steps: check room, append, maybe flush. Records
 wait in ``_pending`` (a deque, so threads may append without a lock) until a flush ships them as
 one batch. ``_flush_at`` adapts: 1 while puts arrive slowly (an idle queue adds no latency),
-``batch_size`` once they arrive faster than ``BUSY_GAP`` apart; a process-wide flusher thread
+``batch_size`` once they arrive faster than ``BUSY_GAP`` apart; the process-wide ticker thread
 ships a busy producer's partial batch if it has not moved for a tick (``flush_interval``).
 
 Room is credit: the consumer grants a cumulative limit on sequence numbers, so a producer is
@@ -187,26 +187,30 @@ class Producer:
         if self._flush_at == 1:
             if gap < BUSY_GAP and self._batch_size > 1:
                 self._flush_at = self._batch_size
-                _runtime.flusher(self._flush_interval).add(self)
+                _runtime.ticker().add(self, self._flush_interval)
         elif gap > self._flush_interval:
             self._flush_at = 1
         self._last_flush = now
         self._flushes += 1
         self._update_room()
 
-    def flush_if_stale(self) -> None:
-        """Called by the flusher thread each tick: ship a partial batch that did not move."""
+    def tick(self, now: float) -> float | None:
+        """Background tick: ship a partial batch that did not move since the last tick."""
+        if self._closed:
+            return None
         if self._flushes == self._flushes_seen and self._pending:
             if self._lock.acquire(blocking=False):
                 try:
                     if self._pending and not self._closed:
                         self._flush_locked()
                         self._flush_at = 1
+                        self._update_room()
                 finally:
                     self._lock.release()
         elif self._flush_at == 1 and not self._pending:
-            _runtime.flusher(self._flush_interval).discard(self)
+            return None  # idle again: puts flush at once, no ticks needed
         self._flushes_seen = self._flushes
+        return self._flush_interval
 
     def flush(self, timeout: float | None = None) -> None:
         """Send everything pending now, waiting for credit up to ``timeout`` seconds."""
@@ -274,7 +278,7 @@ class Producer:
         with self._lock:
             if self._closed:
                 return
-            _runtime.flusher(self._flush_interval).discard(self)
+            _runtime.ticker().discard(self)
             deadline = time.monotonic() + timeout
             self._drain(timeout)
             unsent = len(self._pending)

@@ -1,8 +1,13 @@
-"""What ``shm`` and ``tcp`` share: codec and socket options from config and metadata."""
+"""What ``shm``, ``tcp`` and ``sage`` share: codec and socket options from config and metadata.
+
+With ``metadata["ack"] = True`` or ``metadata["persist"] = DIR`` (always, for ``sage``) the
+ends are the reliable ones of :mod:`sage_zmq.flow.reliable`, and the sockets get ZMTP
+heartbeats and reconnect intervals from ``reliability.*``.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sage_zmq.config import current_config
 from sage_zmq.queues._zmq import (
@@ -21,12 +26,42 @@ if TYPE_CHECKING:
 class SocketQueueType(QueueType):
     """A queue carried by a DEALER/ROUTER pair."""
 
+    reliable_by_default: ClassVar[bool] = False
+
+    def reliable(self, descriptor: QueueDescriptor) -> bool:
+        from sage_zmq.flow.reliable import wants_reliability
+
+        return self.reliable_by_default or wants_reliability(descriptor.metadata)
+
+    def make_producer(self, descriptor: QueueDescriptor) -> Any:
+        if self.reliable(descriptor):
+            from sage_zmq.flow.reliable import make_reliable_producer
+
+            return make_reliable_producer(self, descriptor)
+        return super().make_producer(descriptor)
+
+    def make_consumer(self, descriptor: QueueDescriptor) -> Any:
+        if self.reliable(descriptor):
+            from sage_zmq.flow.reliable import make_reliable_consumer
+
+            return make_reliable_consumer(self, descriptor)
+        return super().make_consumer(descriptor)
+
     def codec(self, descriptor: QueueDescriptor) -> Codec:
         cfg = current_config()
         meta = descriptor.metadata
         size = int(meta.get("max_message_size", cfg.performance.max_message_size))
+        allow_pickle = bool(meta.get("allow_pickle", cfg.security.allow_pickle))
+        if allow_pickle:
+            # Pickle runs the sender's code: only for CURVE-authenticated or host-local links.
+            from sage_zmq import security
+
+            local = security.is_local_endpoint(meta.get("endpoint"), self.name)
+            curve = security.curve_paths(meta, cfg, default_on=not local) is not None
+            where = f"queue {descriptor.queue_id!r} ({meta.get('endpoint') or self.name})"
+            security.check_pickle_policy(allow_pickle, curve=curve, local=local, where=where)
         return Codec(
-            allow_pickle=bool(meta.get("allow_pickle", cfg.security.allow_pickle)),
+            allow_pickle=allow_pickle,
             limits=DecodeLimits(max_frame_bytes=size, max_decompressed_bytes=size),
             zero_copy=bool(meta.get("zero_copy", cfg.performance.zero_copy)),
         )
@@ -34,13 +69,33 @@ class SocketQueueType(QueueType):
     def socket_options(self, descriptor: QueueDescriptor) -> SocketOptions:
         cfg = current_config()
         meta = descriptor.metadata
+        max_size = int(meta.get("max_message_size", cfg.performance.max_message_size))
+        curve = self.curve(descriptor, cfg)
+        if not self.reliable(descriptor):
+            return SocketOptions(max_message_size=max_size, curve=curve)
+        from sage_zmq.flow.reliable import ReliabilitySettings
+
+        t = ReliabilitySettings.from_metadata(meta).timing
         return SocketOptions(
-            max_message_size=int(meta.get("max_message_size", cfg.performance.max_message_size)),
-            curve=self.curve(descriptor, cfg),
+            max_message_size=max_size,
+            reconnect_ivl_ms=max(1, round(t.reconnect_initial * 1000)),
+            reconnect_ivl_max_ms=max(1, round(t.reconnect_max * 1000)),
+            heartbeat_ivl_ms=max(1, round(t.heartbeat_interval * 1000)),
+            heartbeat_timeout_ms=max(1, round(t.heartbeat_interval * t.liveness * 1000)),
+            curve=curve,
         )
 
     def curve(self, descriptor: QueueDescriptor, cfg: Any) -> Any:
-        return None
+        """A ``security.CurveSetup`` when CURVE is on for this queue, else None.
+
+        ``metadata['curve']`` decides; without it ``security.curve.enabled`` does, for tcp
+        endpoints only (ipc files are guarded by their 0600 mode in a 0700 directory).
+        """
+        from sage_zmq import security
+
+        local = security.is_local_endpoint(descriptor.metadata.get("endpoint"), self.name)
+        paths = security.curve_paths(descriptor.metadata, cfg, default_on=not local)
+        return None if paths is None else security.CurveSetup(paths)
 
     def compress(self, descriptor: QueueDescriptor) -> bool:
         setting = descriptor.metadata.get("compression", current_config().performance.compression)

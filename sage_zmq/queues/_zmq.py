@@ -17,12 +17,16 @@ from typing import Any
 import zmq
 
 from sage_zmq import _runtime
+from sage_zmq import observe as _observe
 from sage_zmq.errors import DecodeError, DescriptorError
 from sage_zmq.queues.base import Credit
 from sage_zmq.wire.codec import Codec
 from sage_zmq.wire.frame import Kind
 
 log = logging.getLogger("sage_zmq.queue")
+
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)  # plain ints: pyzmq's enum wrappers cost microseconds per call
 
 _TCP = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_]+|\*):(\d{1,5}|\*)$")
 
@@ -82,6 +86,17 @@ def _apply_common(sock: zmq.Socket[Any], opts: SocketOptions) -> None:
         sock.setsockopt(zmq.HEARTBEAT_TTL, opts.heartbeat_timeout_ms)
 
 
+def _recv_within(sock: zmq.Socket[Any], timeout: float, *, multipart: bool) -> Any:
+    """One message within ``timeout`` seconds, or None."""
+    ms = max(1, int(timeout * 1000))
+    if sock.getsockopt(zmq.RCVTIMEO) != ms:
+        sock.setsockopt(zmq.RCVTIMEO, ms)
+    try:
+        return sock.recv_multipart() if multipart else sock.recv()
+    except zmq.Again:
+        return None
+
+
 class DealerLink:
     """A producer's socket: DEALER connected to the consumer's ROUTER."""
 
@@ -109,6 +124,7 @@ class DealerLink:
         sock.connect(endpoint)
         self.sock = sock
         self._producer = ""
+        _observe.link_opened("producer", endpoint, queue_id, codec)
 
     def send_hello(self, producer: str, epoch: int, next_seq: int, acked: int) -> None:
         self._producer = producer
@@ -146,13 +162,19 @@ class DealerLink:
 
     def poll(self, timeout: float) -> list[Credit]:
         sock = self.sock
-        if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN and (
-            timeout <= 0 or not sock.poll(int(timeout * 1000) or 1, zmq.POLLIN)
-        ):
-            return []
+        first: Any = None
+        if not sock.get(_EVENTS) & _POLLIN:
+            if timeout <= 0:
+                return []
+            first = _recv_within(sock, timeout, multipart=False)
+            if first is None:
+                return []
         credits: list[Credit] = []
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            frame = sock.recv()
+        while first is not None or sock.get(_EVENTS) & _POLLIN:
+            if first is not None:
+                frame, first = first, None
+            else:
+                frame = sock.recv()
             try:
                 msg = self.codec.decode(frame)
             except DecodeError as exc:
@@ -179,6 +201,7 @@ class DealerLink:
 
     def close(self) -> None:
         self.sock.close()
+        _observe.link_closed("producer", self.endpoint, self.queue_id)
 
 
 class RouterInlet:
@@ -206,24 +229,45 @@ class RouterInlet:
                 "already bound there? (a queue has one consumer)"
             ) from None
         self.endpoint: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        ipc_path = self.endpoint[len("ipc://") :] if self.endpoint.startswith("ipc://") else ""
+        if ipc_path and not ipc_path.startswith("@"):  # "@": abstract namespace, no file
+            # libzmq creates the socket file with the umask; only this user may connect.
+            try:
+                _os.chmod(ipc_path, 0o600)
+            except OSError as exc:
+                sock.close(linger=0)
+                from sage_zmq.errors import SecurityError
+
+                raise SecurityError(
+                    f"cannot make ipc socket file {ipc_path} private (0600): {exc}"
+                ) from None
         self.sock = sock
+        _observe.link_opened("consumer", self.endpoint, queue_id, codec)
 
     def recv(self, timeout: float) -> list[tuple[Any, ...]]:
         sock = self.sock
-        if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN and (
-            timeout <= 0 or not sock.poll(int(timeout * 1000) or 1, zmq.POLLIN)
-        ):
-            return []
+        first: list[bytes] | None = None
+        if not sock.get(_EVENTS) & _POLLIN:
+            if timeout <= 0:
+                return []
+            # A blocking recv with a timeout wakes as fast as raw pyzmq (no Poller object).
+            first = _recv_within(sock, timeout, multipart=True)
+            if first is None:
+                return []
         events: list[tuple[Any, ...]] = []
         decode = self.codec.decode
         for _ in range(self.MAX_FRAMES_PER_PUMP):
-            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if first is not None:
+                parts, first = first, None
+            elif not sock.get(_EVENTS) & _POLLIN:
                 break
-            parts = sock.recv_multipart()
+            else:
+                parts = sock.recv_multipart()
             if len(parts) != 2:
                 self._reject(parts[0], f"expected one frame per message, got {len(parts) - 1}")
                 continue
             peer, frame = parts
+            self.codec.shm_origin = peer  # whom a shm slot in this frame is released to
             try:
                 msg = decode(frame)
             except DecodeError as exc:
@@ -235,6 +279,14 @@ class RouterInlet:
             elif kind is Kind.END:
                 events.append(("end", self, peer, f[0], f[1]))
             elif kind is Kind.HELLO:
+                if f.get("queue") and self.queue_id and f["queue"] != self.queue_id:
+                    # A producer of another queue (e.g. a stale endpoint after a restart).
+                    why = f"HELLO names queue {f['queue']!r}; this is {self.queue_id!r}"
+                    self._reject(peer, why)
+                    continue
+                if f.get("acked", 0) > f["next_seq"]:
+                    self._reject(peer, "HELLO acked must not exceed next_seq")
+                    continue
                 events.append(("hello", self, peer, f))
             elif kind is Kind.CLOSE:
                 events.append(("close", self, peer, f[0], f[1]))
@@ -243,6 +295,10 @@ class RouterInlet:
             else:
                 self._reject(peer, f"{kind.name} is not sent to a consumer")
         return events
+
+    def reject(self, peer: bytes, why: str) -> None:
+        """Count a refused frame, warn once per peer per interval, answer ERROR."""
+        self._reject(peer, why)
 
     def _reject(self, peer: bytes, why: str) -> None:
         self.rejected += 1
@@ -283,6 +339,7 @@ class RouterInlet:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+        _observe.link_closed("consumer", self.endpoint, self.queue_id)
 
 
 _prebound: dict[str, RouterInlet] = {}

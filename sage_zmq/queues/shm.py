@@ -1,4 +1,17 @@
-"""``shm``: processes on one host over ipc sockets (shared-memory side buffers for large payloads).
+"""``shm``: processes on one host over ipc sockets, large payloads through shared memory.
+
+A payload of at least ``shm_threshold`` bytes (numpy arrays anywhere in a record; bytes,
+bytearray and memoryview at the top level or as a Packet payload, and nested ones in batches
+that they dominate) is copied into the producer's shared-memory pool; the frame carries only
+a reference (``transports/PROTOCOL.md`` §6). The consumer gets a read-only numpy array or
+memoryview over the slot (a copy when ``zero_copy`` is off); the slot goes back to the producer
+when that view is garbage-collected or handed to :func:`sage_zmq.shm.release`.
+``ShmProducer.alloc`` lends a writable buffer in the pool, so a producer can fill it in place
+and ``put`` it without any copy.
+
+Metadata (over ``performance.*`` config): ``shm_threshold`` (bytes), ``memory_pool_size``
+(MiB; 0 sends everything inline), ``zero_copy``, ``shm_wait`` (seconds a producer waits for
+room in a full pool before sending a payload inline; default 2).
 
 Without an endpoint, a private ipc path is derived in the 0700 runtime directory; long queue
 ids are hashed so the path stays under the ~107-byte ipc limit.
@@ -6,21 +19,44 @@ ids are hashed so the path stays under the ~107-byte ipc limit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import re
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
+import numpy.typing as npt
+
 from sage_zmq import _runtime
-from sage_zmq.errors import DescriptorError
+from sage_zmq.config import current_config
+from sage_zmq.errors import DescriptorError, QueueClosed
+from sage_zmq.packet import Packet
+from sage_zmq.queues._producer import Producer
 from sage_zmq.queues._socket_type import SocketQueueType
-from sage_zmq.queues._zmq import check_ipc_endpoint
-from sage_zmq.queues.base import Capabilities
+from sage_zmq.queues._zmq import DealerLink, RouterInlet, SocketOptions, check_ipc_endpoint
+from sage_zmq.queues.base import Capabilities, ConsumerInlet, Credit, ProducerLink, QueueStatistics
+from sage_zmq.shm.sweep import sweep_orphans
+from sage_zmq.shm.transfer import ShmReceiver, ShmSender
+from sage_zmq.wire.codec import Codec
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from sage_zmq.descriptor import QueueDescriptor
 
+log = logging.getLogger("sage_zmq.queue")
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+DEFAULT_SHM_WAIT = 2.0
+"""Seconds a producer waits for a full pool to free room before sending a payload inline."""
+
+FRAME_CAP = 4 << 20
+"""A batch whose frame comes out larger is split: big frames stall the consumer and memory."""
+
 
 
 def derive_ipc_endpoint(queue_id: str) -> str:
@@ -39,10 +75,252 @@ def derive_ipc_endpoint(queue_id: str) -> str:
     return f"ipc://{path}"
 
 
+# --------------------------------------------------------------------------------- producer
+
+
+class ShmDealerLink(DealerLink):
+    """A DEALER that sends large payloads through its :class:`ShmSender`'s pool."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        codec: Codec,
+        opts: SocketOptions,
+        *,
+        sender: ShmSender,
+        compress: bool = False,
+        queue_id: str = "",
+    ) -> None:
+        super().__init__(endpoint, codec, opts, compress=compress, queue_id=queue_id)
+        self.shm = sender
+        self.frame_cap = FRAME_CAP
+        self._stash: list[Credit] = []  # credits read while waiting for releases
+        sender.poll_releases = self._read_releases
+        codec.shm_encoder = sender.encode_array
+
+    def send_batch(self, producer: str, seq: int, records: list[Any]) -> tuple[int, int, list[str]]:
+        if not self.shm.enabled:
+            return super().send_batch(producer, seq, records)
+        return self._send(producer, seq, records)
+
+    def _send(self, producer: str, seq: int, records: list[Any]) -> tuple[int, int, list[str]]:
+        shm = self.shm
+        encode = self.codec.encode_batch
+        shm.begin()
+        try:
+            staged = shm.stage(records)
+            frame, sent, errors = encode(producer, seq, staged, compress=self.compress)
+            deep = False
+            if _worth_deep_scan(len(frame), len(records), shm.threshold) and _has_nested_bytes(
+                records, shm.threshold
+            ):
+                shm.abort()
+                shm.begin()
+                deep = True
+                staged = shm.stage(records, deep=True)
+                frame, sent, errors = encode(producer, seq, staged, compress=self.compress)
+            if errors and sent:
+                # Slots placed for the records that failed are not in the frame: start over
+                # with the records that encode.
+                shm.abort()
+                shm.begin()
+                keep = {id(s) for s in sent}
+                records = [r for r, s in zip(records, staged, strict=True) if id(s) in keep]
+                staged = shm.stage(records, deep=deep)
+                frame, sent, more = encode(producer, seq, staged, compress=self.compress)
+                errors = errors + more
+            if len(frame) > self.frame_cap and len(sent) > 1:
+                shm.abort()
+                return self._send_split(producer, seq, records, len(frame), errors)
+            if not sent:
+                shm.abort()
+                return 0, 0, errors
+            self.sock.send(frame, copy=len(frame) < 65536)
+        except BaseException:
+            shm.abort()
+            raise
+        shm.commit()
+        return len(sent), len(frame), errors
+
+    def _send_split(
+        self, producer: str, seq: int, records: list[Any], size: int, errors: list[str]
+    ) -> tuple[int, int, list[str]]:
+        parts = min(len(records), -(-size // self.frame_cap))
+        step = -(-len(records) // parts)
+        total = nbytes = 0
+        all_errors = list(errors)  # of records already left out of ``records``
+        for i in range(0, len(records), step):
+            sent, size_i, errs = self._send(producer, seq + total, records[i : i + step])
+            total += sent
+            nbytes += size_i
+            all_errors.extend(errs)
+        return total, nbytes, all_errors
+
+    def poll(self, timeout: float) -> list[Credit]:
+        stash = self._stash
+        credits = super().poll(0 if stash else timeout)
+        self._apply_released()
+        if stash:
+            credits, self._stash = stash + credits, []
+        return credits
+
+    def _read_releases(self, timeout: float) -> None:
+        # Called while a full pool waits: keep the credits for the producer's next poll().
+        credits = DealerLink.poll(self, timeout)
+        if credits:
+            self._stash.extend(credits)
+            del self._stash[:-64]  # cumulative values: the latest ones say everything
+        self._apply_released()
+
+    def _apply_released(self) -> None:
+        if self.released:
+            ids, self.released = self.released, []
+            self.shm.apply_releases(ids)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.shm.close()
+
+
+def _worth_deep_scan(frame_bytes: int, records: int, threshold: int) -> bool:
+    # Walking every record of every batch would cost small records dearly: only a frame that
+    # is large for its record count can hide a nested payload above the threshold.
+    return frame_bytes >= threshold and frame_bytes * 8 >= records * threshold
+
+
+def _has_nested_bytes(records: list[Any], threshold: int) -> bool:
+    """Whether a bytes-like of ``threshold`` bytes sits inside a container of a record."""
+
+    def walk(obj: Any, depth: int, top: bool) -> bool:
+        cls = obj.__class__
+        if cls is bytes or cls is bytearray:
+            return not top and len(obj) >= threshold
+        if cls is memoryview:
+            return not top and obj.nbytes >= threshold
+        if depth <= 0:
+            return False
+        if cls is dict:
+            return any(walk(v, depth - 1, False) for v in obj.values())
+        if cls is list or cls is tuple:
+            return any(walk(v, depth - 1, False) for v in obj)
+        return cls is Packet and walk(obj.payload, depth - 1, top)
+
+    return any(walk(r, 8, True) for r in records)
+
+
+class ShmProducer(Producer):
+    """A producer that can lend pool memory to fill in place (:meth:`alloc`)."""
+
+    shm: ShmSender
+
+    def alloc(
+        self,
+        shape: int | Sequence[int],
+        dtype: npt.DTypeLike = np.uint8,
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """A writable array in shared memory: fill it, then ``put`` it with no copy.
+
+        Falls back to an ordinary array (``put`` then copies) when the pool is disabled, the
+        array is smaller than 1 byte or larger than the pool, or no room frees up within
+        ``timeout`` seconds (default ``shm_wait``). Once put, the queue owns the memory.
+        """
+        if self._closed:
+            raise QueueClosed(f"queue {self.queue_id!r} was closed in this process")
+        with self._lock:
+            return self.shm.alloc(shape, dtype, timeout)
+
+    def statistics(self) -> QueueStatistics:
+        stats = super().statistics()
+        return replace(stats, extra={**(stats.extra or {}), "shm": self.shm.statistics()})
+
+
+# --------------------------------------------------------------------------------- consumer
+
+
+class ShmInlet(RouterInlet):
+    """A ROUTER that maps shared-memory references and sends RELEASE for dropped views."""
+
+    def __init__(
+        self, endpoint: str, codec: Codec, opts: SocketOptions, *, queue_id: str = ""
+    ) -> None:
+        super().__init__(endpoint, codec, opts, queue_id=queue_id)
+        self.shm = ShmReceiver(codec, zero_copy=codec.zero_copy)
+        codec.shm_decoder = self.shm.decode
+        self._ipc_file = _file_identity(self.endpoint)
+
+    def recv(self, timeout: float) -> list[tuple[Any, ...]]:
+        shm = self.shm
+        shm.flush(self.send_release)  # the socket's owner is here: safe to send
+        events = super().recv(timeout)
+        producers = shm.producers
+        for event in events:
+            peer = event[2]
+            if peer not in producers:
+                who = event[3]
+                producer = who.get("producer") if isinstance(who, dict) else who
+                if isinstance(producer, str):
+                    producers[peer] = producer
+        return events
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.shm.flush(self.send_release)  # give back what was dropped before closing
+        try:
+            super().close()
+        finally:
+            self.shm.close()
+            _unlink_if_same(self._ipc_file)
+            # Segments of producers that were SIGKILLed: nobody else would remove them.
+            for name in sweep_orphans():
+                log.info("removed orphaned shared-memory segment %s", name)
+
+    def statistics(self) -> dict[str, Any]:
+        return self.shm.statistics()
+
+
+def _file_identity(endpoint: str) -> tuple[str, int, int] | None:
+    if not endpoint.startswith("ipc://"):
+        return None
+    path = endpoint[len("ipc://") :]
+    if path.startswith("@"):
+        return None  # abstract namespace: no file
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return path, st.st_dev, st.st_ino
+
+
+def _unlink_if_same(identity: tuple[str, int, int] | None) -> None:
+    # libzmq 4.3 leaves the socket file behind; remove ours, never a newer consumer's.
+    if identity is None:
+        return
+    path, dev, ino = identity
+    with contextlib.suppress(OSError):
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) == (dev, ino):
+            os.unlink(path)
+
+
+# --------------------------------------------------------------------------------- the type
+
+
+def _number(meta: dict[str, Any], key: str, default: float, *, integer: bool = False) -> float:
+    value = meta.get(key, default)
+    ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok or value < 0:
+        kind = "an integer" if integer else "a number"
+        raise DescriptorError(f"metadata[{key!r}] must be {kind} >= 0, got {value!r}")
+    return value
+
+
 class ShmQueueType(SocketQueueType):
     name: ClassVar[str] = "shm"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        cross_process=True, cross_host=False, shared_memory=True
+        cross_process=True, cross_host=False, zero_copy=True, shared_memory=True
     )
 
     def prepare(self, descriptor: QueueDescriptor) -> dict[str, Any]:
@@ -57,4 +335,50 @@ class ShmQueueType(SocketQueueType):
             )
         else:
             check_ipc_endpoint(endpoint)
+        self._shm_settings(meta)  # fail at creation, not in the first put
         return meta
+
+    def _shm_settings(self, meta: dict[str, Any]) -> tuple[int, int, float]:
+        perf = current_config().performance
+        threshold = int(_number(meta, "shm_threshold", perf.shm_threshold, integer=True))
+        pool_mib = _number(meta, "memory_pool_size", perf.memory_pool_size)
+        wait = float(_number(meta, "shm_wait", DEFAULT_SHM_WAIT))
+        return threshold, int(pool_mib * (1 << 20)), wait
+
+    def open_producer_link(self, descriptor: QueueDescriptor) -> ProducerLink:
+        threshold, capacity, wait = self._shm_settings(descriptor.metadata)
+        sender = ShmSender(
+            threshold=threshold, capacity=capacity, wait=wait, queue_id=descriptor.queue_id
+        )
+        return ShmDealerLink(
+            str(descriptor.metadata["endpoint"]),
+            self.codec(descriptor),
+            self.socket_options(descriptor),
+            sender=sender,
+            compress=self.compress(descriptor),
+            queue_id=descriptor.queue_id,
+        )
+
+    def open_consumer_inlet(self, descriptor: QueueDescriptor) -> ConsumerInlet:
+        return ShmInlet(
+            self.bind_endpoint(descriptor),
+            self.codec(descriptor),
+            self.socket_options(descriptor),
+            queue_id=descriptor.queue_id,
+        )
+
+    def make_producer(self, descriptor: QueueDescriptor) -> Any:
+        s = descriptor.settings()
+        link = self.open_producer_link(descriptor)
+        assert isinstance(link, ShmDealerLink)
+        producer = ShmProducer(
+            link,
+            queue_id=descriptor.queue_id,
+            queue_type=descriptor.queue_type,
+            window=s.maxsize,
+            batch_size=s.batch_size,
+            flush_interval=s.flush_interval,
+            timeout=s.timeout,
+        )
+        producer.shm = link.shm
+        return producer

@@ -1,4 +1,5 @@
-"""Shared-memory transport pieces: producer pool, consumer segment cache, orphan sweeper."""
+"""Shared-memory transport pieces: producer pool and sender, consumer cache and receiver,
+orphan sweeper, and :func:`release` for a received view."""
 
 from sage_zmq.shm.pool import (
     ALIGN,
@@ -13,6 +14,7 @@ from sage_zmq.shm.pool import (
     SlotSizeError,
 )
 from sage_zmq.shm.sweep import DEFAULT_PREFIX, list_segments, sweep_orphans
+from sage_zmq.shm.transfer import ShmReceiver, ShmSender, is_shared, release
 
 __all__ = [
     "ALIGN",
@@ -23,9 +25,13 @@ __all__ = [
     "SegmentCache",
     "SharedMemoryPool",
     "ShmError",
+    "ShmReceiver",
+    "ShmSender",
     "Slot",
     "SlotRef",
     "SlotSizeError",
+    "is_shared",
     "list_segments",
+    "release",
     "sweep_orphans",
 ]

@@ -19,6 +19,7 @@ import contextlib
 import errno
 import itertools
 import logging
+import math
 import mmap
 import os
 import secrets
@@ -344,8 +345,18 @@ class SharedMemoryPool:
     def closed(self) -> bool:
         return self._closed
 
-    def alloc(self, nbytes: int, timeout: float | None = None) -> Slot:
-        """A slot of ``nbytes``; waits up to ``timeout`` s (None: forever, 0: not at all)."""
+    @property
+    def slots_in_use(self) -> int:
+        """Slots not yet released (a lock-free snapshot)."""
+        return len(self._slots)
+
+    def alloc(self, nbytes: int, timeout: float | None = None, *, grow: bool = True) -> Slot:
+        """A slot of ``nbytes``; waits up to ``timeout`` s (None: forever, 0: not at all).
+
+        ``grow=False`` only looks in existing segments: creating and pre-faulting one costs
+        far more than copying a payload, so a caller that can get room back another way
+        (reading releases) tries that first.
+        """
         if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes <= 0:
             raise SlotSizeError(f"nbytes must be a positive int, got {nbytes!r}")
         need = _round_up(nbytes, ALIGN)
@@ -361,7 +372,7 @@ class SharedMemoryPool:
             while True:
                 if self._closed:
                     raise PoolClosed("the shared-memory pool is closed")
-                placed = self._place(need, removed)
+                placed = self._place(need, removed, grow)
                 if placed is not None:
                     break
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -385,11 +396,15 @@ class SharedMemoryPool:
         self._notify_removed(removed)
         return slot
 
-    def _place(self, need: int, removed: list[str]) -> tuple[_Segment, int] | None:
+    def _place(
+        self, need: int, removed: list[str], grow: bool = True
+    ) -> tuple[_Segment, int] | None:
         for seg in self._segments:
             off = seg.take(need)
             if off is not None:
                 return seg, off
+        if not grow:
+            return None
         headroom = self._capacity - self._reserved
         if headroom < need:
             idle = sorted((s for s in self._segments if s.idle), key=lambda s: s.size)
@@ -784,7 +799,7 @@ def _check_layout(
     if any(not isinstance(d, int | np.integer) or d < 0 for d in shp):
         raise DecodeError(f"shape {shp} must be a sequence of non-negative ints")
     if strides is None:
-        extent = int(np.prod(shp, dtype=np.int64)) * dt.itemsize
+        extent = math.prod(shp) * dt.itemsize
     else:
         st = tuple(strides)
         if len(st) != len(shp) or any(not isinstance(s, int | np.integer) for s in st):

@@ -1,0 +1,484 @@
+"""``sage-zmq bench``: sage-zmq against what a user would otherwise use, in the same run.
+
+Every figure comes with its competitor measured seconds before on the same machine, and the
+ratio between them; nothing here is a pass/fail test. Sections:
+
+- ``core``: cross-process record dicts through ``shm``/``tcp`` (per-record put/get) vs
+  ``multiprocessing.Queue`` and raw pyzmq PUSH/PULL with hand-batched msgpack (100 per frame);
+  ``local`` vs ``queue.Queue`` between two threads; idle round-trip latency over ``shm`` vs a
+  raw pyzmq PAIR ping-pong over ipc.
+- ``routing``, ``shm``, ``sage``, ``ray`` (``--ray``): contributed by their modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import queue as stdlib_queue
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+RECORD = {
+    "id": 123456,
+    "sensor": "sensor-0001",
+    "value": 21.5,
+    "ts": 1700000000.123,
+    "tags": ["a", "b"],
+    "ok": True,
+    "unit": "celsius",
+    "site": "building-7/floor-3",
+    "seq": 42,
+}
+"""A 127-byte record (msgpack), the shape the issue measures."""
+
+Row = dict[str, Any]
+
+
+def _row(name: str, value: float, unit: str, competitor: str = "", base: float | None = None,
+         higher_is_better: bool = True, target: str = "") -> Row:
+    ratio = None
+    if base:
+        ratio = value / base if higher_is_better else base / value
+    return {
+        "name": name,
+        "value": value,
+        "unit": unit,
+        "competitor": competitor,
+        "competitor_value": base,
+        "ratio": ratio,
+        "target": target,
+    }
+
+
+# ------------------------------------------------------------------ workers (spawned)
+def _sz_producer(qd: Any, n: int, ready: Any) -> None:
+    from sage_zmq import EndOfStream
+
+    ready.wait()
+    put = qd.put
+    rec = RECORD
+    for _ in range(n):
+        put(rec)
+    put(EndOfStream())
+    qd.close()
+
+
+def _mpq_producer(q: Any, n: int, ready: Any) -> None:
+    ready.wait()
+    rec = RECORD
+    for _ in range(n):
+        q.put(rec)
+    q.put(None)
+
+
+def _raw_producer(endpoint: str, n: int, ready: Any) -> None:
+    import msgpack
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.connect(endpoint)
+    ready.wait()
+    pack = msgpack.packb
+    batch: list[Any] = []
+    rec = RECORD
+    for _ in range(n):
+        batch.append(rec)
+        if len(batch) == 100:
+            sock.send(pack(batch))
+            batch = []
+    if batch:
+        sock.send(pack(batch))
+    sock.send(b"")
+    sock.close(linger=-1)
+    ctx.term()
+
+
+def _sz_echo(inbox: Any, outbox: Any) -> None:
+    from sage_zmq import EndOfStream
+
+    while True:
+        item = inbox.get(timeout=60)
+        if isinstance(item, EndOfStream):
+            break
+        outbox.put(item)
+    outbox.close()
+    inbox.close()
+
+
+def _raw_echo(endpoint: str) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PAIR)
+    sock.connect(endpoint)
+    while True:
+        msg = sock.recv()
+        if msg == b"stop":
+            break
+        sock.send(msg)
+    sock.close(linger=0)
+    ctx.term()
+
+
+# ------------------------------------------------------------------ measurements
+def _spawn() -> Any:
+    return mp.get_context("spawn")
+
+
+def _timed_consume(start: Callable[[], None], consume: Callable[[], int], n: int) -> float:
+    start()
+    t0 = time.perf_counter()
+    got = consume()
+    elapsed = time.perf_counter() - t0
+    if got != n:
+        raise RuntimeError(f"benchmark lost records: got {got} of {n}")
+    return n / elapsed
+
+
+def bench_sage_cross_process(queue_type: str, n: int) -> float:
+    from sage_zmq import QueueDescriptor
+
+    ctx = _spawn()
+    qd = QueueDescriptor(queue_type=queue_type, metadata={"maxsize": 10000})
+    ready = ctx.Event()
+    proc = ctx.Process(target=_sz_producer, args=(qd, n, ready))
+    proc.start()
+    try:
+        qd.get(timeout=0.001) if False else None
+
+        def consume() -> int:
+            count = 0
+            for _ in qd:
+                count += 1
+            return count
+
+        # Bind before the producer starts so it never waits on reconnect back-off.
+        try:
+            qd.get(timeout=0.01)
+        except Exception:
+            pass
+        rate = _timed_consume(ready.set, consume, n)
+    finally:
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        qd.close()
+    return rate
+
+
+def bench_mp_queue(n: int) -> float:
+    ctx = _spawn()
+    q = ctx.Queue()
+    ready = ctx.Event()
+    proc = ctx.Process(target=_mpq_producer, args=(q, n, ready))
+    proc.start()
+    try:
+
+        def consume() -> int:
+            count = 0
+            while q.get() is not None:
+                count += 1
+            return count
+
+        rate = _timed_consume(ready.set, consume, n)
+    finally:
+        proc.join(60)
+        q.close()
+        q.join_thread()
+    return rate
+
+
+def bench_raw_pyzmq(transport: str, n: int) -> float:
+    import msgpack
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    tmp = None
+    if transport == "tcp":
+        port = sock.bind_to_random_port("tcp://127.0.0.1")
+        endpoint = f"tcp://127.0.0.1:{port}"
+    else:
+        tmp = tempfile.mkdtemp(prefix="szb-")
+        endpoint = f"ipc://{tmp}/raw.sock"
+        sock.bind(endpoint)
+    sctx = _spawn()
+    ready = sctx.Event()
+    proc = sctx.Process(target=_raw_producer, args=(endpoint, n, ready))
+    proc.start()
+    try:
+        unpack = msgpack.unpackb
+
+        def consume() -> int:
+            count = 0
+            while True:
+                frame = sock.recv()
+                if not frame:
+                    return count
+                for _ in unpack(frame):
+                    count += 1
+
+        rate = _timed_consume(ready.set, consume, n)
+    finally:
+        proc.join(60)
+        sock.close(linger=0)
+        ctx.term()
+        if tmp:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return rate
+
+
+def bench_local_threads(n: int) -> tuple[float, float]:
+    from sage_zmq import EndOfStream, QueueDescriptor
+
+    def run(put: Callable[[Any], None], get: Callable[[], Any], end: Any) -> float:
+        def produce() -> None:
+            rec = RECORD
+            for _ in range(n):
+                put(rec)
+            put(end)
+
+        t = threading.Thread(target=produce)
+        t0 = time.perf_counter()
+        t.start()
+        count = 0
+        while True:
+            item = get()
+            if item is end or isinstance(item, EndOfStream):
+                break
+            count += 1
+        t.join()
+        elapsed = time.perf_counter() - t0
+        assert count == n, (count, n)
+        return n / elapsed
+
+    q: stdlib_queue.Queue[Any] = stdlib_queue.Queue(maxsize=10000)
+    sentinel = object()
+    base = run(q.put, q.get, sentinel)
+    qd = QueueDescriptor(queue_type="local", metadata={"maxsize": 10000})
+    try:
+        ours = run(qd.put, qd.get, EndOfStream())
+    finally:
+        qd.close()
+    return ours, base
+
+
+def bench_latency_sage(n: int) -> list[float]:
+    from sage_zmq import EndOfStream, QueueDescriptor
+
+    ctx = _spawn()
+    ping = QueueDescriptor(queue_type="shm", metadata={"maxsize": 100})
+    pong = QueueDescriptor(queue_type="shm", metadata={"maxsize": 100})
+    proc = ctx.Process(target=_sz_echo, args=(ping, pong))
+    proc.start()
+    samples: list[float] = []
+    try:
+        msg = {"payload": "x" * 80}
+        for i in range(n + 200):
+            t0 = time.perf_counter()
+            ping.put(msg)
+            pong.get(timeout=30)
+            if i >= 200:
+                samples.append(time.perf_counter() - t0)
+        ping.put(EndOfStream())
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        ping.close()
+        pong.close()
+    return samples
+
+
+def bench_latency_raw(n: int) -> list[float]:
+    import zmq
+
+    tmp = tempfile.mkdtemp(prefix="szb-")
+    endpoint = f"ipc://{tmp}/pair.sock"
+    zctx = zmq.Context()
+    sock = zctx.socket(zmq.PAIR)
+    sock.bind(endpoint)
+    proc = _spawn().Process(target=_raw_echo, args=(endpoint,))
+    proc.start()
+    samples: list[float] = []
+    try:
+        msg = b"x" * 100
+        for i in range(n + 200):
+            t0 = time.perf_counter()
+            sock.send(msg)
+            sock.recv()
+            if i >= 200:
+                samples.append(time.perf_counter() - t0)
+        sock.send(b"stop")
+    finally:
+        proc.join(30)
+        sock.close(linger=0)
+        zctx.term()
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return samples
+
+
+def _pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def run_core(quick: bool, progress: Callable[[str], None]) -> list[Row]:
+    n = 100_000 if quick else 1_000_000
+    rows: list[Row] = []
+    progress("raw pyzmq ipc, hand-batched")
+    raw_ipc = bench_raw_pyzmq("ipc", n)
+    progress("raw pyzmq tcp, hand-batched")
+    raw_tcp = bench_raw_pyzmq("tcp", n)
+    progress("multiprocessing.Queue")
+    mpq = bench_mp_queue(n // 5)
+    for qtype, raw, label in (("shm", raw_ipc, "ipc"), ("tcp", raw_tcp, "tcp")):
+        progress(f"sage-zmq {qtype}")
+        ours = bench_sage_cross_process(qtype, n)
+        rows.append(
+            _row(f"{qtype} records/s (cross-process, per-record put/get)", ours, "records/s",
+                 f"raw pyzmq PUSH/PULL {label}, 100 per msgpack frame", raw, target=">= 1x")
+        )
+        rows.append(
+            _row(f"{qtype} records/s vs multiprocessing.Queue", ours, "records/s",
+                 "multiprocessing.Queue", mpq, target="~10-15x")
+        )
+    progress("local vs queue.Queue")
+    local, qq = bench_local_threads(n)
+    rows.append(_row("local records/s (two threads, per-item)", local, "items/s",
+                     "queue.Queue", qq, target=">= 3x"))
+    progress("idle round trip latency")
+    m = 2000 if quick else 10000
+    raw_lat = bench_latency_raw(m)
+    ours_lat = bench_latency_sage(m)
+    for label, q in (("p50", 0.5), ("p99", 0.99)):
+        rows.append(
+            _row(f"shm idle round trip {label}", _pct(ours_lat, q) * 1e6, "us",
+                 "raw pyzmq PAIR ipc ping-pong", _pct(raw_lat, q) * 1e6,
+                 higher_is_better=False, target="p50 <= 1.2x raw" if label == "p50" else "")
+        )
+    return rows
+
+
+SECTIONS: dict[str, str] = {
+    "core": "sage_zmq.bench:run_core",
+    "routing": "sage_zmq.bench_routing:run",
+    "shm": "sage_zmq.bench_shm:run",
+    "sage": "sage_zmq.bench_sage:run",
+    "ray": "sage_zmq.bench_ray:run",
+}
+
+
+def _load(target: str) -> Callable[..., list[Row]]:
+    import importlib
+
+    module_name, func = target.split(":")
+    module = importlib.import_module(module_name)
+    fn: Callable[..., list[Row]] = getattr(module, func)
+    return fn
+
+
+def _format(rows: list[Row]) -> str:
+    lines = []
+    for r in rows:
+        value = f"{r['value']:,.1f} {r['unit']}"
+        comp = ""
+        if r.get("competitor"):
+            base = r.get("competitor_value")
+            base_txt = f"{base:,.1f} {r['unit']}" if isinstance(base, int | float) else ""
+            ratio = r.get("ratio")
+            ratio_txt = f" -> {ratio:.2f}x" if isinstance(ratio, int | float) else ""
+            comp = f"   vs {r['competitor']}: {base_txt}{ratio_txt}"
+            if r.get("target"):
+                comp += f"   (target {r['target']})"
+        lines.append(f"  {r['name']}: {value}{comp}")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[Row], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from sage_zmq.errors import MissingDependency
+
+        raise MissingDependency(
+            "--plot needs matplotlib: pip install 'sage-zmq[plot]'"
+        ) from None
+    rated = [r for r in rows if isinstance(r.get("ratio"), int | float)]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rated) + 1.5))
+    names = [r["name"] for r in rated]
+    ratios = [r["ratio"] for r in rated]
+    ax.barh(names, ratios, color=["tab:green" if x >= 1 else "tab:red" for x in ratios])
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("ratio vs competitor (higher is better)")
+    ax.set_title("sage-zmq benchmark")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sage-zmq bench",
+        description="Benchmarks against the competitors, measured in the same run.",
+    )
+    parser.add_argument("--quick", action="store_true", help="short run (~1 minute)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--plot", metavar="FILE.png", help="write a chart of the ratios")
+    parser.add_argument("--ray", action="store_true", help="also run the Ray section")
+    parser.add_argument(
+        "--only", metavar="SECTION", action="append", choices=sorted(SECTIONS),
+        help="run only these sections (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    sections = args.only or [s for s in SECTIONS if s != "ray" or args.ray]
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    all_rows: list[Row] = []
+    out = sys.stderr
+
+    def progress(step: str) -> None:
+        if not args.json:
+            print(f"  ... {step}", file=out, flush=True)
+
+    for i, section in enumerate(sections, 1):
+        if not args.json:
+            print(f"[{i}/{len(sections)}] {section}", file=out, flush=True)
+        try:
+            fn = _load(SECTIONS[section])
+        except ImportError as exc:
+            results[section] = {"skipped": str(exc)}
+            progress(f"skipped: {exc}")
+            continue
+        rows = fn(args.quick, progress) if section == "core" else fn(args.quick)
+        results[section] = rows
+        all_rows.extend(rows)
+        if not args.json:
+            print(_format(rows), flush=True)
+    if args.plot:
+        _plot(all_rows, args.plot)
+        if not args.json:
+            print(f"chart written to {args.plot}")
+    if args.json:
+        print(json.dumps(results, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

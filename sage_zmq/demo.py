@@ -1,0 +1,181 @@
+"""``sage-zmq demo``: the main job — source -> 2 parallel workers -> sink across processes.
+
+The source keys sensor readings and hash-routes them to two worker processes over ``shm``
+queues; each worker enriches its records and sends them to the sink (this process), whose queue
+counts two upstreams. While it runs, the sink prints throughput and end-to-end latency (from
+each packet's creation time); at the end it prints a summary and checks that every record
+arrived exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+import time
+from typing import Any
+
+from sage_zmq import EndOfStream, Packet, QueueDescriptor
+
+
+def _source(worker_queues: list[QueueDescriptor], records: int, sensors: int) -> None:
+    from sage_zmq.router import Connection, HashRouter
+
+    router = HashRouter()
+    for index, qd in enumerate(worker_queues):
+        router.add_connection(
+            Connection(broadcast_index=0, parallel_index=index, target_name=f"worker-{index}",
+                       target_handle=qd)
+        )
+    for seq in range(records):
+        sensor = f"sensor-{seq % sensors:04d}"
+        reading = {"seq": seq, "sensor": sensor, "celsius": 20.0 + (seq % 100) / 10}
+        router.route(Packet(reading, partition_key=sensor))
+    router.send_stop_signal()
+    router.close()
+    for qd in worker_queues:
+        qd.close()
+
+
+def _worker(index: int, inbox: QueueDescriptor, sink: QueueDescriptor) -> None:
+    for packet in inbox:
+        reading = packet.payload
+        reading["fahrenheit"] = reading["celsius"] * 9 / 5 + 32
+        reading["worker"] = index
+        sink.put(packet)
+    sink.put(EndOfStream())
+    sink.close()
+    inbox.close()
+
+
+class _Report:
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.count = 0
+        self.per_worker = [0, 0]
+        self.latencies: list[float] = []
+        self.window: list[float] = []
+        self.seen = bytearray(expected)
+        self.duplicates = 0
+        self.start = time.perf_counter()
+
+    def line(self, now: float, last_count: int, last_time: float) -> str:
+        rate = (self.count - last_count) / max(now - last_time, 1e-9)
+        lat = sorted(self.window)
+        p50 = lat[len(lat) // 2] * 1e3 if lat else 0.0
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3 if lat else 0.0
+        done = 100.0 * self.count / self.expected
+        return (
+            f"  {now - self.start:6.1f} s  {self.count:>9,} records ({done:5.1f}%)  "
+            f"{rate:>11,.0f} rec/s   latency p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
+        )
+
+
+def run(records: int = 500_000, sensors: int = 1000, interval: float = 0.5,
+        queue_type: str = "shm", out: Any = None) -> dict[str, Any]:
+    """Run the demo topology; returns the summary (also printed)."""
+    out = out or sys.stdout
+    ctx = mp.get_context("spawn")
+    sink = QueueDescriptor(queue_id="demo-sink", queue_type=queue_type,
+                           metadata={"upstreams": 2, "maxsize": 5000})
+    workers_in = [
+        QueueDescriptor(queue_id=f"demo-worker-{i}", queue_type=queue_type,
+                        metadata={"maxsize": 5000})
+        for i in range(2)
+    ]
+    print(f"sage-zmq demo: source -> 2 workers (hash by sensor) -> sink, {records:,} records "
+          f"over '{queue_type}' queues", file=out, flush=True)
+    workers = [ctx.Process(target=_worker, args=(i, q, sink), name=f"demo-worker-{i}")
+               for i, q in enumerate(workers_in)]
+    source = ctx.Process(target=_source, args=(workers_in, records, sensors), name="demo-source")
+    for proc in (*workers, source):
+        proc.start()
+    report = _Report(records)
+    last_count, last_time = 0, time.perf_counter()
+    try:
+        while True:
+            try:
+                packet = sink.get(timeout=interval)
+            except Exception:  # Empty: nothing this interval; report and keep waiting
+                packet = None
+            now_wall = time.time()
+            if packet is not None:
+                if isinstance(packet, EndOfStream):
+                    break
+                reading = packet.payload
+                seq = reading["seq"]
+                if report.seen[seq]:
+                    report.duplicates += 1
+                report.seen[seq] = 1
+                report.count += 1
+                report.per_worker[reading["worker"]] += 1
+                if report.count % 64 == 0:
+                    latency = now_wall - packet.timestamp
+                    report.latencies.append(latency)
+                    report.window.append(latency)
+            now = time.perf_counter()
+            if now - last_time >= interval:
+                print(report.line(now, last_count, last_time), file=out, flush=True)
+                last_count, last_time = report.count, now
+                report.window = []
+            if not any(p.is_alive() for p in workers) and packet is None:
+                break
+    finally:
+        for proc in (source, *workers):
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        sink.close()
+    elapsed = time.perf_counter() - report.start
+    lat = sorted(report.latencies)
+    summary = {
+        "records": report.count,
+        "expected": records,
+        "missing": records - sum(report.seen),
+        "duplicates": report.duplicates,
+        "per_worker": report.per_worker,
+        "seconds": elapsed,
+        "records_per_second": report.count / elapsed if elapsed else 0.0,
+        "latency_p50_ms": lat[len(lat) // 2] * 1e3 if lat else None,
+        "latency_p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3 if lat else None,
+        "exit_codes": [p.exitcode for p in (source, *workers)],
+    }
+    ok = summary["missing"] == 0 and summary["duplicates"] == 0 and all(
+        code == 0 for code in summary["exit_codes"]
+    )
+    summary["ok"] = ok
+    print(
+        f"summary: {report.count:,} of {records:,} records in {elapsed:.2f} s "
+        f"({summary['records_per_second']:,.0f} rec/s), worker split "
+        f"{report.per_worker[0]:,}/{report.per_worker[1]:,}, "
+        f"latency p50 {summary['latency_p50_ms'] or 0:.2f} ms p99 "
+        f"{summary['latency_p99_ms'] or 0:.2f} ms, missing {summary['missing']}, "
+        f"duplicates {summary['duplicates']} -> {'OK' if ok else 'FAILED'}",
+        file=out,
+        flush=True,
+    )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sage-zmq demo",
+        description="Run the demo pipeline: source -> 2 parallel workers -> sink, "
+        "across processes, printing throughput and latency.",
+    )
+    parser.add_argument("--records", type=int, default=500_000, help="records to send")
+    parser.add_argument("--quick", action="store_true", help="a short run (50,000 records)")
+    parser.add_argument("--queue-type", default="shm", choices=["shm", "tcp", "sage"],
+                        help="queue type between the stages")
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between reports")
+    args = parser.parse_args(argv)
+    if args.records < 1:
+        parser.error("--records must be at least 1")
+    records = 50_000 if args.quick else args.records
+    summary = run(records=records, interval=args.interval, queue_type=args.queue_type)
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1007 @@
+"""Reliability as a layer over any DEALER/ROUTER queue: acks, retransmit, dedup, liveness, WAL.
+
+:class:`ReliableProducer` and :class:`ReliableConsumer` subclass the core ends; the per-record
+``put``/``get`` stay the core's (a reliable producer without persistence, or a reliable consumer
+without persistence, adds nothing per record). Used by ``sage`` queues always, and by
+``shm``/``tcp`` when ``metadata["ack"] is True`` or ``metadata["persist"]`` is set. The wire
+contract is ``transports/PROTOCOL.md`` §5; the decisions:
+
+**Producer.** Every DATA/END frame sent is kept (encoded) until a CREDIT's ``acked`` passes it;
+credits bound them to about ``maxsize`` records. Retransmission (HELLO first, then the kept
+frames, oldest first) happens when (a) the consumer ``session`` changes, (b) a CREDIT has
+``limit == 0`` ("who are you?": the consumer restarted or missed HELLO), (c) the socket
+reconnected (a ZeroMQ socket monitor reports it), (d) the peer was declared dead and the socket
+was recreated, and (e) frames the consumer has not *received* saw no progress of ``received``
+for ``ack_timeout`` (received, not acked: a slow consumer that holds frames is not a loss).
+``reliability.max_in_flight`` is not a second window: credits already bound what is in flight.
+
+**Acks are windowed and asynchronous.** The consumer reports ``acked`` in a CREDIT when it has
+advanced by ``maxsize // 8`` records, when the consumer has caught up (nothing else queued), at
+an end of stream, in reply to HELLO/HEARTBEAT/CLOSE, and from the timer thread within
+``ack_timeout / 4`` otherwise. No put or get ever waits for a round trip.
+
+**Consumer.** Records from a producer are accepted strictly in sequence: a duplicate or the
+duplicated head of a batch is dropped, a frame after a gap is dropped (it will be retransmitted).
+DATA from a producer not introduced by HELLO in this consumer's lifetime is dropped and answered
+with a ``limit == 0`` CREDIT, so a restarted consumer never guesses where a producer starts.
+
+**When is a record consumed?** Without consumer persistence, when ``get`` returned it. With
+``metadata["persist"] = DIR`` on the consumer, when the application calls ``get`` again after
+receiving it (or closes the consumer cleanly); END counts when the end of stream was reached.
+``acked`` in CREDITs reports exactly this (the timer thread reports a partly read batch). With
+persistence, that moment is recorded in a
+:class:`~sage_zmq.flow.dedup.DedupState` (an mmap'd file, so a SIGKILL right after it loses
+nothing) before the next record is handed out, and a restarted consumer skips everything
+recorded there: each record is returned by ``get`` exactly once across restarts, in order per
+producer, except that the one record the application held when it died is returned again (it
+was never consumed). ``acked`` never passes what was recorded. Without persistence a restarted
+consumer gets again what it received but had not acked (at least once).
+
+**Producer persistence** (``metadata["persist"] = DIR`` on the producer): ``put`` writes the
+record to a :class:`~sage_zmq.flow.wal.WriteAheadLog` (one entry per record, a one-record DATA
+frame) before it returns, so a record whose ``put`` returned survives a SIGKILL (and, with
+``reliability.fsync = "batch"``, a machine crash, at one fsync per put; use ``"interval"`` for
+throughput). A restarted producer with the same id reopens the log with ``epoch + 1``, replays
+the unacked entries and numbers new records after the last logged seq. The id is
+``metadata["producer_id"]``, else the first log under ``DIR/<queue>/wal/`` that no live
+process holds (flock), else a new random one: with several producer processes per directory a
+restarted process may take over another dead one's log, which still delivers it. A corrupt
+log is reported (:class:`~sage_zmq.flow.wal.WalCorruptionError`), a torn tail is cut with a
+warning and shown in ``statistics().extra["wal_corrupt_tail_bytes"]``.
+
+**Close.** A reliable producer's ``close`` waits until the consumer *acked* (consumed)
+everything, not just received it, since a consumer crash loses what it only buffered; when the
+consumer is in the same process it waits for ``received`` (they die together). So with a
+persistent consumer, a producer's ``close`` returns once the application asked for the record
+after the last one (or reached the end of stream, or closed).
+
+**Failover hooks** (for a router): :attr:`ReliableProducer.peer_alive` / ``dead``,
+:attr:`ReliableProducer.dead_event` (a ``threading.Event`` set while the peer is dead),
+:meth:`ReliableProducer.add_dead_callback` (called once per death, on the thread that noticed,
+with the producer lock held: do not block), and :meth:`ReliableProducer.take_unacked`, which
+returns every record this producer holds unacknowledged or unsent, decoded and in order (an END
+as :class:`~sage_zmq.packet.EndOfStream`), forgets them (and truncates the WAL past them) and
+tells the consumer to skip their seqs, so a router can send them to another instance. What a
+dead instance had already received may then be delivered twice (at least once across
+instances).
+
+**Background timer.** The process's ticker thread (:func:`sage_zmq._runtime.ticker`, shared
+with batching and consumer service) ticks each reliable end every
+``min(heartbeat_interval, ack_timeout) / 4`` (5-250 ms). A tick takes the end's lock with
+``acquire(blocking=False)`` and skips a busy end; a producer blocked in ``put``/``close`` does
+the same work itself between polls (at least every 0.5 s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from operator import length_hint
+from typing import TYPE_CHECKING, Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from sage_zmq import _runtime
+from sage_zmq.config import ReliabilityConfig, current_config
+from sage_zmq.errors import (
+    ConfigError,
+    DecodeError,
+    DeliveryError,
+    DescriptorError,
+    EncodeError,
+)
+from sage_zmq.flow.clock import Clock, SystemClock
+from sage_zmq.flow.dedup import DedupState
+from sage_zmq.flow.liveness import Action, PeerLiveness
+from sage_zmq.flow.wal import (
+    MAX_PRODUCER_ID_BYTES,
+    PersistLockedError,
+    WriteAheadLog,
+    check_producer_id,
+)
+from sage_zmq.packet import EndOfStream
+from sage_zmq.queues._consumer import _END, Consumer, _Upstream
+from sage_zmq.queues._producer import _HOST, Producer
+from sage_zmq.queues.base import ConsumerInlet, Credit, QueueStatistics
+from sage_zmq.wire.frame import Kind
+
+if TYPE_CHECKING:
+    from sage_zmq.descriptor import QueueDescriptor
+    from sage_zmq.queues._zmq import DealerLink
+
+log = logging.getLogger("sage_zmq.reliable")
+
+_TIMING_KEYS = (
+    "heartbeat_interval",
+    "liveness",
+    "reconnect_initial",
+    "reconnect_max",
+    "ack_timeout",
+    "max_in_flight",
+    "fsync",
+    "fsync_interval",
+)
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+# ------------------------------------------------------------------------------ settings
+@dataclass(frozen=True)
+class ReliabilitySettings:
+    """``reliability.*`` from the config, overridden by same-named descriptor metadata."""
+
+    timing: ReliabilityConfig = dataclasses.field(default_factory=ReliabilityConfig)
+    persist: str | None = None
+    producer_id: str | None = None
+
+    @property
+    def tick(self) -> float:
+        """How often the timer thread looks at an end."""
+        t = self.timing
+        return min(0.25, max(0.005, min(t.heartbeat_interval, t.ack_timeout) / 4))
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any]) -> ReliabilitySettings:
+        base = current_config().reliability
+        changes = {k: metadata[k] for k in _TIMING_KEYS if k in metadata}
+        try:
+            timing = dataclasses.replace(base, **changes) if changes else base
+        except ConfigError as exc:
+            raise DescriptorError(f"bad reliability option in queue metadata: {exc}") from None
+        persist = metadata.get("persist")
+        if persist is not None and (not isinstance(persist, str) or not persist):
+            raise DescriptorError(
+                f"metadata['persist'] must be a directory path (str), got {persist!r}"
+            )
+        pid = metadata.get("producer_id")
+        if pid is not None:
+            try:
+                check_producer_id(pid)
+            except ConfigError as exc:
+                raise DescriptorError(f"metadata['producer_id']: {exc}") from None
+        return cls(timing, persist, pid)
+
+
+def wants_reliability(metadata: dict[str, Any]) -> bool:
+    """True when queue metadata asks for acks (``ack: True``) or persistence."""
+    ack = metadata.get("ack", False)
+    if not isinstance(ack, bool):
+        raise DescriptorError(f"metadata['ack'] must be true or false, got {ack!r}")
+    return ack or metadata.get("persist") is not None
+
+
+def _stem(queue_id: str) -> str:
+    stem = _UNSAFE.sub("_", queue_id)[:48].lstrip(".") or "q"
+    return f"{stem}-{hashlib.sha1(queue_id.encode()).hexdigest()[:8]}"
+
+
+def persist_paths(persist: str, queue_id: str) -> tuple[str, str]:
+    """``(wal_root, dedup_file)`` of a queue under a persistence directory."""
+    base = os.path.join(persist, _stem(queue_id))
+    return os.path.join(base, "wal"), os.path.join(base, "dedup")
+
+
+# ------------------------------------------------------------------------------ producer
+class _KeepingLink:
+    """The producer's link: keeps what it sends for retransmission, over a replaceable socket."""
+
+    def __init__(self, inner: DealerLink, first_hello_acked: int) -> None:
+        self.inner = inner
+        self.kept: deque[tuple[int, int, bytes]] = deque()  # (first seq, end seq, frame)
+        self.wal: WriteAheadLog | None = None
+        self.first_hello_acked: int | None = first_hello_acked
+        self.sent_at: Callable[[int], None] = lambda seq: None
+        self.monitor: zmq.Socket[Any] | None = None
+        self.connections = 0
+        self._inline(inner)
+        self._watch()
+
+    @staticmethod
+    def _inline(inner: Any) -> None:
+        # Kept frames must stand alone: a shared-memory reference in one would point at a
+        # slot the consumer released long before a retransmission.
+        codec = inner.codec
+        if getattr(codec, "shm_encoder", None) is not None:
+            codec.shm_encoder = None
+
+    def _watch(self) -> None:
+        self.connections = 0
+        sock = getattr(self.inner, "sock", None)  # a test double may have no socket
+        if sock is not None:
+            self.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+
+    def reconnected(self) -> bool:
+        """True if the socket connected again since the last look (not its first connect)."""
+        mon = self.monitor
+        again = False
+        while mon is not None:
+            try:
+                event = recv_monitor_message(mon, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if event["event"] == zmq.EVENT_CONNECTED:
+                self.connections += 1
+                again = again or self.connections > 1
+        return again
+
+    def replace(self, inner: DealerLink) -> None:
+        self._unwatch()
+        sock = getattr(self.inner, "sock", None)
+        if sock is not None:
+            sock.setsockopt(zmq.LINGER, 0)  # stale frames are retransmitted anyway
+        self.inner.close()
+        self.inner = inner
+        self._inline(inner)
+        self._watch()
+
+    def _unwatch(self) -> None:
+        if self.monitor is not None:
+            try:
+                self.inner.sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self.monitor.close(linger=0)
+            self.monitor = None
+
+    def send_hello(self, producer: str, epoch: int, next_seq: int, acked: int) -> None:
+        if self.first_hello_acked is not None:  # the core's HELLO in Producer.__init__
+            acked, self.first_hello_acked = self.first_hello_acked, None
+        self.inner.send_hello(producer, epoch, next_seq, acked)
+
+    def send_batch(
+        self, producer: str, seq: int, records: list[Any]
+    ) -> tuple[int, int, list[str]]:
+        inner = self.inner
+        frame, sent, errors = inner.codec.encode_batch(
+            producer, seq, records, compress=inner.compress
+        )
+        if not sent:
+            return 0, 0, errors
+        self.sent_at(seq)
+        self.kept.append((seq, seq + len(sent), frame))
+        inner.send_frame(frame)
+        return len(sent), len(frame), errors
+
+    def send_end(self, producer: str, seq: int) -> None:
+        frame = self.inner.codec.encode_control(Kind.END, [producer, seq])
+        if self.wal is not None:
+            self.wal.append(seq, 1, frame)
+        self.sent_at(seq)
+        self.kept.append((seq, seq + 1, frame))
+        self.inner.send_frame(frame)
+
+    def send_close(self, producer: str, seq: int) -> None:
+        self.inner.send_close(producer, seq)
+
+    def send_heartbeat(self, producer: str) -> None:
+        self.inner.send_heartbeat(producer)
+
+    def poll(self, timeout: float) -> list[Credit]:
+        return self.inner.poll(timeout)
+
+    def close(self) -> None:
+        self._unwatch()
+        self.inner.close()
+
+
+class _LoggedPending(deque):  # type: ignore[type-arg]
+    """The pending deque of a persistent producer: appending logs the record first."""
+
+    def __init__(self, log_put: Callable[[Any, int], None]) -> None:
+        super().__init__()
+        self._log_put = log_put
+
+    def append(self, item: Any) -> None:
+        self._log_put(item, len(self))
+        super().append(item)
+
+
+def open_wal(settings: ReliabilitySettings, queue_id: str) -> WriteAheadLog:
+    """The producer's write-ahead log: its own id, or a free existing log, or a new one."""
+    assert settings.persist is not None
+    root, _ = persist_paths(settings.persist, queue_id)
+    t = settings.timing
+    opts: dict[str, Any] = {"fsync": t.fsync, "fsync_interval": t.fsync_interval}
+    if settings.producer_id is not None:
+        return WriteAheadLog(root, producer_id=settings.producer_id, **opts)
+    if os.path.isdir(root):
+        for name in sorted(os.listdir(root)):
+            if not os.path.isdir(os.path.join(root, name)):
+                continue
+            try:
+                check_producer_id(name)
+                return WriteAheadLog(root, producer_id=name, **opts)
+            except (PersistLockedError, ConfigError):
+                continue
+    return WriteAheadLog(root, producer_id=f"{_HOST}-{os.urandom(6).hex()}", **opts)
+
+
+class ReliableProducer(Producer):
+    """A producer that keeps, retransmits and (optionally) logs what it sends; see module doc."""
+
+    def __init__(
+        self,
+        open_link: Callable[[], DealerLink],
+        *,
+        queue_id: str,
+        queue_type: str,
+        window: int,
+        batch_size: int,
+        flush_interval: float,
+        timeout: float,
+        settings: ReliabilitySettings,
+        clock: Clock | None = None,
+    ) -> None:
+        self._settings = settings
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        timing = settings.timing
+        self._tick_interval = settings.tick
+        self._ack_timeout = timing.ack_timeout
+        self._live = PeerLiveness(
+            self._clock,
+            interval=timing.heartbeat_interval,
+            liveness=timing.liveness,
+            reconnect_initial=timing.reconnect_initial,
+            reconnect_max=timing.reconnect_max,
+        )
+        self._open_link = open_link
+        self._dead_callbacks: list[Callable[[ReliableProducer], None]] = []
+        self.dead_event = threading.Event()
+        self._retransmits = 0
+        self._reconnects = 0
+        self._closing = False
+        self._next_maint = 0.0
+        self._progress_at = self._clock.monotonic()
+        self._prompt_at = -1e9
+        wal: WriteAheadLog | None = None
+        producer_id = settings.producer_id
+        epoch = next_seq = acked = 0
+        replay: list[tuple[int, int, bytes]] = []
+        if settings.persist is not None:
+            wal = open_wal(settings, queue_id)
+            try:
+                producer_id, epoch, next_seq, acked = (
+                    wal.producer_id,
+                    wal.epoch,
+                    wal.next_seq,
+                    wal.acked,
+                )
+                replay = list(wal.replay())
+            except BaseException:
+                wal.close()
+                raise
+            if wal.recovered_with_corruption:
+                log.warning(
+                    "queue %s: write-ahead log %s had a torn tail of %d bytes (cut); records "
+                    "whose put had not returned may be missing",
+                    queue_id,
+                    wal.path,
+                    wal.corrupt_tail_bytes,
+                )
+        self._wal = wal
+        try:
+            link = _KeepingLink(open_link(), acked)
+        except BaseException:
+            if wal is not None:
+                wal.close()
+            raise
+        link.wal = wal
+        link.sent_at = self._sent_at
+        link.kept.extend((first, first + count, frame) for first, count, frame in replay)
+        self._keeping = link
+        super().__init__(
+            link,
+            queue_id=queue_id,
+            queue_type=queue_type,
+            window=window,
+            batch_size=batch_size,
+            flush_interval=flush_interval,
+            timeout=timeout,
+            producer_id=producer_id,
+            epoch=epoch,
+            next_seq=next_seq,
+        )
+        self._acked = self._received = acked
+        self._limit = max(next_seq, acked + window)
+        if wal is not None:
+            self._pending = _LoggedPending(self._log_put)
+        self._update_room()
+        if link.kept:
+            log.info("queue %s: replaying %d logged frames", queue_id, len(link.kept))
+            self._resend(acked, "replay", hello=False)
+        _runtime.ticker().add(self, self._tick_interval)
+
+    # ----------------------------------------------------------------- persistence
+    def _log_put(self, item: Any, index: int) -> None:
+        assert self._wal is not None
+        seq = self._next_seq + index
+        inner = self._keeping.inner
+        frame, sent, errors = inner.codec.encode_batch(self.producer_id, seq, [item])
+        if errors:
+            err = EncodeError(f"queue {self.queue_id!r}: record not accepted: {errors[0]}")
+            err.records_dropped = 1  # type: ignore[attr-defined]
+            err.accepted = False  # type: ignore[attr-defined]
+            raise err
+        self._wal.append(seq, 1, frame)
+
+    def _update_room(self) -> None:
+        super()._update_room()
+        if self._wal is not None:
+            self._fast_limit = 0  # every put goes through the log before it returns
+
+    # ----------------------------------------------------------------- credits
+    def _sent_at(self, seq: int) -> None:
+        if seq <= self._received:  # nothing older is outstanding: the ack clock starts now
+            self._progress_at = self._clock.monotonic()
+
+    def _apply(self, credits: list[Credit]) -> None:
+        if credits:
+            self._live.heard()
+            for credit in credits:
+                if credit.limit == 0:
+                    self._on_prompt(credit)
+                    continue
+                if credit.session != self._session:
+                    old, self._session = self._session, credit.session
+                    self._limit = credit.limit
+                    self._received = credit.received
+                    if credit.acked > self._acked:
+                        self._acked = credit.acked
+                    if old is not None and self._prompt_session != credit.session:
+                        log.info(
+                            "queue %s: consumer session changed %s -> %s",
+                            self.queue_id,
+                            old,
+                            credit.session,
+                        )
+                        self._resend(self._acked, "consumer restarted")
+                    continue
+                if credit.limit > self._limit:
+                    self._limit = credit.limit
+                if credit.received > self._received:
+                    self._received = credit.received
+                    self._progress_at = self._clock.monotonic()
+                if credit.acked > self._acked:
+                    self._acked = credit.acked
+            self._forget_acked()
+        self._maybe_maintain()
+
+    _prompt_session: str | None = None
+
+    def _on_prompt(self, credit: Credit) -> None:
+        """The consumer does not know us: introduce ourselves and send everything again."""
+        now = self._clock.monotonic()
+        if credit.session == self._prompt_session and now - self._prompt_at < min(
+            self._ack_timeout, 0.25
+        ):
+            return
+        self._prompt_session, self._prompt_at = credit.session, now
+        self._session = credit.session
+        self._received = self._acked
+        self._resend(self._acked, "consumer does not know this producer")
+
+    def _forget_acked(self) -> None:
+        acked = self._acked
+        kept = self._keeping.kept
+        while kept and kept[0][1] <= acked:
+            kept.popleft()
+        wal = self._wal
+        if wal is not None and acked > wal.acked:
+            wal.truncate(min(acked, wal.next_seq))
+
+    # ----------------------------------------------------------------- retransmission
+    def _send_hello(self) -> None:
+        self._keeping.send_hello(self.producer_id, self.epoch, self._next_seq, self._acked)
+
+    def _resend(self, start: int, why: str, *, hello: bool = True) -> None:
+        link = self._keeping
+        if hello:
+            self._send_hello()
+        n = 0
+        for _first, end, frame in link.kept:
+            if end > start:
+                link.inner.send_frame(frame)
+                n += 1
+        if self._closing:
+            link.send_close(self.producer_id, self._next_seq)
+        self._retransmits += n
+        self._progress_at = self._clock.monotonic()
+        if n:
+            log.info("queue %s: retransmitted %d frames (%s)", self.queue_id, n, why)
+
+    def _maybe_maintain(self) -> None:
+        now = self._clock.monotonic()
+        if now >= self._next_maint:
+            self._maintain(now)
+            # At the next tick, or earlier when a deadline falls before it.
+            due = min(now + self._tick_interval, self._live.next_due())
+            kept = self._keeping.kept
+            if kept and kept[-1][1] > self._received:
+                due = min(due, self._progress_at + self._ack_timeout)
+            self._next_maint = due
+
+    def _maintain(self, now: float) -> None:
+        link = self._keeping
+        if link.reconnected():
+            self._resend(self._acked, "reconnected")
+        action = self._live.check()
+        if action & Action.REVIVED:
+            self.dead_event.clear()
+            log.info("queue %s: consumer is alive again", self.queue_id)
+        if action & Action.DEAD:
+            self._declare_dead()
+        if action & Action.RECONNECT:
+            self._reconnect()
+        if action & Action.HEARTBEAT:
+            link.send_heartbeat(self.producer_id)
+        kept = link.kept
+        if (
+            kept
+            and kept[-1][1] > self._received
+            and now - self._progress_at >= self._ack_timeout
+        ):
+            self._resend(self._received, "ack timeout")
+        wal = self._wal
+        if wal is not None and self._settings.timing.fsync == "interval":
+            wal.sync()
+
+    def _declare_dead(self) -> None:
+        log.warning(
+            "queue %s: consumer declared dead (nothing heard for %.3g s)",
+            self.queue_id,
+            self._live.timeout,
+        )
+        self.dead_event.set()
+        for callback in list(self._dead_callbacks):
+            try:
+                callback(self)
+            except Exception as exc:
+                log.warning("queue %s: dead-consumer callback failed: %s", self.queue_id, exc)
+
+    def _reconnect(self) -> None:
+        self._reconnects += 1
+        log.info("queue %s: reconnecting (attempt %d)", self.queue_id, self._live.backoff.attempts)
+        self._keeping.replace(self._open_link())
+        self._resend(self._acked, "reconnect")
+
+    def tick(self, now: float) -> float | None:
+        """Timer thread: flush, poll, heartbeat, retransmit, sync, unless the producer is busy."""
+        if self._closed:
+            return None
+        flush_delay = super().tick(now)
+        if self._lock.acquire(blocking=False):
+            try:
+                if not self._closed:
+                    self._apply(self._keeping.poll(0))
+                    self._update_room()
+            finally:
+                self._lock.release()
+        if flush_delay is None:
+            return self._tick_interval
+        return min(flush_delay, self._tick_interval)
+
+    # ----------------------------------------------------------------- failover hooks
+    @property
+    def peer_alive(self) -> bool:
+        """False once the consumer was silent for ``heartbeat_interval * liveness``."""
+        return self._live.alive
+
+    @property
+    def dead(self) -> bool:
+        return not self._live.alive
+
+    def add_dead_callback(self, callback: Callable[[ReliableProducer], None]) -> None:
+        """Call ``callback(producer)`` each time the consumer is declared dead."""
+        self._dead_callbacks.append(callback)
+
+    def take_unacked(self) -> list[Any]:
+        """Hand over every record held unacknowledged or unsent, decoded, in order.
+
+        The producer forgets them, truncates its log past them, drops its socket (and with it
+        frames still queued there) and tells the consumer on a new one (HELLO) that their seqs
+        are skipped. An END comes back as ``EndOfStream()``.
+        """
+        with self._lock:
+            codec = self._keeping.inner.codec
+            records: list[Any] = []
+            for first, _end, frame in self._keeping.kept:
+                try:
+                    msg = codec.decode(frame)
+                except DecodeError as exc:  # our own frame: cannot happen unless memory broke
+                    raise DeliveryError(f"queue {self.queue_id!r}: kept frame unreadable: {exc}")
+                if msg.kind is Kind.END:
+                    records.append(EndOfStream())
+                else:
+                    records.extend(msg.fields[2][max(0, self._acked - first) :])
+            records.extend(self._pending)
+            self._next_seq += len(self._pending)
+            self._pending.clear()
+            self._keeping.kept.clear()
+            self._acked = self._received = self._next_seq
+            self._limit = max(self._limit, self._next_seq)
+            if self._wal is not None:
+                self._wal.truncate(min(self._next_seq, self._wal.next_seq))
+            # A new socket drops what still waits in the old one's queue.
+            self._keeping.replace(self._open_link())
+            self._send_hello()
+            self._update_room()
+            return records
+
+    # ----------------------------------------------------------------- lifecycle
+    def close(self, timeout: float | None = None) -> None:
+        """Ship everything, wait until the consumer acked it (see the module docstring)."""
+        if self._closed:
+            return
+        timeout = self._timeout if timeout is None else timeout
+        with self._lock:
+            if self._closed:
+                return
+            _runtime.ticker().discard(self)
+            deadline = time.monotonic() + timeout
+            try:
+                self._drain(timeout)
+                unsent = len(self._pending)
+                target = self._next_seq
+                self._closing = True
+                self._keeping.send_close(self.producer_id, target)
+                local = self.assist is not None
+                while (self._received if local else self._acked) < target:
+                    wait = deadline - time.monotonic()
+                    if wait <= 0:
+                        break
+                    if self.assist is not None:
+                        self.assist()
+                        wait = min(wait, 0.01)
+                    self._apply(self._keeping.poll(min(wait, self._tick_interval)))
+                done = self._received if local else self._acked
+                undelivered = unsent + max(0, target - done)
+            finally:
+                self._closed = True
+                self._update_room()
+                _runtime.ticker().discard(self)
+                self._keeping.close()
+                if self._wal is not None:
+                    self._wal.close()
+            errors, self._errors = self._errors, []
+        if undelivered:
+            kept = " (they stay in the write-ahead log for the next run)" if self._wal else ""
+            raise DeliveryError(
+                f"queue {self.queue_id!r}: {undelivered} records put were not confirmed as "
+                f"consumed within {timeout} s{kept} (is the consumer running and reading?)",
+                undelivered,
+            )
+        if errors:
+            raise EncodeError(f"queue {self.queue_id!r}: record dropped: {errors[0]}")
+
+    def statistics(self) -> QueueStatistics:
+        stats = super().statistics()
+        extra: dict[str, Any] = {
+            "producer_id": self.producer_id,
+            "epoch": self.epoch,
+            "session": self._session,
+            "kept_frames": len(self._keeping.kept),
+            "peer_alive": self._live.alive,
+            "reconnects": self._reconnects,
+        }
+        if self._wal is not None:
+            extra["wal_corrupt_tail_bytes"] = self._wal.corrupt_tail_bytes
+            extra["wal_path"] = self._wal.path
+        return dataclasses.replace(stats, retransmits=self._retransmits, extra=extra)
+
+
+# ------------------------------------------------------------------------------ consumer
+class _RUpstream(_Upstream):
+    __slots__ = ("base", "epoch", "last_end", "persist", "reported", "reported_at")
+
+    def __init__(self, producer: str, inlet: ConsumerInlet, peer: Any, base: int) -> None:
+        super().__init__(producer, inlet, peer, base)
+        self.base = base  # where this consumer's life started for this producer
+        self.epoch = 0
+        self.last_end = -1  # the seq of the last END counted
+        self.persist = False
+        self.reported = base
+        self.reported_at = 0.0
+
+
+class _Marked(list):  # type: ignore[type-arg]
+    """A batch whose iterator records each record as consumed when the next is asked for."""
+
+    __slots__ = ("consumer", "producer", "seq")
+
+    def __iter__(self) -> Iterator[Any]:
+        consumer: ReliableConsumer = self.consumer
+        dedup = consumer._dedup
+        assert dedup is not None
+        mark = dedup.mark
+        producer = self.producer
+        seq = self.seq
+        for record in list.__iter__(self):
+            consumer._held = (producer, seq)
+            yield record
+            mark(producer, seq)
+            seq += 1
+        consumer._held = None
+
+
+class ReliableConsumer(Consumer):
+    """A consumer that accepts in sequence only, reports acks, and (optionally) persists dedup."""
+
+    def __init__(
+        self,
+        inlets: list[ConsumerInlet],
+        *,
+        queue_id: str,
+        queue_type: str,
+        maxsize: int,
+        upstreams: int = 1,
+        settings: ReliabilitySettings,
+    ) -> None:
+        super().__init__(
+            inlets, queue_id=queue_id, queue_type=queue_type, maxsize=maxsize, upstreams=upstreams
+        )
+        self._settings = settings
+        self._ack_step = max(1, maxsize // 8)
+        self._report_after = settings.timing.ack_timeout / 4
+        self._prompted: dict[str, float] = {}
+        self._held: tuple[str, int] | None = None
+        self._dedup: DedupState | None = None
+        if settings.persist is not None:
+            _, path = persist_paths(settings.persist, queue_id)
+            self._dedup = DedupState(path)
+        self._ipc_files = [f for f in map(_ipc_file, inlets) if f is not None]
+        _runtime.ticker().add(self, settings.tick)
+
+    # ----------------------------------------------------------------- intake
+    def _prompt(self, inlet: ConsumerInlet, peer: Any, producer: str) -> None:
+        now = time.monotonic()
+        if now - self._prompted.get(producer, -1e9) < 0.02:
+            return
+        if len(self._prompted) > 4096:
+            self._prompted.clear()
+        self._prompted[producer] = now
+        inlet.send_credit(peer, Credit(self.session, 0, 0, 0))
+
+    def _on_event(self, event: tuple[Any, ...]) -> None:
+        what = event[0]
+        if what == "data":
+            _, inlet, peer, producer, seq, records, nbytes = event
+            up = self._ups.get(producer)
+            if up is None:
+                self._prompt(inlet, peer, producer)
+                return
+            up.inlet, up.peer = inlet, peer
+            end = seq + len(records)
+            received = up.received
+            if end <= received:
+                self._duplicates += len(records)
+                return
+            if seq > received:
+                self._gaps += 1  # a lost frame before this one: wait for the retransmission
+                return
+            if seq < received:
+                self._duplicates += received - seq
+                records = records[received - seq :]
+            up.received = end
+            if up.persist:  # type: ignore[attr-defined]
+                batch = _Marked(records)
+                batch.consumer, batch.producer, batch.seq = self, producer, received
+                records = batch
+            self._batches.append((up, end, records))
+            self._queued += len(records)
+            self._received += len(records)
+            self._bytes += nbytes
+            self._batches_in += 1
+        elif what == "hello":
+            _, inlet, peer, fields = event
+            self._on_hello(inlet, peer, fields)
+        elif what in ("end", "close", "heartbeat"):
+            inlet, peer, producer = event[1], event[2], event[3]
+            up = self._ups.get(producer)
+            if up is None:
+                self._prompt(inlet, peer, producer)
+                return
+            up.inlet, up.peer = inlet, peer
+            if what == "end":
+                self._on_end(up, event[4])
+            elif what == "close":
+                up.closing = True
+            self._grant(up)  # a receipt, an answer to a heartbeat, or the END's receipt
+        else:
+            super()._on_event(event)
+
+    def _on_hello(self, inlet: ConsumerInlet, peer: Any, fields: dict[str, Any]) -> None:
+        producer = fields["producer"]
+        acked = fields.get("acked", fields["next_seq"])
+        up = self._ups.get(producer)
+        if up is None:
+            base = acked
+            persist = self._dedup is not None
+            if persist and len(producer.encode()) > MAX_PRODUCER_ID_BYTES:
+                log.warning(
+                    "queue %s: producer id %r is too long to persist its dedup state",
+                    self.queue_id,
+                    producer[:40],
+                )
+                persist = False
+            if persist:
+                assert self._dedup is not None
+                last = self._dedup.last(producer)
+                if last is not None:
+                    base = max(base, last + 1)
+            up = _RUpstream(producer, inlet, peer, base)
+            up.persist = persist
+            self._ups[producer] = up
+        else:
+            up.inlet, up.peer = inlet, peer
+            if acked > up.received:
+                up.received = acked  # the producer gave these seqs up (take_unacked)
+        up.closing = False
+        up.epoch = int(fields.get("epoch", 0))  # type: ignore[attr-defined]
+        self._prompted.pop(producer, None)
+        self._grant(up)
+
+    def _on_end(self, up: Any, seq: int) -> None:
+        if seq > up.received:
+            self._gaps += 1
+            return
+        if seq == up.received:
+            up.received = seq + 1
+        elif not up.base > seq > up.last_end:
+            return  # a duplicate; but an END that a previous life consumed still counts here
+        up.last_end = seq
+        self._batches.append((up, up.received, _END))
+
+    # ----------------------------------------------------------------- acks
+    def _grant(self, up: _Upstream) -> None:
+        super()._grant(up)
+        up.reported = up.acked  # type: ignore[attr-defined]
+        up.reported_at = time.monotonic()  # type: ignore[attr-defined]
+
+    def _retire_current(self) -> None:
+        up: Any = self._cur_upstream
+        super()._retire_current()
+        if up is not None and up.acked > up.reported:
+            if up.acked - up.reported >= self._ack_step or not self._batches:
+                self._grant(up)
+
+    def _get_slow(self, block: bool, timeout: float | None) -> Any:
+        ended = self._ended
+        try:
+            return super()._get_slow(block, timeout)
+        finally:
+            if self._ended != ended:
+                self._report_ends()
+
+    def _report_ends(self) -> None:
+        dedup = self._dedup
+        for up in self._ups.values():
+            if up.ended and up.acked > up.reported:  # type: ignore[attr-defined]
+                if dedup is not None and up.persist and not dedup.closed:  # type: ignore
+                    dedup.mark(up.producer, up.acked - 1)
+                self._grant(up)
+
+    def _ack_partial(self) -> None:
+        """Count what the application consumed of the batch it is reading (see module doc)."""
+        up: Any = self._cur_upstream
+        if up is None:
+            return
+        if up.persist:
+            held = self._held
+            done = held[1] if held is not None and held[0] == up.producer else self._cur_end
+        else:
+            done = self._cur_end - length_hint(self._current)
+        if done > up.acked:
+            up.acked = done
+
+    def tick(self, now: float) -> float | None:
+        """Timer thread: read (answering heartbeats) and report acks nobody reported yet."""
+        if self._closed:
+            return None
+        if self._lock.acquire(blocking=False):
+            try:
+                if not self._closed:
+                    self._pump(0)
+                    self._ack_partial()
+                    for up in list(self._ups.values()):
+                        r: Any = up
+                        if up.acked > r.reported and now - r.reported_at >= self._report_after:
+                            self._grant(up)
+            finally:
+                self._lock.release()
+        return min(self.SERVICE_INTERVAL, self._settings.tick)
+
+    # ----------------------------------------------------------------- lifecycle
+    def close(self, timeout: float | None = None) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            dedup = self._dedup
+            if dedup is not None and self._held is not None:
+                dedup.mark(*self._held)  # closing counts as asking for the next record
+                self._held = (self._held[0], self._held[1] + 1)
+            self._ack_partial()
+            for up in self._ups.values():
+                if up.acked > up.reported:  # type: ignore[attr-defined]
+                    self._grant(up)  # closing producers may be waiting for this
+            super().close(timeout)
+            if dedup is not None:
+                dedup.close()
+            for identity in self._ipc_files:
+                _unlink_if_same(identity)
+
+    def statistics(self) -> QueueStatistics:
+        stats = super().statistics()
+        extra = dict(stats.extra or {})
+        extra["persistent"] = self._dedup is not None
+        return dataclasses.replace(stats, extra=extra)
+
+
+def _ipc_file(inlet: Any) -> tuple[str, int, int] | None:
+    endpoint = getattr(inlet, "endpoint", "")
+    if not isinstance(endpoint, str) or not endpoint.startswith("ipc://"):
+        return None
+    path = endpoint[len("ipc://") :]
+    try:
+        st = os.stat(path)
+    except OSError:  # abstract namespace, or already gone
+        return None
+    return path, st.st_dev, st.st_ino
+
+
+def _unlink_if_same(identity: tuple[str, int, int]) -> None:
+    # libzmq leaves the socket file behind; remove ours, never a newer consumer's.
+    path, dev, ino = identity
+    try:
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) == (dev, ino):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+# ------------------------------------------------------------------------------ factories
+def make_reliable_producer(qtype: Any, descriptor: QueueDescriptor) -> ReliableProducer:
+    """The reliable producing end of a socket queue type (see ``SocketQueueType``)."""
+    s = descriptor.settings()
+    return ReliableProducer(
+        lambda: qtype.open_producer_link(descriptor),
+        queue_id=descriptor.queue_id,
+        queue_type=descriptor.queue_type,
+        window=s.maxsize,
+        batch_size=s.batch_size,
+        flush_interval=s.flush_interval,
+        timeout=s.timeout,
+        settings=ReliabilitySettings.from_metadata(descriptor.metadata),
+    )
+
+
+def make_reliable_consumer(qtype: Any, descriptor: QueueDescriptor) -> ReliableConsumer:
+    s = descriptor.settings()
+    return ReliableConsumer(
+        [qtype.open_consumer_inlet(descriptor)],
+        queue_id=descriptor.queue_id,
+        queue_type=descriptor.queue_type,
+        maxsize=s.maxsize,
+        upstreams=s.upstreams,
+        settings=ReliabilitySettings.from_metadata(descriptor.metadata),
+    )
+
+
+__all__ = [
+    "ReliabilitySettings",
+    "ReliableConsumer",
+    "ReliableProducer",
+    "make_reliable_consumer",
+    "make_reliable_producer",
+    "open_wal",
+    "persist_paths",
+    "wants_reliability",
+]

@@ -1,0 +1,106 @@
+"""sage-zmq's logging: stdlib :mod:`logging` under the ``sage_zmq`` logger hierarchy.
+
+Library code only creates loggers (``sage_zmq.queue``, ``sage_zmq.connection``, ...); it never
+configures the root logger. ``observability.log_level`` sets the level of the ``sage_zmq``
+logger; when the application has configured no logging at all, a stderr handler is added so
+that the chosen level is actually visible. :func:`connection_event` is the one way connection
+events (connect, bind, disconnect, reconnect, failover, peer declared dead) are reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import IO, Any
+
+__all__ = [
+    "LOGGER_NAME",
+    "WARNING_EVENTS",
+    "apply_config_level",
+    "configure_logging",
+    "connection_event",
+]
+
+LOGGER_NAME = "sage_zmq"
+FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
+
+WARNING_EVENTS = frozenset({"failover", "peer_dead", "connect_failed", "lost"})
+"""Connection events logged at WARNING; the others (connect, bind, disconnect, ...) at INFO."""
+
+_conn_log = logging.getLogger(f"{LOGGER_NAME}.connection")
+_OWN_HANDLER = "_sage_zmq_handler"
+
+
+def _level(level: int | str) -> int:
+    if isinstance(level, int):
+        return level
+    value = logging.getLevelName(str(level).upper())
+    if not isinstance(value, int):
+        from sage_zmq.errors import ConfigError
+
+        known = ", ".join(n for n in logging.getLevelNamesMapping() if n != "NOTSET")
+        raise ConfigError(f"unknown log level {level!r}; use one of {known}")
+    return value
+
+
+def _own_handler(logger: logging.Logger) -> logging.Handler | None:
+    for handler in logger.handlers:
+        if getattr(handler, _OWN_HANDLER, False):
+            return handler
+    return None
+
+
+def configure_logging(
+    level: int | str | None = None, *, stream: IO[str] | None = None, fmt: str = FORMAT
+) -> logging.Logger:
+    """Send sage-zmq's log records at ``level`` and above to ``stream`` (default stderr).
+
+    ``level`` defaults to ``observability.log_level``. Calling it again replaces the handler
+    it added before (so the CLI and tests can call it freely). Returns the ``sage_zmq`` logger.
+    """
+    if level is None:
+        from sage_zmq.config import current_config
+
+        level = current_config().observability.log_level
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(_level(level))
+    old = _own_handler(logger)
+    if old is not None:
+        logger.removeHandler(old)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    setattr(handler, _OWN_HANDLER, True)
+    logger.addHandler(handler)
+    return logger
+
+
+def apply_config_level(level: int | str) -> None:
+    """Set the ``sage_zmq`` logger's level; add a stderr handler only if nothing logs anywhere."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(_level(level))
+    if not logger.handlers and not logging.getLogger().handlers:
+        configure_logging(level)
+
+
+def connection_event(
+    event: str,
+    *,
+    queue: str,
+    peer: str,
+    level: int | None = None,
+    detail: str = "",
+    **fields: Any,
+) -> None:
+    """Log one connection event of ``queue`` with its ``peer`` (endpoint or peer id).
+
+    The record carries ``sage_event``, ``sage_queue`` and ``sage_peer`` attributes (and any
+    ``fields`` as ``sage_<name>``) for structured handlers.
+    """
+    if level is None:
+        level = logging.WARNING if event in WARNING_EVENTS else logging.INFO
+    if not _conn_log.isEnabledFor(level):
+        return
+    extra = {"sage_event": event, "sage_queue": queue, "sage_peer": peer}
+    extra.update({f"sage_{k}": v for k, v in fields.items()})
+    tail = f": {detail}" if detail else ""
+    _conn_log.log(level, "queue %s: %s %s%s", queue, event, peer, tail, extra=extra)

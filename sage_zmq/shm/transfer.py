@@ -1,0 +1,662 @@
+"""Moving large payloads through shared memory: the producer's sender, the consumer's receiver.
+
+:class:`ShmSender` (producer) copies a payload of at least ``threshold`` bytes into a slot of
+its lazily created :class:`~sage_zmq.shm.pool.SharedMemoryPool` and puts extension type 4
+(``transports/PROTOCOL.md`` §6) in the record instead. :class:`ShmReceiver` (consumer) turns
+that reference back into a read-only numpy array / memoryview over the slot (or a copy when
+``zero_copy`` is off) and queues a release for the producer when the view dies; the socket
+owner sends queued releases (a GC callback must never touch a ZeroMQ socket).
+
+Neither class owns a socket: the queue's link calls them while it holds its socket.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+import numpy.typing as npt
+
+from sage_zmq.errors import DecodeError, Full
+from sage_zmq.packet import Packet
+from sage_zmq.shm.pool import (
+    PayloadTooLarge,
+    PoolClosed,
+    SegmentCache,
+    SharedMemoryPool,
+    ShmError,
+    Slot,
+    SlotRef,
+    _find_lease,
+)
+from sage_zmq.shm.sweep import SHM_DIR
+from sage_zmq.wire.codec import EXT_SHM_REF
+
+log = logging.getLogger("sage_zmq.shm")
+
+
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+_SCAN_DEPTH = 8
+_WARN_EVERY = 10.0
+_TRIM_EVERY = 10.0
+_RELEASE_CHUNK = 4096
+
+
+# --------------------------------------------------------------------------------------------
+# wire form of the reference
+
+
+def dtype_to_wire(dt: np.dtype[Any]) -> Any:
+    """A dtype as ext 2/4 carry it: ``dtype.str``, or the ``descr`` list for structured types."""
+    return dt.str if dt.fields is None else dt.descr
+
+
+def _descr(spec: Any) -> Any:
+    # msgpack turns the tuples of a descr into lists; numpy wants a (name, type[, shape])
+    # tuple per field, where type may itself be a nested descr list.
+    if not isinstance(spec, list):
+        return spec
+    fields = []
+    for field in spec:
+        if not isinstance(field, list) or len(field) not in (2, 3):
+            raise DecodeError(f"shm ref dtype field must be [name, type(, shape)]: {field!r:.100}")
+        name = tuple(field[0]) if isinstance(field[0], list) else field[0]
+        item: tuple[Any, ...] = (name, _descr(field[1]))
+        if len(field) == 3:
+            shape = field[2]
+            item += (tuple(shape) if isinstance(shape, list) else shape,)
+        fields.append(item)
+    return fields
+
+
+def dtype_from_wire(spec: Any) -> np.dtype[Any]:
+    """Inverse of :func:`dtype_to_wire`; DecodeError for anything numpy refuses or objects."""
+    if not isinstance(spec, str | list):
+        raise DecodeError(f"shm ref dtype must be a string or a field list, got {spec!r:.100}")
+    try:
+        dt = np.dtype(_descr(spec))
+    except (TypeError, ValueError) as exc:
+        raise DecodeError(f"shm ref carries an invalid dtype {spec!r:.100}: {exc}") from None
+    if dt.hasobject:
+        raise DecodeError(f"dtype {dt} holds Python objects and cannot live in shared memory")
+    return dt
+
+
+def pack_ref(slot: SlotRef, dtype: np.dtype[Any] | None, shape: Sequence[int] | None) -> Any:
+    """Extension type 4 for a slot: ``[segment, offset, nbytes, slot, dtype, shape]``."""
+    body = [
+        slot.segment,
+        slot.offset,
+        slot.nbytes,
+        slot.slot_id,
+        None if dtype is None else dtype_to_wire(dtype),
+        None if shape is None else [int(n) for n in shape],
+    ]
+    return msgpack.ExtType(EXT_SHM_REF, msgpack.packb(body, use_bin_type=True))
+
+
+def unpack_ref(data: bytes) -> tuple[SlotRef, np.dtype[Any] | None, tuple[int, ...] | None]:
+    """Validate an ext 4 body; the layout must fill exactly ``nbytes``."""
+    try:
+        fields = msgpack.unpackb(data, raw=False, use_list=True)
+    except Exception as exc:
+        raise DecodeError(f"malformed shm ref: {exc}") from None
+    if not isinstance(fields, list) or len(fields) != 6:
+        raise DecodeError("shm ref must be [segment, offset, nbytes, slot, dtype, shape]")
+    ref = SlotRef.parse(fields[:4])
+    spec, shape = fields[4], fields[5]
+    if spec is None:
+        if shape is not None:
+            raise DecodeError("shm ref of raw bytes (nil dtype) must have a nil shape")
+        return ref, None, None
+    dt = dtype_from_wire(spec)
+    if not isinstance(shape, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+    ):
+        raise DecodeError("shm ref shape must be a list of non-negative ints")
+    count = 1
+    for n in shape:
+        count *= n
+    if count * dt.itemsize != ref.nbytes:
+        raise DecodeError(
+            f"shm ref holds {ref.nbytes} bytes; shape {shape} of {dt} needs {count * dt.itemsize}"
+        )
+    return ref, dt, tuple(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# producer side
+
+
+class _Loan:
+    """Owner of a buffer handed out by :meth:`ShmSender.alloc`: every array over it has this in
+    its ``.base`` chain, so the slot goes back to the pool when the last one dies unsent."""
+
+    __slots__ = ("__weakref__", "_base", "address", "flag", "sender", "slot")
+
+    def __init__(self, sender: ShmSender, slot: Slot) -> None:
+        self._base = np.frombuffer(slot.buffer, np.uint8)
+        self.address: int = self._base.__array_interface__["data"][0]
+        self.sender = sender
+        self.slot = slot
+        self.flag = [False]  # [sent]; shared with the finalizer, which must not hold the loan
+
+    @property
+    def sent(self) -> bool:
+        return self.flag[0]
+
+    @sent.setter
+    def sent(self, value: bool) -> None:
+        self.flag[0] = value
+
+    @property
+    def __array_interface__(self) -> dict[str, Any]:
+        return self._base.__array_interface__
+
+
+def _find_loan(obj: object) -> _Loan | None:
+    for _ in range(64):
+        if isinstance(obj, _Loan):
+            return obj
+        if isinstance(obj, np.ndarray):
+            obj = obj.base
+        elif isinstance(obj, memoryview):
+            obj = obj.obj
+        else:
+            return None
+    return None
+
+
+class ShmSender:
+    """Producer side: places large payloads in the pool and frees slots the consumer releases.
+
+    Not thread-safe on its own: the link calls it under its producer's lock. Release callbacks
+    of unsent :meth:`alloc` buffers may come from any thread; the pool is thread-safe.
+
+    ``poll_releases(timeout)`` (set by the link) reads RELEASE frames from the socket and
+    passes their ids to :meth:`apply_releases`; it is how a full pool waits for room.
+    """
+
+    def __init__(
+        self,
+        *,
+        threshold: int,
+        capacity: int,
+        wait: float,
+        queue_id: str = "",
+        segment_bytes: int | None = None,
+    ) -> None:
+        self.threshold = max(1, int(threshold))
+        self.capacity = int(capacity)
+        self.wait = float(wait)
+        self.queue_id = queue_id
+        self.poll_releases: Callable[[float], None] = lambda timeout: None
+        self._segment_bytes = segment_bytes
+        self._pool: SharedMemoryPool | None = None
+        self._disabled = self.capacity <= 0
+        self._batch: list[tuple[int, _Loan | None]] | None = None
+        self._starved = False
+        self._closed = False
+        self._last_warning = -1e9
+        self._last_trim = time.monotonic()
+        self._lock = threading.Lock()  # guards pool creation and close against GC callbacks
+        self.placed = 0
+        self.placed_bytes = 0
+        self.lent = 0
+        self.inline_fallbacks = 0
+        self.released = 0
+        self.waits = 0
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        return not (self._disabled or self._closed)
+
+    @property
+    def pool(self) -> SharedMemoryPool | None:
+        return self._pool
+
+    def busy(self) -> bool:
+        """Whether more than half the pool is in flight (worth reading releases first)."""
+        pool = self._pool
+        return pool is not None and pool.statistics().used * 2 > pool.capacity
+
+    def _get_pool(self) -> SharedMemoryPool | None:
+        pool = self._pool
+        if pool is not None or self._disabled or self._closed:
+            return pool
+        with self._lock:
+            if self._pool is None and not self._closed:
+                try:
+                    self._pool = SharedMemoryPool(
+                        self.capacity, segment_bytes=self._segment_bytes
+                    )
+                except ShmError as exc:
+                    self._disabled = True
+                    log.warning(
+                        "queue %s: no shared-memory pool (%s); large payloads go inline",
+                        self.queue_id,
+                        exc,
+                    )
+            return self._pool
+
+    def _fallback(self, nbytes: int, why: str) -> None:
+        self.inline_fallbacks += 1
+        now = time.monotonic()
+        if now - self._last_warning > _WARN_EVERY:
+            self._last_warning = now
+            log.warning(
+                "queue %s: a %d-byte payload goes inline, not through shared memory: %s "
+                "(%d inline so far)",
+                self.queue_id,
+                nbytes,
+                why,
+                self.inline_fallbacks,
+            )
+
+    def _slot(self, nbytes: int, wait: float | None = None) -> Slot | None:
+        """A slot, waiting for releases up to ``wait`` (default ``self.wait``); None: inline."""
+        pool = self._get_pool()
+        if pool is None:
+            return None
+        try:
+            return pool.alloc(nbytes, timeout=0, grow=False)
+        except PayloadTooLarge:
+            self._fallback(nbytes, f"larger than the pool ({pool.capacity} bytes)")
+            return None
+        except PoolClosed:
+            return None
+        except Full:
+            pass
+        # Releases that already arrived are cheaper than a new segment: read them first.
+        if pool.slots_in_use:
+            self.poll_releases(0)
+        try:
+            return pool.alloc(nbytes, timeout=0)
+        except (Full, PoolClosed):
+            pass
+        # Full: what frees room is a RELEASE from the consumer, read from our own socket.
+        self.waits += 1
+        bound = self.wait if wait is None else wait
+        deadline = time.monotonic() + (0.0 if self._starved and wait is None else bound)
+        while True:
+            remaining = deadline - time.monotonic()
+            self.poll_releases(max(0.0, min(remaining, 0.05)))
+            try:
+                slot = pool.alloc(nbytes, timeout=0)
+            except (Full, PoolClosed):
+                if remaining > 0:
+                    continue
+                # Starved: until a release arrives, later payloads do not wait again.
+                self._starved = True
+                self._fallback(nbytes, f"the pool stayed full for {bound} s")
+                return None
+            self._starved = False
+            return slot
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Start tracking the slots a frame being encoded refers to."""
+        self._batch = []
+
+    def abort(self) -> None:
+        """The frame will not be sent: give back what it placed, un-send what it lent."""
+        batch, self._batch = self._batch, None
+        pool = self._pool
+        for slot_id, loan in batch or ():
+            if loan is not None:
+                loan.sent = False
+            elif pool is not None:
+                pool.release(slot_id)
+
+    def commit(self) -> None:
+        """The frame was sent: its slots belong to the consumer until it releases them."""
+        self._batch = None
+
+    def encode_array(self, arr: np.ndarray) -> Any:
+        """Codec hook for numpy arrays: ext 4 if it goes through the pool, else None."""
+        nbytes = arr.nbytes
+        if nbytes < self.threshold or self._disabled or arr.dtype.hasobject:
+            return None
+        return self._place(arr, arr.dtype, arr.shape, nbytes)
+
+    def encode_bytes(self, data: bytes | bytearray | memoryview) -> Any:
+        """ext 4 for a large bytes-like object (msgpack packs bytes without asking), or None."""
+        if isinstance(data, memoryview):
+            if not data.c_contiguous:
+                return None
+            nbytes = data.nbytes
+        else:
+            nbytes = len(data)
+        if nbytes < self.threshold or self._disabled:
+            return None
+        return self._place(data, None, None, nbytes)
+
+    def _place(
+        self, data: Any, dtype: np.dtype[Any] | None, shape: Sequence[int] | None, nbytes: int
+    ) -> Any:
+        loan = _find_loan(data)
+        if loan is not None and loan.sender is self and not loan.sent:
+            ref = self._lent_ref(loan, data, nbytes)
+            if ref is not None:
+                return pack_ref(ref, dtype, shape)
+        slot = self._slot(nbytes)
+        if slot is None:
+            return None
+        try:
+            slot.write(data)
+        except BaseException:
+            self._pool.release(slot.id)  # type: ignore[union-attr]
+            raise
+        if self._batch is not None:
+            self._batch.append((slot.id, None))
+        self.placed += 1
+        self.placed_bytes += nbytes
+        return pack_ref(slot.ref(), dtype, shape)
+
+    def _lent_ref(self, loan: _Loan, data: Any, nbytes: int) -> SlotRef | None:
+        # Any C-contiguous part of a lent buffer goes by reference (no copy at all).
+        view = data if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
+        if not view.flags.c_contiguous:
+            return None
+        delta = view.__array_interface__["data"][0] - loan.address
+        slot = loan.slot
+        if delta < 0 or delta + nbytes > slot.nbytes or self._pool is None or self._pool.closed:
+            return None
+        loan.sent = True
+        if self._batch is not None:
+            self._batch.append((slot.id, loan))
+        self.lent += 1
+        return SlotRef(slot.segment, slot.offset + delta, nbytes, slot.id)
+
+    def stage(self, records: list[Any], deep: bool = False) -> list[Any]:
+        """Records with large bytes-likes replaced by ext 4 (a new list; records untouched).
+
+        Shallow: top-level records and Packet payloads only (cheap enough for every batch).
+        ``deep`` also looks inside dicts, lists and tuples, for a frame that came out large.
+        """
+        out: list[Any] | None = None
+        for i, rec in enumerate(records):
+            cls = rec.__class__
+            if deep:
+                new = self._scan(rec, _SCAN_DEPTH)
+            elif cls is bytes or cls is bytearray or cls is memoryview:
+                ext = self.encode_bytes(rec)
+                new = rec if ext is None else ext
+            elif cls is Packet and rec.payload.__class__ in _BYTES_LIKE:
+                ext = self.encode_bytes(rec.payload)
+                new = rec if ext is None else _with_payload(rec, ext)
+            else:
+                continue
+            if new is not rec:
+                if out is None:
+                    out = list(records)
+                out[i] = new
+        return records if out is None else out
+
+    def _scan(self, obj: Any, depth: int) -> Any:
+        cls = obj.__class__
+        if cls in _BYTES_LIKE:
+            ext = self.encode_bytes(obj)
+            return obj if ext is None else ext
+        if depth <= 0:
+            return obj
+        if cls is Packet:
+            payload = self._scan(obj.payload, depth - 1)
+            return obj if payload is obj.payload else _with_payload(obj, payload)
+        if cls is dict:
+            changed = {}
+            for k, v in obj.items():
+                nv = self._scan(v, depth - 1)
+                if nv is not v:
+                    changed[k] = nv
+            return {**obj, **changed} if changed else obj
+        if cls is list or cls is tuple:
+            items = [self._scan(v, depth - 1) for v in obj]
+            if any(a is not b for a, b in zip(items, obj, strict=True)):
+                return items
+            return obj
+        return obj
+
+    # -- producer-side buffers ---------------------------------------------------------------
+
+    def alloc(
+        self, shape: int | Sequence[int], dtype: npt.DTypeLike = np.uint8, timeout: float | None = None
+    ) -> np.ndarray:
+        """A writable array to fill in place and ``put`` with no copy.
+
+        It lives in a pool slot when the pool can take it (waiting up to ``timeout`` s, default
+        the queue's ``shm_wait``); otherwise it is an ordinary array and ``put`` copies it.
+        After ``put`` the queue owns the memory: do not write to the array again.
+        """
+        dt = np.dtype(dtype)
+        if dt.hasobject:
+            raise TypeError(f"cannot allocate dtype {dt} in shared memory: it holds objects")
+        shp = (int(shape),) if isinstance(shape, int | np.integer) else tuple(int(n) for n in shape)
+        if any(n < 0 for n in shp):
+            raise ValueError(f"shape {shp} must not have negative dimensions")
+        nbytes = int(np.prod(shp, dtype=np.int64)) * dt.itemsize
+        if nbytes == 0 or not self.enabled:
+            return np.empty(shp, dt)
+        slot = self._slot(nbytes, wait=timeout)
+        if slot is None:
+            return np.empty(shp, dt)
+        loan = _Loan(self, slot)
+        weakref.finalize(loan, _loan_ended, weakref.ref(self), slot.id, loan.flag)
+        self.placed += 1
+        self.placed_bytes += nbytes
+        return np.asarray(loan).view(dt).reshape(shp)
+
+    def _loan_dropped(self, slot_id: int) -> None:
+        pool = self._pool
+        if pool is not None and not pool.closed:
+            pool.release(slot_id)
+
+    # -- releases ---------------------------------------------------------------------------
+
+    def apply_releases(self, slot_ids: Iterable[int]) -> None:
+        """Free slots the consumer released (ids from RELEASE frames)."""
+        pool = self._pool
+        if pool is None:
+            return
+        for slot_id in slot_ids:
+            if pool.release(slot_id):
+                self.released += 1
+        self._starved = False
+        now = time.monotonic()
+        if now - self._last_trim > _TRIM_EVERY:
+            self._last_trim = now
+            stats = pool.statistics()
+            if stats.used == 0 and len(stats.segments) > 1:
+                pool.trim()  # buffers shrink back after a burst of big payloads
+
+    def statistics(self) -> dict[str, Any]:
+        pool = self._pool
+        stats = pool.statistics() if pool is not None else None
+        return {
+            "threshold": self.threshold,
+            "capacity": self.capacity,
+            "placed": self.placed,
+            "placed_bytes": self.placed_bytes,
+            "lent": self.lent,
+            "released": self.released,
+            "inline_fallbacks": self.inline_fallbacks,
+            "waits": self.waits,
+            "in_use_bytes": stats.used if stats else 0,
+            "slots_in_use": stats.slots_in_use if stats else 0,
+            "segments": len(stats.segments) if stats else 0,
+            "pool_waits": stats.waits if stats else 0,
+        }
+
+    def close(self) -> None:
+        """Unlink every segment. Views a consumer already mapped stay valid."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+
+def _loan_ended(sender_ref: weakref.ref[ShmSender], slot_id: int, flag: list[bool]) -> None:
+    # Any thread (GC): an unsent buffer's slot goes back to the pool; a sent one is the
+    # consumer's to release.
+    sender = sender_ref()
+    if sender is not None and not flag[0]:
+        sender._loan_dropped(slot_id)
+
+
+def _with_payload(packet: Packet, payload: Any) -> Packet:
+    return Packet(
+        payload,
+        packet.input_index,
+        packet.partition_key,
+        packet.partition_strategy,
+        packet.headers,
+        packet.timestamp,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# consumer side
+
+
+class ShmReceiver:
+    """Consumer side: decodes ext 4 into views of the producer's slots, queues releases.
+
+    The inlet's codec carries ``shm_origin`` (the ZeroMQ routing id of the frame being
+    decoded, set by the inlet before each decode); the inlet calls :meth:`flush` with its socket's ``send_release`` whenever it reads, and
+    :meth:`close` when it closes.
+    """
+
+    def __init__(self, codec: Any, *, zero_copy: bool = True) -> None:
+        self.zero_copy = zero_copy
+        self._codec = codec
+        self.cache = SegmentCache()
+        self.producers: dict[Any, str] = {}  # routing id -> producer id (for RELEASE bodies)
+        self._pending: deque[tuple[Any, int]] = deque()
+        self._callbacks: dict[Any, Callable[[int], None]] = {}
+        self._mapped = 0
+        self._closed = False
+        self.views = 0
+        self.copies = 0
+        self.releases_sent = 0
+
+    def decode(self, data: bytes) -> Any:
+        """Codec hook for ext 4."""
+        ref, dt, shape = unpack_ref(data)
+        on_release = self._callback(self._codec.shm_origin)
+        cache = self.cache
+        if not self.zero_copy:
+            self.copies += 1
+            if dt is None:
+                return cache.copy_out(ref, on_release=on_release)
+            return cache.copy_out(ref, on_release=on_release, dtype=dt, shape=shape)
+        self.views += 1
+        if dt is None:
+            return cache.view(ref, on_release)
+        assert shape is not None
+        return cache.array(ref, dt, shape, on_release=on_release)
+
+    def _callback(self, peer: Any) -> Callable[[int], None]:
+        cb = self._callbacks.get(peer)
+        if cb is None:
+            if len(self._callbacks) > 4096:
+                self._callbacks.clear()
+            cb = self._callbacks[peer] = functools.partial(self._released, peer)
+        return cb
+
+    def _released(self, peer: Any, slot_id: int) -> None:
+        # Any thread, possibly inside the garbage collector: only a deque append.
+        if not self._closed:
+            self._pending.append((peer, slot_id))
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def flush(self, send: Callable[[Any, str, list[int]], bool]) -> None:
+        """Send queued releases, one RELEASE per producer (``send(peer, producer, ids)``)."""
+        pending = self._pending
+        if pending:
+            groups: dict[Any, list[int]] = {}
+            while pending:
+                peer, slot_id = pending.popleft()
+                groups.setdefault(peer, []).append(slot_id)
+            for peer, ids in groups.items():
+                producer = self.producers.get(peer, "unknown")
+                for i in range(0, len(ids), _RELEASE_CHUNK):
+                    if send(peer, producer, ids[i : i + _RELEASE_CHUNK]):
+                        self.releases_sent += 1
+        mapped = len(self.cache.mapped)
+        if mapped > self._mapped:
+            self.forget_gone()  # a new segment may replace ones its producer dropped
+        self._mapped = len(self.cache.mapped)
+
+    def forget_gone(self) -> None:
+        """Unmap cached segments whose producer unlinked them (closed, trimmed or died)."""
+        for name in self.cache.mapped:
+            if not os.path.exists(os.path.join(SHM_DIR, name)):
+                self.cache.forget(name)
+        self._mapped = len(self.cache.mapped)
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "views": self.views,
+            "copies": self.copies,
+            "live_views": self.cache.live_views,
+            "mapped_segments": len(self.cache.mapped),
+            "releases_pending": len(self._pending),
+            "release_frames": self.releases_sent,
+        }
+
+    def close(self) -> None:
+        """Stop queuing releases; unmap segments no view uses (the rest when their views go)."""
+        self._closed = True
+        self._pending.clear()
+        self.cache.close()
+
+
+def release(view: np.ndarray | memoryview) -> bool:
+    """Give a received shared-memory view back to its producer now, instead of at GC.
+
+    Returns False if it was already released. The caller promises not to read ``view`` (or
+    anything derived from it) afterwards: the producer may reuse the memory at once.
+    Raises ValueError for an object that is not a view of a shared-memory slot.
+    """
+    lease = _find_lease(view)
+    if lease is None or lease.finalizer is None:
+        raise ValueError(
+            "release() needs an array or memoryview received from an shm queue "
+            f"(got {type(view).__name__} not backed by a shared-memory slot)"
+        )
+    fin = lease.finalizer
+    return bool(fin.alive and fin() is None)
+
+
+def is_shared(obj: object) -> bool:
+    """Whether ``obj`` is (a view of) a received shared-memory slot."""
+    return _find_lease(obj) is not None
+
+
+__all__ = [
+    "EXT_SHM_REF",
+    "ShmReceiver",
+    "ShmSender",
+    "dtype_from_wire",
+    "dtype_to_wire",
+    "is_shared",
+    "pack_ref",
+    "release",
+    "unpack_ref",
+]

@@ -1,0 +1,403 @@
+"""Python and Node.js peers on one queue over tcp on 127.0.0.1 (``transports/node``).
+
+Skipped when ``node`` is not on PATH. When ``transports/node/node_modules`` is missing, the
+``node_peer`` fixture installs it (``npm ci``) first, so a clean clone works in CI. Set
+``SAGE_ZMQ_REQUIRE_NODE=1`` to turn every skip into a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import queue
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sage_zmq import Empty, EndOfStream, Packet, QueueDescriptor
+from sage_zmq.router.keys import instance_for_key
+
+pytestmark = pytest.mark.node
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE_DIR = ROOT / "transports" / "node"
+TIMEOUT = 30.0
+PARALLELISMS = (1, 2, 3, 7, 128)
+
+
+def _load_typed() -> ModuleType:
+    path = ROOT / "transports" / "vectors" / "make_vectors.py"
+    spec = importlib.util.spec_from_file_location("make_vectors", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+mv = _load_typed()
+
+
+# ---------------------------------------------------------------------------------- setup
+def _unavailable(reason: str) -> None:
+    if os.environ.get("SAGE_ZMQ_REQUIRE_NODE") == "1":
+        pytest.fail(f"{reason} (SAGE_ZMQ_REQUIRE_NODE=1)")
+    pytest.skip(reason)
+
+
+def ensure_node_modules() -> str | None:
+    """Install ``transports/node`` dependencies if node exists and they are missing.
+
+    Returns why the Node peer cannot run, or None when it can.
+    """
+    node = shutil.which("node")
+    if node is None:
+        return "node is not on PATH: install Node.js >= 18 to run the interop tests"
+    if (NODE_DIR / "node_modules" / "zeromq").is_dir():
+        return None
+    npm = shutil.which("npm")
+    if npm is None:
+        return f"{NODE_DIR / 'node_modules'} is missing and npm is not on PATH to install it"
+    command = "ci" if (NODE_DIR / "package-lock.json").exists() else "install"
+    done = subprocess.run(
+        [npm, command, "--no-audit", "--no-fund"],
+        cwd=NODE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if done.returncode != 0:
+        return f"`npm {command}` in {NODE_DIR} failed: {done.stderr.strip()[-500:]}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def node_peer() -> str:
+    """Path of the node binary, with the Node peer's dependencies installed."""
+    reason = ensure_node_modules()
+    if reason is not None:
+        _unavailable(reason)
+    node = shutil.which("node")
+    assert node is not None
+    return node
+
+
+class NodeProcess:
+    """A node script whose stdout JSON lines are read by a thread, so reads can time out."""
+
+    def __init__(self, node: str, script: str, *args: str) -> None:
+        self.args = [node, str(NODE_DIR / script), *args]
+        self.proc = subprocess.Popen(
+            self.args,
+            cwd=NODE_DIR,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.stderr: list[str] = []
+        self._threads = [
+            threading.Thread(target=self._pump, args=(self.proc.stdout, True), daemon=True),
+            threading.Thread(target=self._pump, args=(self.proc.stderr, False), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _pump(self, stream: Any, is_stdout: bool) -> None:
+        for line in stream:
+            if is_stdout:
+                self.lines.put(line)
+            else:
+                self.stderr.append(line)
+        if is_stdout:
+            self.lines.put(None)
+
+    def message(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """The next stdout line as JSON."""
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"{self._name()} printed nothing for {timeout} s") from None
+        if line is None:
+            self.proc.wait(timeout=TIMEOUT)
+            raise AssertionError(
+                f"{self._name()} exited ({self.proc.returncode}) early: {''.join(self.stderr)}"
+            )
+        return dict(json.loads(line))
+
+    def until(self, key: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Messages before the first one holding ``key``, and that one's value."""
+        before: list[dict[str, Any]] = []
+        while True:
+            msg = self.message()
+            if key in msg:
+                return before, msg[key]
+            before.append(msg)
+
+    def finish(self) -> int:
+        code = self.proc.wait(timeout=TIMEOUT)
+        for t in self._threads:
+            t.join(timeout=TIMEOUT)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=TIMEOUT)
+        for t in self._threads:
+            t.join(timeout=TIMEOUT)
+
+    def _name(self) -> str:
+        return " ".join(Path(a).name for a in self.args[1:3])
+
+
+@pytest.fixture
+def spawn(node_peer: str) -> Iterator[Any]:
+    """Start node scripts; every one is killed (if still running) and waited for at the end."""
+    started: list[NodeProcess] = []
+
+    def start(script: str, *args: str) -> NodeProcess:
+        proc = NodeProcess(node_peer, script, *args)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+
+
+def _producer_qd(endpoint: str, maxsize: int, **meta: Any) -> QueueDescriptor:
+    return QueueDescriptor(
+        queue_id="interop",
+        queue_type="tcp",
+        metadata={"maxsize": maxsize, "endpoint": endpoint, **meta},
+    )
+
+
+def _consumer_qd(maxsize: int, upstreams: int = 1) -> QueueDescriptor:
+    return QueueDescriptor(
+        queue_id="interop",
+        queue_type="tcp",
+        metadata={"maxsize": maxsize, "upstreams": upstreams},
+    )
+
+
+def _drain(qd: QueueDescriptor) -> list[Any]:
+    out: list[Any] = []
+    while True:
+        rec = qd.get(timeout=TIMEOUT)
+        if isinstance(rec, EndOfStream):
+            return out
+        out.append(rec)
+
+
+def _serve_until_exit(qd: QueueDescriptor, proc: NodeProcess) -> int:
+    """Keep the Python consumer reading until a Node producer has exited; its exit code.
+
+    The Python consumer reads the wire only inside get(), and the producer's CLOSE (sent right
+    after END) needs a reply, so after the last record we go on calling get() until the
+    producer has its receipt and exits.
+    """
+    deadline = time.monotonic() + TIMEOUT
+    while proc.proc.poll() is None and time.monotonic() < deadline:
+        try:
+            leftover = qd.get(timeout=0)
+        except Empty:
+            leftover = EndOfStream()
+        assert isinstance(leftover, EndOfStream), f"unexpected record {leftover!r}"
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.proc.wait(timeout=0.05)
+    return proc.finish()
+
+
+def _python_records(n: int) -> list[Any]:
+    """Every record type, in a cycle (no maps with integer-like str keys: JS reorders them)."""
+    ts = 1700000000.125
+    cycle: list[Any] = [
+        0, -1, 2**53 + 1, 2**64 - 1, -(2**63), 1.5, 2.0, -0.0, float("inf"), "héllo", "",
+        b"\x00\x01", b"", None, True, False, [1, [2.0, None]], {"a": 1, "b": [b"x"]},
+        Packet({"p": 1}, 3, "key", "hash", {"h": "v"}, ts),
+        Packet(b"raw", 0, None, None, None, ts),
+        np.arange(6, dtype="<i4").reshape(2, 3),
+        np.array([1.5, -2.0], dtype="<f8"),
+        np.array([(1, 2.5)], dtype=[("x", "<i4"), ("y", "<f8")]),
+    ]
+    out: list[Any] = []
+    for i in range(n):
+        item = cycle[i % len(cycle)]
+        out.append({"i": i, "v": item} if i % 5 == 0 else item)
+    return out
+
+
+def _keys() -> list[Any]:
+    """Partition keys of every type, with edge values."""
+    keys: list[Any] = [
+        "", "a", "user-1", "ключ", "🙂", 0, 1, -1, 2**31, -(2**31) - 1, 2**53 + 3, 2**64 - 1,
+        -(2**63), b"", b"\x00", b"\xff\xfe\xfd\xfc\xfb", 0.0, -0.0, 1.0, 3.0, -1.5, 0.1, 1e300,
+        float("inf"), float("-inf"), True, False,
+    ]
+    keys += [f"k{i}" for i in range(60)] + list(range(1000, 1060)) + [i / 7 for i in range(30)]
+    return keys
+
+
+def _partition_headers(key: Any) -> dict[str, Any]:
+    return {"partition": {str(p): instance_for_key(key, p) for p in PARALLELISMS}}
+
+
+def _typed(value: Any) -> Any:
+    return mv.to_typed(value)
+
+
+# ---------------------------------------------------------------------------------- tests
+def test_python_producer_to_node_consumer(spawn: Any) -> None:
+    consumer = spawn("consume.js", "--maxsize", "40", "--print", "records")
+    endpoint = consumer.message()["endpoint"]
+    records = _python_records(460)
+    qd = _producer_qd(endpoint, 40)
+    for rec in records:
+        qd.put(rec, timeout=TIMEOUT)
+    qd.put(EndOfStream())
+    qd.close(timeout=TIMEOUT)
+    got, summary = consumer.until("summary")
+    assert consumer.finish() == 0, "".join(consumer.stderr)
+    assert summary["end_of_stream"] and summary["upstreams_ended"] == 1
+    assert summary["records"] == len(records) and summary["rejected"] == 0
+    assert [m["record"] for m in got] == [_typed(r) for r in records]
+
+
+def test_python_lz4_producer_to_node_consumer(spawn: Any) -> None:
+    # Batches of ~100 records of 3 KB: LZ4 frames of several linked 64 KB blocks.
+    consumer = spawn("consume.js", "--maxsize", "500", "--print", "records")
+    endpoint = consumer.message()["endpoint"]
+    records = [{"i": i, "text": f"line {i} " + "abcdefgh" * 400} for i in range(300)]
+    qd = _producer_qd(endpoint, 500, compression=True, batch_size=100)
+    for rec in records:
+        qd.put(rec, timeout=TIMEOUT)
+    qd.put(EndOfStream())
+    qd.close(timeout=TIMEOUT)
+    got, summary = consumer.until("summary")
+    assert consumer.finish() == 0
+    assert [m["record"] for m in got] == [_typed(r) for r in records]
+    assert summary["batches"] < len(records), "records should have travelled in batches"
+
+
+def test_node_producer_to_python_consumer(spawn: Any) -> None:
+    qd = _consumer_qd(maxsize=30)
+    try:
+        producer = spawn(
+            "produce.js", str(qd.endpoint), "400", "--kind", "mixed", "--maxsize", "30", "--echo"
+        )
+        received = _drain(qd)
+        assert _serve_until_exit(qd, producer) == 0, "".join(producer.stderr)
+        echoed, done = producer.until("done")
+        assert done["sent"] == 400 and done["credit_waits"] > 0
+        assert [_typed(r) for r in received] == [m["record"] for m in echoed]
+        kinds = {type(r).__name__ for r in received}
+        expected = {"int", "float", "str", "bytes", "list", "dict", "ndarray", "Packet", "bool"}
+        assert expected <= kinds
+    finally:
+        qd.close()
+
+
+def test_two_node_upstreams_end_python_stream_only_when_both_end(spawn: Any) -> None:
+    qd = _consumer_qd(maxsize=64, upstreams=2)
+    try:
+        first = spawn("produce.js", str(qd.endpoint), "800", "--maxsize", "64", "--start", "0")
+        got = [qd.get(timeout=TIMEOUT) for _ in range(800)]
+        assert _serve_until_exit(qd, first) == 0, "".join(first.stderr)
+        # One END of two: the stream must go on (Empty), not end.
+        with pytest.raises(Empty):
+            qd.get(timeout=0.5)
+        second = spawn(
+            "produce.js", str(qd.endpoint), "800", "--maxsize", "64", "--start", "5000"
+        )
+        got += _drain(qd)
+        assert _serve_until_exit(qd, second) == 0, "".join(second.stderr)
+        assert got == list(range(800)) + list(range(5000, 5800))
+        assert isinstance(qd.get(timeout=1), EndOfStream), "end of stream is sticky"
+    finally:
+        qd.close()
+
+
+def test_node_consumer_counts_python_and_node_upstreams(spawn: Any) -> None:
+    consumer = spawn("consume.js", "--maxsize", "50", "--upstreams", "2")
+    endpoint = consumer.message()["endpoint"]
+    qd = _producer_qd(endpoint, 50)
+    for i in range(300):
+        qd.put(i, timeout=TIMEOUT)
+    qd.put(EndOfStream())
+    qd.close(timeout=TIMEOUT)  # returns once the consumer confirmed the END too
+    assert consumer.proc.poll() is None, "one END of two must not end the Node consumer"
+    producer = spawn("produce.js", endpoint, "300", "--maxsize", "50", "--start", "1000")
+    assert producer.finish() == 0, "".join(producer.stderr)
+    _, summary = consumer.until("summary")
+    assert consumer.finish() == 0
+    assert summary["records"] == 600 and summary["upstreams_ended"] == 2
+    assert summary["end_of_stream"] and summary["producers"] == 2
+
+
+def test_keyed_stream_python_to_node_same_partitions(spawn: Any) -> None:
+    consumer = spawn("consume.js", "--maxsize", "100", "--check-partition")
+    endpoint = consumer.message()["endpoint"]
+    keys = _keys()
+    qd = _producer_qd(endpoint, 100)
+    for i, key in enumerate(keys):
+        qd.put(Packet({"i": i}, 0, key, "hash", _partition_headers(key)), timeout=TIMEOUT)
+    qd.put(EndOfStream())
+    qd.close(timeout=TIMEOUT)
+    _, summary = consumer.until("summary")
+    assert consumer.finish() == 0
+    assert summary["records"] == len(keys)
+    assert summary["partition_checked"] == len(keys) * len(PARALLELISMS)
+    assert summary["partition_mismatches"] == 0, summary["mismatch_examples"]
+
+
+def test_keyed_stream_node_to_python_same_partitions(spawn: Any) -> None:
+    qd = _consumer_qd(maxsize=100)
+    try:
+        producer = spawn(
+            "produce.js", str(qd.endpoint), "700", "--kind", "packets", "--keys", "100",
+            "--maxsize", "100",
+        )
+        packets = _drain(qd)
+        assert _serve_until_exit(qd, producer) == 0, "".join(producer.stderr)
+        assert len(packets) == 700
+        key_types = set()
+        for pkt in packets:
+            assert isinstance(pkt, Packet)
+            key_types.add(type(pkt.partition_key).__name__)
+            assert pkt.headers is not None
+            for p, index in pkt.headers["partition"].items():
+                assert instance_for_key(pkt.partition_key, int(p)) == index, (
+                    pkt.partition_key,
+                    p,
+                )
+        assert key_types == {"str", "int", "bytes", "float", "bool"}
+        assert any(isinstance(k, float) and k.is_integer() for k in
+                   (p.partition_key for p in packets)), "integral float keys must stay floats"
+    finally:
+        qd.close()
+
+
+def test_node_peer_unit_tests_pass(node_peer: str) -> None:
+    """The Node peer's own suite: every golden vector both ways, partition vectors, peers."""
+    done = subprocess.run(
+        [node_peer, "--test", *sorted(str(p) for p in (NODE_DIR / "test").glob("*.test.js"))],
+        cwd=NODE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "# fail 0" in done.stdout

@@ -1,0 +1,486 @@
+"""``shm`` queues: large payloads through shared memory, zero-copy views, releases, lifetime."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sage_zmq import QueueDescriptor
+from sage_zmq.errors import DeliveryError, DescriptorError, Empty
+from sage_zmq.packet import Packet
+from sage_zmq.queues.shm import ShmQueueType
+from sage_zmq.shm import is_shared, list_segments, release
+from sage_zmq.wire.codec import Codec, Lz4Policy, compression_mode
+from sage_zmq.wire.frame import FLAG_LZ4
+
+KiB = 1024
+MiB = 1024 * KiB
+T = 20.0  # bound on every blocking call
+
+
+@pytest.fixture
+def make() -> Iterator[Callable[..., QueueDescriptor]]:
+    made: list[QueueDescriptor] = []
+
+    def make(**meta: Any) -> QueueDescriptor:
+        qd = QueueDescriptor(None, "shm", {"maxsize": 100, **meta})
+        made.append(qd)
+        return qd
+
+    yield make
+    for qd in made:
+        with contextlib.suppress(Exception):
+            qd.close(timeout=1)
+
+
+def producer_of(qd: QueueDescriptor) -> Any:
+    return qd._handle().producer(qd)
+
+
+def sender_stats(qd: QueueDescriptor) -> dict[str, Any]:
+    stats: dict[str, Any] = producer_of(qd).shm.statistics()
+    return stats
+
+
+def ours(pid: int) -> list[str]:
+    return [n for n in list_segments() if n.startswith(f"sagezmq-{pid}-")]
+
+
+def wait_until(cond: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + T
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+def pump(qd: QueueDescriptor) -> None:
+    """Let the consumer send queued releases and the producer read them."""
+    with contextlib.suppress(Empty):
+        qd.get(timeout=0.001)  # the consumer's read path sends RELEASE frames
+    producer_of(qd).full()  # the producer's poll path frees released slots
+
+
+def arrays() -> list[np.ndarray]:
+    structured = np.zeros(1000, dtype=[("a", "<i4"), ("b", "<f8", (2,)), ("c", "S3")])
+    structured["a"] = np.arange(1000)
+    structured["c"] = b"xyz"
+    return [
+        np.arange(12, dtype=np.float64).reshape(3, 4),
+        np.arange(1000, dtype=np.int32),
+        np.array([1, 2, 255], dtype=np.uint8),
+        np.array([True, False, True]),
+        np.array([1 + 2j, -3j], dtype=np.complex128),
+        np.array([1.5, np.nan, -np.inf], dtype=np.float16),
+        np.arange(6, dtype=">i4").reshape(2, 3),  # big-endian survives
+        np.array(3.25),  # 0-d
+        np.array(7, dtype=np.int8),  # 0-d, one byte
+        np.arange(60, dtype=np.int64).reshape(3, 4, 5)[:, ::2, 1:],  # non-contiguous
+        np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),
+        np.arange(100, dtype=np.uint16)[::-3],  # negative strides
+        structured,
+        np.zeros((), dtype="V100"),  # 0-d void
+        np.datetime64("2024-01-01") + np.arange(5),
+        np.arange(24, dtype=np.float32).reshape(2, 3, 4).transpose(2, 0, 1),
+    ]
+
+
+# ------------------------------------------------------------------------ round trips
+
+
+def test_arrays_of_every_dtype_and_shape_arrive_zero_copy(make: Any) -> None:
+    qd = make(shm_threshold=1)  # every non-empty array goes through the pool
+    sent = arrays()
+    for a in sent:
+        qd.put(a, timeout=T)
+    qd.put(np.zeros((0, 3), np.float32), timeout=T)  # nothing to share: inline
+    for a in sent:
+        got = qd.get(timeout=T)
+        assert isinstance(got, np.ndarray) and is_shared(got), a.dtype
+        assert got.dtype == a.dtype and got.shape == a.shape, (got.dtype, got.shape)
+        assert got.flags.c_contiguous and not got.flags.writeable
+        equal_nan = a.dtype.kind in "fc"
+        assert np.array_equal(got, a, equal_nan=equal_nan), a
+    empty = qd.get(timeout=T)
+    assert empty.shape == (0, 3) and not is_shared(empty)
+    assert sender_stats(qd)["placed"] == len(sent)
+
+
+def test_bytes_like_records_and_payloads_go_through_the_pool(make: Any) -> None:
+    qd = make(shm_threshold=64 * KiB)
+    blob = os.urandom(200 * KiB)
+    records: list[Any] = [
+        blob,
+        bytearray(blob),
+        memoryview(blob),
+        memoryview(np.arange(40_000, dtype=np.float64)),  # typed memoryview: its bytes
+        Packet(blob, partition_key="k"),
+        {"nested": [1, {"deeper": blob}]},  # found by the scan of a large frame
+        b"small",  # below the threshold: inline, stays bytes
+    ]
+    for r in records:
+        qd.put(r, timeout=T)
+    got = [qd.get(timeout=T) for _ in records]
+    for g in got[:3]:
+        assert isinstance(g, memoryview) and is_shared(g) and g.readonly and g == blob
+    assert bytes(got[3]) == np.arange(40_000, dtype=np.float64).tobytes()
+    assert isinstance(got[4], Packet) and got[4].payload == blob and is_shared(got[4].payload)
+    assert got[4].partition_key == "k"
+    deep = got[5]["nested"][1]["deeper"]
+    assert is_shared(deep) and deep == blob
+    assert got[6] == b"small" and type(got[6]) is bytes
+    assert sender_stats(qd)["placed"] == 6
+    assert isinstance(records[5]["nested"][1]["deeper"], bytes)  # the caller's record untouched
+
+
+def test_zero_copy_off_gives_private_copies_and_frees_at_once(make: Any) -> None:
+    qd = make(shm_threshold=1024, zero_copy=False)
+    a = np.arange(10_000, dtype=np.float64).reshape(100, 100)[:, ::2]
+    qd.put(a, timeout=T)
+    qd.put(b"z" * 5000, timeout=T)
+    got = qd.get(timeout=T)
+    raw = qd.get(timeout=T)
+    assert isinstance(got, np.ndarray) and not is_shared(got) and np.array_equal(got, a)
+    assert type(raw) is bytes and raw == b"z" * 5000
+    pool = producer_of(qd).shm.pool
+    wait_until(lambda: (pump(qd), pool.slots_in_use)[1] == 0, "copies to release their slots")
+    assert sender_stats(qd)["placed"] == 2
+
+
+def test_one_gigabyte_array(make: Any) -> None:
+    n = 10**9
+    qd = make()
+    src = np.empty(n, np.uint8)
+    src[:] = 7
+    src[:: 4096] = np.arange(len(src[::4096])) % 251
+    t0 = time.monotonic()
+    qd.put(src, timeout=60)
+    got = qd.get(timeout=60)
+    elapsed = time.monotonic() - t0
+    assert is_shared(got) and got.shape == (n,)
+    assert np.array_equal(got[::4096], src[::4096]) and got[-1] == 7 and got[1] == 7
+    stats = sender_stats(qd)
+    assert stats["placed_bytes"] == n and stats["inline_fallbacks"] == 0
+    del got, src
+    assert elapsed < 30, f"a 1 GB payload took {elapsed:.1f} s"
+
+
+# ------------------------------------------------------------------------ release & reuse
+
+
+def test_views_kept_alive_are_never_overwritten_and_a_full_pool_goes_inline(make: Any) -> None:
+    qd = make(memory_pool_size=1, shm_wait=0.2, shm_threshold=64 * KiB)  # 1 MiB pool
+    held = []
+    for i in range(4):  # fills the pool exactly: 4 x 256 KiB
+        qd.put(np.full(32 * KiB, i, np.float64), timeout=T)
+        held.append(qd.get(timeout=T))
+    assert producer_of(qd).shm.pool.statistics().used == 1 * MiB
+    t0 = time.monotonic()
+    for i in range(4, 8):  # no room: waits shm_wait once, then inline without waiting again
+        qd.put(np.full(32 * KiB, i, np.float64), timeout=T)
+    late = [qd.get(timeout=T) for _ in range(4)]
+    assert time.monotonic() - t0 < 5.0
+    stats = sender_stats(qd)
+    assert stats["inline_fallbacks"] == 4 and stats["waits"] >= 1
+    assert [float(a[0]) for a in late] == [4.0, 5.0, 6.0, 7.0]
+    assert not any(is_shared(a) for a in late)
+    for i, view in enumerate(held):  # the held slots were never handed out again
+        assert (view == float(i)).all()
+    del held, view, late
+    gc.collect()
+    # Released views make room again: the next payloads use the pool.
+    pump(qd)
+    for i in range(8, 12):
+        qd.put(np.full(32 * KiB, i, np.float64), timeout=T)
+        assert is_shared(got := qd.get(timeout=T)) and got[0] == i
+        del got
+    assert sender_stats(qd)["inline_fallbacks"] == 4
+
+
+def test_full_pool_waits_for_a_release(make: Any) -> None:
+    qd = make(memory_pool_size=1, shm_wait=T, shm_threshold=64 * KiB)
+    held = []
+    for i in range(2):
+        qd.put(np.full(64 * KiB, i, np.float64), timeout=T)  # 512 KiB each: pool full
+        held.append(qd.get(timeout=T))
+    errors: list[BaseException] = []
+
+    def put_third() -> None:
+        try:
+            qd.put(np.full(64 * KiB, 2.0), timeout=T)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=put_third)
+    thread.start()
+    try:
+        wait_until(lambda: sender_stats(qd)["waits"] == 1, "the producer to wait for room")
+        del held[0]  # the consumer's background tick sends the RELEASE
+        third = qd.get(timeout=T)
+    finally:
+        thread.join(T)
+    assert not errors and not thread.is_alive()
+    assert is_shared(third) and third[0] == 2.0 and (held[0] == 1.0).all()
+    assert sender_stats(qd)["inline_fallbacks"] == 0
+
+
+def test_explicit_release_frees_the_slot_while_the_object_lives(make: Any) -> None:
+    qd = make(shm_threshold=1024)
+    qd.put(np.arange(1000.0), timeout=T)
+    view = qd.get(timeout=T)
+    part = view[10:20]
+    pool = producer_of(qd).shm.pool
+    assert pool.slots_in_use == 1
+    assert release(part) is True  # any derived view releases its slot
+    assert release(view) is False  # once only
+    wait_until(lambda: (pump(qd), pool.slots_in_use)[1] == 0, "the slot to come back")
+    with pytest.raises(ValueError, match="not backed by a shared-memory slot"):
+        release(np.arange(3))
+
+
+# ------------------------------------------------------------------------ producer buffers
+
+
+def test_alloc_fills_in_place_and_puts_without_a_copy(make: Any) -> None:
+    qd = make(shm_threshold=64 * KiB)
+    producer = producer_of(qd)
+    buf = producer.alloc((256, 256), np.float32)
+    assert buf.flags.writeable and buf.shape == (256, 256) and buf.dtype == np.float32
+    buf[:] = np.arange(256, dtype=np.float32)
+    qd.put(buf, timeout=T)
+    got = qd.get(timeout=T)
+    assert is_shared(got) and np.array_equal(got, buf)
+    stats = sender_stats(qd)
+    assert (stats["lent"], stats["placed"]) == (1, 1)  # the alloc, no second copy
+    # Putting the same buffer again copies it (a slot is handed to one view at a time).
+    qd.put(buf, timeout=T)
+    again = qd.get(timeout=T)
+    assert np.array_equal(again, got) and sender_stats(qd)["placed"] == 2
+    # A C-contiguous part of a fresh buffer also goes by reference.
+    rows = producer.alloc((4, 32 * KiB), np.uint8)
+    rows[2] = 9
+    qd.put(rows[2:], timeout=T)
+    part = qd.get(timeout=T)
+    assert part.shape == (2, 32 * KiB) and (part[0] == 9).all()
+    assert sender_stats(qd)["lent"] == 2
+    # Dropped without a put: the slot goes back to the pool.
+    pool = producer.shm.pool
+    before = pool.slots_in_use
+    unused = producer.alloc(100 * KiB)
+    assert pool.slots_in_use == before + 1
+    del unused
+    gc.collect()
+    assert pool.slots_in_use == before
+    # Small or empty requests are ordinary arrays.
+    assert producer.alloc(0).shape == (0,)
+
+
+def test_alloc_falls_back_to_ordinary_memory(make: Any) -> None:
+    qd = make(memory_pool_size=0)
+    buf = producer_of(qd).alloc(100 * KiB)
+    assert buf.flags.writeable and buf.nbytes == 100 * KiB and buf.base is None
+    buf[:] = 1
+    qd.put(buf, timeout=T)
+    got = qd.get(timeout=T)
+    assert not is_shared(got) and (got == 1).all()
+
+
+# ------------------------------------------------------------------------ frames
+
+
+def test_large_batches_split_into_capped_frames_and_bad_records_cost_nothing(make: Any) -> None:
+    qd = make(shm_threshold=1 << 40)  # everything inline
+    with contextlib.suppress(Empty):
+        qd.get_nowait()  # bind the consumer
+    link = ShmQueueType().open_producer_link(qd)
+    try:
+        link.send_hello("split-test", 0, 0, 0)
+        chunk = 512 * KiB
+        records: list[Any] = [bytes([i]) * chunk for i in range(20)]
+        records.insert(7, object())
+        sent, nbytes, errors = link.send_batch("split-test", 0, records)
+        assert sent == 20 and len(errors) == 1 and "object" in errors[0]
+        assert nbytes > 20 * chunk
+        got = [qd.get(timeout=T) for _ in range(20)]
+        assert [g[0] for g in got] == list(range(20))
+        stats = qd.statistics()
+        assert stats.batches_received >= 20 * chunk // (4 * MiB) + 1, stats
+    finally:
+        link.close()
+
+
+def test_slots_of_unencodable_records_are_given_back(make: Any) -> None:
+    qd = make(shm_threshold=1024)
+    with contextlib.suppress(Empty):
+        qd.get_nowait()
+    link = ShmQueueType().open_producer_link(qd)
+    try:
+        link.send_hello("bad-records", 0, 0, 0)
+        records = [np.ones(1000), [np.ones(2000), object()], np.ones(3000)]
+        sent, _, errors = link.send_batch("bad-records", 0, records)
+        assert sent == 2 and len(errors) == 1
+        pool = link.shm.pool
+        assert pool.slots_in_use == 2  # the two sent arrays; the failed record's slot is back
+        a, b = qd.get(timeout=T), qd.get(timeout=T)
+        assert a.shape == (1000,) and b.shape == (3000,)
+        del a, b
+        with contextlib.suppress(Empty):
+            qd.get(timeout=0.01)  # the consumer lets go of its finished batch
+        wait_until(lambda: (link.poll(0.01), pool.slots_in_use)[1] == 0,
+                   "the consumer to release both slots")
+    finally:
+        link.close()
+
+
+# ------------------------------------------------------------------------ lifetime
+
+
+def test_segments_are_private_and_removed_when_the_queue_closes(make: Any) -> None:
+    qd = make(shm_threshold=1024)
+    qd.put(np.ones(10_000), timeout=T)
+    view = qd.get(timeout=T)
+    names = ours(os.getpid())
+    assert names
+    for name in names:
+        st = os.stat(f"/dev/shm/{name}")
+        assert st.st_mode & 0o777 == 0o600 and st.st_uid == os.getuid()
+    path = str(qd.endpoint)[len("ipc://") :]
+    qd.close()
+    assert not ours(os.getpid()) and not os.path.exists(path)
+    assert view.sum() == 10_000  # a view outlives its producer's segment (still mapped)
+
+
+def test_metadata_is_validated() -> None:
+    for key, bad in (("shm_threshold", -1), ("shm_threshold", 1.5), ("memory_pool_size", "1G"),
+                     ("shm_wait", True)):
+        with pytest.raises(DescriptorError, match=key):
+            QueueDescriptor(None, "shm", {key: bad})
+
+
+def _endless_producer(conn: Connection, qd: QueueDescriptor) -> None:
+    conn.send(os.getpid())
+    arr = np.zeros(256 * KiB // 8)
+    i = 0
+    while True:
+        arr[:] = i
+        qd.put(arr, timeout=T)
+        i += 1
+
+
+def _holding_consumer(conn: Connection, qd: QueueDescriptor, n: int) -> None:
+    held = [qd.get(timeout=T) for _ in range(n)]
+    conn.send([float(a[0]) for a in held])
+    conn.recv()  # hold the views until killed
+
+
+def _spawn(target: Callable[..., None], *args: Any) -> tuple[Any, Connection]:
+    ctx = mp.get_context("spawn")
+    mine, theirs = ctx.Pipe()
+    proc = ctx.Process(target=target, args=(theirs, *args), daemon=True)
+    proc.start()
+    theirs.close()
+    return proc, mine
+
+
+def _recv(conn: Connection) -> Any:
+    assert conn.poll(T), "the child did not answer"
+    return conn.recv()
+
+
+def test_sigkill_of_the_producer_mid_transfer_leaves_nothing(make: Any) -> None:
+    qd = make(maxsize=8)
+    with contextlib.suppress(Empty):
+        qd.get_nowait()  # bind first
+    proc, conn = _spawn(_endless_producer, qd)
+    try:
+        pid = _recv(conn)
+        got = [qd.get(timeout=T) for _ in range(5)]
+        assert [float(a[0]) for a in got] == [0.0, 1.0, 2.0, 3.0, 4.0]
+        assert all(is_shared(a) for a in got) and ours(pid)
+        os.kill(pid, signal.SIGKILL)  # mid-put: it never stops on its own
+        proc.join(T)
+        assert proc.exitcode == -signal.SIGKILL
+        assert ours(pid), "SIGKILL gave the producer no chance to clean up"
+        assert [float(a[-1]) for a in got] == [0.0, 1.0, 2.0, 3.0, 4.0]  # views still valid
+        with contextlib.suppress(Empty):
+            while True:
+                qd.get(timeout=0.2)  # whatever was in flight is still readable
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(T)
+    qd.close()
+    assert not ours(pid), "the consumer's close did not sweep the dead producer's segments"
+
+
+def test_sigkill_of_the_consumer_mid_transfer_leaves_nothing(make: Any) -> None:
+    qd = make(maxsize=100, shm_threshold=64 * KiB)
+    path = str(qd.endpoint)[len("ipc://") :]
+    proc, conn = _spawn(_holding_consumer, qd, 3)
+    try:
+        for i in range(6):
+            qd.put(np.full(64 * KiB, float(i)), timeout=T)
+        assert _recv(conn) == [0.0, 1.0, 2.0]
+        assert ours(os.getpid()) and producer_of(qd).shm.pool.slots_in_use >= 3
+        proc.kill()
+        proc.join(T)
+        with contextlib.suppress(DeliveryError):
+            qd.close(timeout=0.5)  # records the dead consumer never confirmed are reported
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(T)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # the killed consumer's socket file
+    assert not ours(os.getpid())
+
+
+# ------------------------------------------------------------------------ lz4 decisions
+
+
+def test_compression_mode_is_auto_only_for_remote_tcp() -> None:
+    assert compression_mode("auto", "tcp://10.1.2.3:5555") == "auto"
+    assert compression_mode("auto", "tcp://worker-7.cluster:5555") == "auto"
+    for local in ("tcp://127.0.0.1:5555", "tcp://localhost:1", "tcp://[::1]:5", "ipc:///x",
+                  "inproc://x", None):
+        assert compression_mode("auto", local) is False, local
+    assert compression_mode(True, "ipc:///x") is True
+    assert compression_mode(False, "tcp://10.1.2.3:1") is False
+    with pytest.raises(ValueError, match="true, false or 'auto'"):
+        compression_mode("yes", None)
+
+
+def test_auto_compression_follows_what_pays() -> None:
+    codec = Codec()
+    text = [b'{"sensor": "s-0001", "value": 21.5, "unit": "celsius"}' * 200] * 4
+    noise = [os.urandom(10_000) for _ in range(4)]
+    frame, _, _ = codec.encode_batch("p", 0, text, compress="auto")
+    assert frame[4] & FLAG_LZ4 and len(frame) < 10_000
+    flagged = 0
+    for i in range(200):
+        frame, _, _ = codec.encode_batch("p", i, noise, compress="auto")
+        flagged += bool(frame[4] & FLAG_LZ4)
+        assert codec.decode(frame).fields[2] == noise
+    policy: Lz4Policy = codec.lz4_policy
+    assert flagged == 0 and policy.skipped > 150, policy.skipped  # lz4 rarely even tried
+    frame, _, _ = codec.encode_batch("p", 0, text, compress="auto")
+    # compressible again: found at the next sample at the latest
+    for i in range(1100):
+        if frame[4] & FLAG_LZ4:
+            break
+        frame, _, _ = codec.encode_batch("p", i, text, compress="auto")
+    assert frame[4] & FLAG_LZ4
+    small = Codec()
+    small.compression_min_bytes = 1 << 20
+    frame, _, _ = small.encode_batch("p", 0, text, compress=True)
+    assert not frame[4] & FLAG_LZ4  # below compression_min_bytes: not worth a try

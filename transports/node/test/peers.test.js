@@ -1,0 +1,155 @@
+// Producer and Consumer against each other over tcp on 127.0.0.1.
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import * as zmq from "zeromq";
+import {
+  Consumer,
+  DeliveryError,
+  EmptyError,
+  EndOfStream,
+  F64,
+  FullError,
+  Kind,
+  NdArray,
+  Packet,
+  Producer,
+  decodeFrame,
+  encodeFrame,
+  toTyped,
+} from "../sagezmq.js";
+
+async function collect(consumer, timeout = 30) {
+  const out = [];
+  for (;;) {
+    const rec = await consumer.get({ timeout });
+    if (rec instanceof EndOfStream && consumer.upstreamsEnded >= consumer.upstreams) return out;
+    out.push(rec);
+  }
+}
+
+test("records, credits and end of stream with a small window", async () => {
+  const consumer = new Consumer({ maxsize: 10 });
+  const endpoint = await consumer.bind();
+  const producer = new Producer(endpoint, { maxsize: 10, batchSize: 4 });
+  try {
+    const sending = (async () => {
+      for (let i = 0; i < 500; i++) await producer.put(i);
+      await producer.end();
+      await producer.close();
+    })();
+    const got = await collect(consumer);
+    await sending;
+    assert.deepEqual(got, Array.from({ length: 500 }, (_, i) => i));
+    assert.ok(producer.stats.credits > 10, "credit must have been granted many times");
+    assert.ok(producer.stats.creditWaits > 0, "a window of 10 must make the producer wait");
+    assert.ok(await consumer.get({ timeout: 1 }) instanceof EndOfStream, "EOS stays reported");
+  } finally {
+    await consumer.close();
+  }
+});
+
+test("two upstreams: end of stream only after both ended", async () => {
+  const consumer = new Consumer({ maxsize: 50, upstreams: 2 });
+  const endpoint = await consumer.bind();
+  const a = new Producer(endpoint, { maxsize: 50, producerId: "a" });
+  const b = new Producer(endpoint, { maxsize: 50, producerId: "b" });
+  try {
+    const sendingA = (async () => {
+      for (let i = 0; i < 100; i++) await a.put(`a${i}`);
+      await a.end();
+      await a.close();
+    })();
+    const first = [];
+    for (let i = 0; i < 100; i++) first.push(await consumer.get({ timeout: 30 }));
+    await sendingA;
+    // a has ended; with b still open the consumer must not report end of stream
+    await assert.rejects(consumer.get({ timeout: 0.2 }), EmptyError);
+    assert.equal(consumer.upstreamsEnded, 1);
+    const sendingB = (async () => {
+      for (let i = 0; i < 100; i++) await b.put(`b${i}`);
+      await b.end();
+      await b.close();
+    })();
+    const rest = await collect(consumer);
+    await sendingB;
+    assert.deepEqual(first, Array.from({ length: 100 }, (_, i) => `a${i}`));
+    assert.deepEqual(rest, Array.from({ length: 100 }, (_, i) => `b${i}`));
+  } finally {
+    await consumer.close();
+  }
+});
+
+test("typed records survive the trip", async () => {
+  const consumer = new Consumer({ maxsize: 100, exactFloats: true });
+  const endpoint = await consumer.bind();
+  const producer = new Producer(endpoint, { maxsize: 100 });
+  const records = [
+    null, true, 7, -7, 2n ** 63n - 1n, new F64(3), 0.5, "s", new Uint8Array([1, 2]),
+    [1, [2]], new Map([[1, "one"]]), { a: { b: [1.5] } },
+    new Packet({ v: 1 }, { partitionKey: "k", headers: { h: 1 }, timestamp: 1700000000.5 }),
+    new NdArray("<f8", [2], new Uint8Array(16)),
+  ]; // (put(EndOfStream) means END, as in Python, so it is not a record here)
+  try {
+    for (const r of records) await producer.put(r);
+    await producer.end();
+    await producer.close();
+    const got = await collect(consumer);
+    const expected = records.map(toTyped);
+    expected[10] = { map: [[{ str: "1" }, { str: "one" }]] }; // JS objects have string keys
+    assert.deepEqual(got.map(toTyped), expected);
+  } finally {
+    await consumer.close();
+  }
+});
+
+test("close without a consumer reports what was not delivered", async () => {
+  const router = new zmq.Router();
+  await router.bind("tcp://127.0.0.1:*");
+  const endpoint = router.lastEndpoint;
+  router.close(); // nobody answers on this port now
+  const producer = new Producer(endpoint, { maxsize: 5 });
+  for (let i = 0; i < 5; i++) await producer.put(i);
+  await assert.rejects(producer.put(5, { timeout: 0.2 }), FullError);
+  await assert.rejects(producer.close({ timeout: 0.3 }), (err) => {
+    assert.ok(err instanceof DeliveryError);
+    assert.equal(err.undelivered, 5);
+    return true;
+  });
+});
+
+test("the consumer answers HEARTBEAT and CLOSE with CREDIT and rejects bad frames", async () => {
+  const consumer = new Consumer({ maxsize: 8 });
+  const endpoint = await consumer.bind();
+  const dealer = new zmq.Dealer();
+  dealer.connect(endpoint);
+  const next = async () => decodeFrame((await dealer.receive())[0]);
+  try {
+    const hello = { producer: "p", epoch: 0, queue: "q", next_seq: 0, acked: 0 };
+    await dealer.send(encodeFrame(Kind.HELLO, hello));
+    const first = await next();
+    assert.equal(first.kind, Kind.CREDIT);
+    assert.deepEqual(
+      { received: first.fields.received, acked: first.fields.acked, limit: first.fields.limit },
+      { received: 0, acked: 0, limit: 8 },
+    );
+    await dealer.send(encodeFrame(Kind.DATA, ["p", 0, [1, 2, 3]]));
+    await dealer.send(encodeFrame(Kind.HEARTBEAT, ["p"]));
+    const beat = await next();
+    assert.equal(beat.kind, Kind.CREDIT);
+    assert.equal(beat.fields.received, 3);
+    assert.equal(beat.fields.session, first.fields.session);
+    await dealer.send(Uint8Array.from([0x53, 0x5a, 2, 4, 0, 0, 0, 0, 0x92, 0xa1, 0x70, 1]));
+    const error = await next();
+    assert.equal(error.kind, Kind.ERROR);
+    assert.equal(error.fields.code, "rejected");
+    assert.match(error.fields.message, /version 2/);
+    await dealer.send(encodeFrame(Kind.CLOSE, ["p", 3]));
+    const receipt = await next();
+    assert.equal(receipt.kind, Kind.CREDIT);
+    assert.equal(receipt.fields.received, 3);
+    assert.equal(consumer.stats.rejected, 1);
+  } finally {
+    dealer.close();
+    await consumer.close();
+  }
+});
