@@ -4,8 +4,8 @@
 accepted connection to ``127.0.0.1:target_port``. Faults, by hand or on a schedule:
 
 - :meth:`cut` closes every connection abruptly (RST), as a network failure would;
-- :meth:`stall` stops forwarding (both ways) for some seconds: bytes wait in kernel buffers,
-  connections stay up, as on a congested or partitioned path;
+- :meth:`stall` stops forwarding (both ways) for some seconds (:meth:`resume` ends it early):
+  bytes wait in kernel buffers, connections stay up, as on a congested or partitioned path;
 - :meth:`refuse` accepts and at once closes new connections while set (a peer that is down);
 - ``cut_every=N`` cuts every N seconds; with ``stall_chance=p`` each scheduled cut is preceded,
   with probability ``p`` (seeded, so runs repeat), by a stall of ``stall_for`` seconds.

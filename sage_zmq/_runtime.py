@@ -10,6 +10,7 @@ import atexit
 import contextlib
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -76,6 +77,9 @@ def shutdown(linger: float = 0.0) -> None:
         _ticker = None
     if tick is not None:
         tick.stop()
+    security = sys.modules.get("sage_zmq.security")  # loaded only where CURVE was used
+    if security is not None:
+        security.stop_authenticator()
     if ctx is not None:
         ctx.destroy(linger=int(linger * 1000))
 

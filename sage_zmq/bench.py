@@ -13,11 +13,11 @@ ratio between them; nothing here is a pass/fail test. Sections:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import queue as stdlib_queue
-import statistics
 import sys
 import tempfile
 import threading
@@ -41,8 +41,15 @@ RECORD = {
 Row = dict[str, Any]
 
 
-def _row(name: str, value: float, unit: str, competitor: str = "", base: float | None = None,
-         higher_is_better: bool = True, target: str = "") -> Row:
+def _row(
+    name: str,
+    value: float,
+    unit: str,
+    competitor: str = "",
+    base: float | None = None,
+    higher_is_better: bool = True,
+    target: str = "",
+) -> Row:
     ratio = None
     if base:
         ratio = value / base if higher_is_better else base / value
@@ -152,7 +159,6 @@ def bench_sage_cross_process(queue_type: str, n: int) -> float:
     proc = ctx.Process(target=_sz_producer, args=(qd, n, ready))
     proc.start()
     try:
-        qd.get(timeout=0.001) if False else None
 
         def consume() -> int:
             count = 0
@@ -161,10 +167,8 @@ def bench_sage_cross_process(queue_type: str, n: int) -> float:
             return count
 
         # Bind before the producer starts so it never waits on reconnect back-off.
-        try:
+        with contextlib.suppress(Exception):
             qd.get(timeout=0.01)
-        except Exception:
-            pass
         rate = _timed_consume(ready.set, consume, n)
     finally:
         proc.join(60)
@@ -350,26 +354,52 @@ def run_core(quick: bool, progress: Callable[[str], None]) -> list[Row]:
         progress(f"sage-zmq {qtype}")
         ours = bench_sage_cross_process(qtype, n)
         rows.append(
-            _row(f"{qtype} records/s (cross-process, per-record put/get)", ours, "records/s",
-                 f"raw pyzmq PUSH/PULL {label}, 100 per msgpack frame", raw, target=">= 1x")
+            _row(
+                f"{qtype} records/s (cross-process, per-record put/get)",
+                ours,
+                "records/s",
+                f"raw pyzmq PUSH/PULL {label}, 100 per msgpack frame",
+                raw,
+                target=">= 1x",
+            )
         )
         rows.append(
-            _row(f"{qtype} records/s vs multiprocessing.Queue", ours, "records/s",
-                 "multiprocessing.Queue", mpq, target="~10-15x")
+            _row(
+                f"{qtype} records/s vs multiprocessing.Queue",
+                ours,
+                "records/s",
+                "multiprocessing.Queue",
+                mpq,
+                target="~10-15x",
+            )
         )
     progress("local vs queue.Queue")
     local, qq = bench_local_threads(n)
-    rows.append(_row("local records/s (two threads, per-item)", local, "items/s",
-                     "queue.Queue", qq, target=">= 3x"))
+    rows.append(
+        _row(
+            "local records/s (two threads, per-item)",
+            local,
+            "items/s",
+            "queue.Queue",
+            qq,
+            target=">= 3x",
+        )
+    )
     progress("idle round trip latency")
     m = 2000 if quick else 10000
     raw_lat = bench_latency_raw(m)
     ours_lat = bench_latency_sage(m)
     for label, q in (("p50", 0.5), ("p99", 0.99)):
         rows.append(
-            _row(f"shm idle round trip {label}", _pct(ours_lat, q) * 1e6, "us",
-                 "raw pyzmq PAIR ipc ping-pong", _pct(raw_lat, q) * 1e6,
-                 higher_is_better=False, target="p50 <= 1.2x raw" if label == "p50" else "")
+            _row(
+                f"shm idle round trip {label}",
+                _pct(ours_lat, q) * 1e6,
+                "us",
+                "raw pyzmq PAIR ipc ping-pong",
+                _pct(raw_lat, q) * 1e6,
+                higher_is_better=False,
+                target="p50 <= 1.2x raw" if label == "p50" else "",
+            )
         )
     return rows
 
@@ -418,9 +448,7 @@ def _plot(rows: list[Row], path: str) -> None:
     except ImportError:
         from sage_zmq.errors import MissingDependency
 
-        raise MissingDependency(
-            "--plot needs matplotlib: pip install 'sage-zmq[plot]'"
-        ) from None
+        raise MissingDependency("--plot needs matplotlib: pip install 'sage-zmq[plot]'") from None
     rated = [r for r in rows if isinstance(r.get("ratio"), int | float)]
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(rated) + 1.5))
     names = [r["name"] for r in rated]
@@ -444,12 +472,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", metavar="FILE.png", help="write a chart of the ratios")
     parser.add_argument("--ray", action="store_true", help="also run the Ray section")
     parser.add_argument(
-        "--only", metavar="SECTION", action="append", choices=sorted(SECTIONS),
+        "--only",
+        metavar="SECTION",
+        action="append",
+        choices=sorted(SECTIONS),
         help="run only these sections (repeatable)",
     )
     args = parser.parse_args(argv)
     sections = args.only or [s for s in SECTIONS if s != "ray" or args.ray]
-    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    }
     all_rows: list[Row] = []
     out = sys.stderr
 

@@ -93,11 +93,11 @@ def _zmq_producer(conn: Connection, endpoint: str, nbytes: int, n: int) -> None:
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, 4)
     sock.connect(endpoint)
-    sock.send(src, copy=False)
+    sock.send(src.data, copy=False)
     conn.send("ready")
     conn.recv()
     for _ in range(n):
-        sock.send(src, copy=False)
+        sock.send(src.data, copy=False)
     conn.send("done")
     conn.recv()
     sock.close(linger=-1)
@@ -166,10 +166,12 @@ def bench_memcpy(nbytes: int, reps: int) -> float:
     return nbytes / best
 
 
-def bench_sage_shm(nbytes: int, n: int, mode: str = "put", **meta: Any) -> float:
+def bench_sage_shm(
+    nbytes: int, n: int, *, mode: str = "put", meta: dict[str, Any] | None = None
+) -> float:
     from sage_zmq import QueueDescriptor
 
-    qd = QueueDescriptor(None, "shm", {"maxsize": 1000, **meta})
+    qd = QueueDescriptor(None, "shm", {"maxsize": 1000, **(meta or {})})
     proc, conn = _spawn(_sage_producer, qd, nbytes, n, mode)
     checksum = 0.0
 
@@ -230,7 +232,7 @@ def bench_raw_zmq(nbytes: int, n: int) -> float:
 def bench_threshold(nbytes: int, n: int, through_pool: bool) -> float:
     """Payloads/s of ``nbytes`` through shm with the pool (threshold 1) or inline."""
     meta = {"shm_threshold": 1 if through_pool else 1 << 40}
-    return bench_sage_shm(nbytes, n, **meta) / nbytes
+    return bench_sage_shm(nbytes, n, meta=meta) / nbytes
 
 
 def _text_records(nbytes: int, count: int) -> list[bytes]:

@@ -24,8 +24,12 @@ def _source(worker_queues: list[QueueDescriptor], records: int, sensors: int) ->
     router = HashRouter()
     for index, qd in enumerate(worker_queues):
         router.add_connection(
-            Connection(broadcast_index=0, parallel_index=index, target_name=f"worker-{index}",
-                       target_handle=qd)
+            Connection(
+                broadcast_index=0,
+                parallel_index=index,
+                target_name=f"worker-{index}",
+                target_handle=qd,
+            )
         )
     for seq in range(records):
         sensor = f"sensor-{seq % sensors:04d}"
@@ -71,22 +75,35 @@ class _Report:
         )
 
 
-def run(records: int = 500_000, sensors: int = 1000, interval: float = 0.5,
-        queue_type: str = "shm", out: Any = None) -> dict[str, Any]:
+def run(
+    records: int = 500_000,
+    sensors: int = 1000,
+    interval: float = 0.5,
+    queue_type: str = "shm",
+    out: Any = None,
+) -> dict[str, Any]:
     """Run the demo topology; returns the summary (also printed)."""
     out = out or sys.stdout
     ctx = mp.get_context("spawn")
-    sink = QueueDescriptor(queue_id="demo-sink", queue_type=queue_type,
-                           metadata={"upstreams": 2, "maxsize": 5000})
+    sink = QueueDescriptor(
+        queue_id="demo-sink", queue_type=queue_type, metadata={"upstreams": 2, "maxsize": 5000}
+    )
     workers_in = [
-        QueueDescriptor(queue_id=f"demo-worker-{i}", queue_type=queue_type,
-                        metadata={"maxsize": 5000})
+        QueueDescriptor(
+            queue_id=f"demo-worker-{i}", queue_type=queue_type, metadata={"maxsize": 5000}
+        )
         for i in range(2)
     ]
-    print(f"sage-zmq demo: source -> 2 workers (hash by sensor) -> sink, {records:,} records "
-          f"over '{queue_type}' queues", file=out, flush=True)
-    workers = [ctx.Process(target=_worker, args=(i, q, sink), name=f"demo-worker-{i}")
-               for i, q in enumerate(workers_in)]
+    print(
+        f"sage-zmq demo: source -> 2 workers (hash by sensor) -> sink, {records:,} records "
+        f"over '{queue_type}' queues",
+        file=out,
+        flush=True,
+    )
+    workers = [
+        ctx.Process(target=_worker, args=(i, q, sink), name=f"demo-worker-{i}")
+        for i, q in enumerate(workers_in)
+    ]
     source = ctx.Process(target=_source, args=(workers_in, records, sensors), name="demo-source")
     for proc in (*workers, source):
         proc.start()
@@ -129,7 +146,8 @@ def run(records: int = 500_000, sensors: int = 1000, interval: float = 0.5,
         sink.close()
     elapsed = time.perf_counter() - report.start
     lat = sorted(report.latencies)
-    summary = {
+    exit_codes = [p.exitcode for p in (source, *workers)]
+    summary: dict[str, Any] = {
         "records": report.count,
         "expected": records,
         "missing": records - sum(report.seen),
@@ -139,10 +157,12 @@ def run(records: int = 500_000, sensors: int = 1000, interval: float = 0.5,
         "records_per_second": report.count / elapsed if elapsed else 0.0,
         "latency_p50_ms": lat[len(lat) // 2] * 1e3 if lat else None,
         "latency_p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3 if lat else None,
-        "exit_codes": [p.exitcode for p in (source, *workers)],
+        "exit_codes": exit_codes,
     }
-    ok = summary["missing"] == 0 and summary["duplicates"] == 0 and all(
-        code == 0 for code in summary["exit_codes"]
+    ok = (
+        summary["missing"] == 0
+        and summary["duplicates"] == 0
+        and all(code == 0 for code in exit_codes)
     )
     summary["ok"] = ok
     print(
@@ -166,8 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--records", type=int, default=500_000, help="records to send")
     parser.add_argument("--quick", action="store_true", help="a short run (50,000 records)")
-    parser.add_argument("--queue-type", default="shm", choices=["shm", "tcp", "sage"],
-                        help="queue type between the stages")
+    parser.add_argument(
+        "--queue-type",
+        default="shm",
+        choices=["shm", "tcp", "sage"],
+        help="queue type between the stages",
+    )
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between reports")
     args = parser.parse_args(argv)
     if args.records < 1:

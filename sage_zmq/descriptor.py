@@ -88,9 +88,7 @@ _FLOAT_KEYS = {"timeout", "flush_interval"}
 
 def _check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(metadata, Mapping):
-        raise DescriptorError(
-            f"metadata must be a mapping (dict), got {type(metadata).__name__}"
-        )
+        raise DescriptorError(f"metadata must be a mapping (dict), got {type(metadata).__name__}")
     meta = dict(metadata)
     for key, minimum in _INT_KEYS.items():
         if key in meta:
@@ -104,6 +102,9 @@ def _check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
             value = meta[key]
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise DescriptorError(f"metadata[{key!r}] must be a number > 0, got {value!r}")
+    from sage_zmq.security import check_no_key_material
+
+    check_no_key_material(meta)  # a descriptor names key files, never carries a key
     endpoint = meta.get("endpoint")
     if endpoint is not None and not isinstance(endpoint, str):
         raise DescriptorError(
@@ -208,11 +209,16 @@ class QueueDescriptor:
         meta = data.get("metadata") or {}
         if isinstance(meta, Mapping) and "endpoint" in meta:
             # Complete descriptors come back as they were: no binding, no new endpoint.
-            qtype = lookup_queue_type(data["queue_type"])
-            restored = cls._restore(data["queue_id"], data["queue_type"], _check_metadata(meta))
-            if not isinstance(restored.queue_id, str) or not restored.queue_id:
-                raise DescriptorError("queue_id must be a non-empty string")
-            del qtype
+            qid, qtype_name = data["queue_id"], data["queue_type"]
+            if not isinstance(qid, str) or not qid or len(qid) > 200:
+                raise DescriptorError(
+                    f"queue_id must be a non-empty string of at most 200 characters, got {qid!r}"
+                )
+            if not isinstance(qtype_name, str):
+                raise DescriptorError(f"queue_type must be a string, got {qtype_name!r}")
+            qtype = lookup_queue_type(qtype_name)
+            restored = cls._restore(qid, qtype_name, _check_metadata(meta))
+            qtype.validate(restored)
             return restored
         return cls(data["queue_id"], data["queue_type"], meta)
 
@@ -293,8 +299,8 @@ class QueueDescriptor:
 
     def flush(self, timeout: float | None = None) -> None:
         """Send what this process has put but not yet shipped."""
-        handle = self._handle()
-        if handle.has_producer():
+        handle = self._existing_handle()
+        if handle is not None and handle.has_producer():
             handle.producer(self).flush(timeout)
 
     def qsize(self) -> int:
@@ -318,22 +324,45 @@ class QueueDescriptor:
     def statistics(self) -> QueueStatistics:
         return self._handle().statistics()
 
-    def backlog(self) -> int:
+    def backlog(self, refresh: bool = False) -> int:
         """Records this process put that the consumer has not reported consumed (cheap).
 
-        Routers use it as the live load of a target: it moves with the consumer's credits.
+        Routers use it as the live load of a target: it moves with the consumer's credits;
+        ``refresh`` reads the consumer's latest reports first.
         """
-        handle = self._handle()
-        return int(handle.producer(self).qsize()) if handle.has_producer() else 0
+        handle = self._existing_handle()
+        if handle is None or not handle.has_producer():
+            return 0
+        producer = handle.producer(self)
+        return int(producer.poll_credit() if refresh else producer.qsize())
+
+    def alloc(self, shape: Any, dtype: Any = "u1", timeout: float | None = None) -> Any:
+        """A writable numpy array to fill and then ``put`` without a further copy.
+
+        On ``shm`` queues it lives in this process's shared-memory pool; elsewhere (or when
+        the pool cannot serve it) it is an ordinary array.
+        """
+        producer = self._handle().producer(self)
+        allocate = getattr(producer, "alloc", None)
+        if allocate is not None:
+            return allocate(shape, dtype, timeout)
+        import numpy as np
+
+        return np.empty(shape, dtype)
+
+    def _existing_handle(self) -> _QueueHandle | None:
+        key = (self.queue_type, str(self.metadata.get("endpoint")))
+        handle: _QueueHandle | None = _runtime.existing_handle(key)
+        return handle
 
     def close(self, timeout: float | None = None) -> None:
         """Close this process's ends of the queue (a producer first delivers what it put)."""
-        key = (self.queue_type, str(self.metadata.get("endpoint")))
-        handle: _QueueHandle | None = _runtime.existing_handle(key)
+        handle = self._existing_handle()
         if handle is not None:
             handle.close(timeout)
         else:
             self._unbind()
+            lookup_queue_type(self.queue_type).release(self)
 
     def _unbind(self) -> None:
         for name in _BOUND_NAMES:
@@ -392,6 +421,9 @@ class _QueueHandle:
         self._consumer: Any = None
         self._lock = threading.Lock()
         self._bound: list[weakref.ref[QueueDescriptor]] = []
+        from sage_zmq import observe
+
+        observe.activate()  # config-driven logging, tracing and metrics, once per process
 
     def has_producer(self) -> bool:
         return self._producer is not None
@@ -469,5 +501,9 @@ class _QueueHandle:
                 error = exc
         if consumer is not None:
             consumer.close(timeout)
+        try:
+            self.qtype.release(self.descriptor)
+        except SageZmqError as exc:
+            error = error or exc
         if error is not None:
             raise error

@@ -367,14 +367,36 @@ def authorize(location: str) -> str:
     with _auth_lock:
         if _auth is None or _auth_ctx is not ctx or not _auth.is_alive():
             _stop_locked()
-            auth = ThreadAuthenticator(ctx, log=logging.getLogger("sage_zmq.security.zap"))
-            auth.start()
+            auth = _start_authenticator(ctx)
             _auth, _auth_ctx = auth, ctx
             for d, provider in _allow.items():
                 auth.configure_curve_callback(d, credentials_provider=provider)
         _allow[domain] = allow
         _auth.configure_curve_callback(domain, credentials_provider=allow)
     return domain
+
+
+def _start_authenticator(ctx: zmq.Context[Any]) -> ThreadAuthenticator:
+    # The ZAP endpoint is one fixed inproc name per context, and closing a socket releases
+    # its name asynchronously: right after a stop, binding it again can briefly fail.
+    delay = 0.001
+    deadline = time.monotonic() + 2.0
+    while True:
+        auth = ThreadAuthenticator(ctx, log=logging.getLogger("sage_zmq.security.zap"))
+        try:
+            auth.start()
+            return auth
+        except zmq.ZMQError as exc:
+            auth.stop()
+            if exc.errno != zmq.EADDRINUSE:
+                raise SecurityError(f"cannot start the CURVE authenticator: {exc}") from None
+            if time.monotonic() > deadline:
+                raise SecurityError(
+                    "cannot start the CURVE authenticator: another ZAP handler is bound to "
+                    "inproc://zeromq.zap.01 on this process's context"
+                ) from None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def refused_clients() -> int:

@@ -260,12 +260,15 @@ def produce_worker(
 
 
 def consume_worker(conn: Connection, qd: QueueDescriptor, n: int) -> None:
-    """Child: open the consumer, say ``ready``, get ``n`` records and send them back."""
+    """Child: open the consumer, say ``ready``, get ``n`` records and send them back, then
+    stay open until the parent says ``bye`` (its producer's close() needs a live consumer)."""
     with contextlib.suppress(Empty):
         qd.get_nowait()  # opens (binds) the consumer before the parent starts producing
     conn.send(("ready", None))
     records = drain(qd, n)
     conn.send(("records", records))
+    if conn.poll(GET_TIMEOUT):
+        conn.recv()
     qd.close()
 
 
@@ -769,11 +772,14 @@ def check_spawned_consumer(make_descriptor: DescriptorFactory, n: int = 3000) ->
             assert w.recv() == ("ready", None)
             for i in range(n):
                 qd.put(["here", i], timeout=GET_TIMEOUT)
+            kind, records = w.recv()
             qd.close()
         except BaseException:
             close_quietly(qd)
             raise
-        kind, records = w.recv()
+        finally:
+            with contextlib.suppress(OSError):
+                w.send("bye")
         assert kind == "records"
         assert w.join() == 0
     _check_per_producer(records, {"here": n})

@@ -22,6 +22,7 @@ import pytest
 import sage_zmq
 from sage_zmq import _runtime
 from sage_zmq.descriptor import lookup_queue_type
+from sage_zmq.queues import _zmq
 from sage_zmq.shm.sweep import list_segments, owner_pid, pid_alive
 from sage_zmq.testing import DescriptorFactory, descriptor_factory
 
@@ -64,9 +65,8 @@ def make_remote_descriptor(remote_queue_type: str) -> DescriptorFactory:
 
 
 # ----------------------------------------------------------------------------------- leaks
-KNOWN_CORE_LEAKS = {
+KNOWN_CORE_LEAKS: dict[str, str] = {
     # kind -> the strict-xfail test that pins the bug; delete the entry once that test passes.
-    "local channels": "test_conformance.py::test_local_channel_released_on_close",
 }
 
 
@@ -77,13 +77,15 @@ class _Snapshot:
     threads: frozenset[threading.Thread]
     sockets: int
     handles: frozenset[Any]
+    prebound: frozenset[str]
 
 
 def _open_sockets() -> int:
     ctx = _runtime._context
     if ctx is None:
         return 0
-    return sum(1 for s in list(ctx._sockets) if not s.closed)
+    prebound = {id(inlet.sock) for inlet in list(_zmq._prebound.values())}
+    return sum(1 for s in list(ctx._sockets) if not s.closed and id(s) not in prebound)
 
 
 def _our_segments() -> frozenset[str]:
@@ -106,7 +108,8 @@ def _snapshot() -> _Snapshot:
         for k in _runtime._handles
         if not (k[0] == "local-channel" and "local channels" in KNOWN_CORE_LEAKS)
     )
-    return _Snapshot(_our_segments(), ipc, threads, _open_sockets(), handles)
+    prebound = frozenset(_zmq._prebound)
+    return _Snapshot(_our_segments(), ipc, threads, _open_sockets(), handles, prebound)
 
 
 def _leaks(before: _Snapshot) -> dict[str, Any]:
@@ -117,6 +120,8 @@ def _leaks(before: _Snapshot) -> dict[str, Any]:
         "non-daemon threads": sorted(t.name for t in now.threads - before.threads if t.is_alive()),
         "queue handles": sorted(map(str, now.handles - before.handles)),
         "child processes": [p.name for p in multiprocessing.active_children()],
+        # tcp descriptors that bound on creation and were never consumed nor released
+        "unused tcp sockets": sorted(now.prebound - before.prebound),
     }
     if now.sockets > before.sockets:
         found["zmq sockets"] = now.sockets - before.sockets
@@ -135,6 +140,10 @@ def _clean_up(before: _Snapshot, leaks: dict[str, Any]) -> None:
         with contextlib.suppress(Exception):
             handle.close(timeout=0)
         _runtime.forget_handle(key, handle)
+    for endpoint in leaks.get("unused tcp sockets", []):
+        inlet = _zmq.claim_prebound(endpoint)
+        if inlet is not None:
+            inlet.close()
     rdir = _runtime.runtime_dir()
     for name in leaks.get("ipc files", []):
         with contextlib.suppress(OSError):

@@ -100,11 +100,6 @@ def test_tcp_without_endpoint_binds_at_once() -> None:
         conf.close_quietly(qd)
 
 
-@pytest.mark.xfail(
-    reason="core bug: QueueDescriptor.close() on a descriptor with no handle only unbinds; "
-    "the ROUTER that TcpQueueType.prepare() pre-bound stays open in _zmq._prebound",
-    strict=True,
-)
 def test_tcp_descriptor_closed_unused_releases_its_socket() -> None:
     before = _open_socket_count()
     qd = QueueDescriptor("tcp-unused", "tcp")
@@ -141,11 +136,6 @@ def test_close_releases_everything(queue_type: str) -> None:
     assert key not in _runtime._handles, "the queue handle survived close()"
 
 
-@pytest.mark.xfail(
-    reason="core bug: LocalQueueType.channel() registers ('local-channel', endpoint) in "
-    "_runtime._handles and nothing forgets it (sage_zmq/queues/local.py)",
-    strict=True,
-)
 def test_local_channel_released_on_close() -> None:
     qd = conf.descriptor_factory("local")()
     qd.put(1, timeout=conf.GET_TIMEOUT)

@@ -200,11 +200,6 @@ def test_from_dict_rejects_bad_documents(data: Any, needle: str) -> None:
     _assert_descriptor_error(exc, needle)
 
 
-@pytest.mark.xfail(
-    reason="core bug: QueueDescriptor.from_dict (sage_zmq/descriptor.py) restores a descriptor "
-    "that has an endpoint with only _check_metadata, never the queue type's endpoint checks",
-    strict=True,
-)
 @pytest.mark.parametrize(
     ("queue_type", "endpoint"),
     [("tcp", "tcp://x"), ("tcp", "http://x"), ("shm", "tcp://127.0.0.1:1"), ("local", "http://x")],

@@ -98,6 +98,15 @@ def test_traced_packet_through_a_tcp_queue_gets_hops(tmp_path: Path) -> None:
     assert json.loads(line) == record
 
 
+def test_local_hops_mark_only_traced_packets() -> None:
+    traced, plain = Packet(1), Packet(2)
+    tracing.start_trace(traced)
+    assert tracing.active
+    tracing.local_hops([traced, plain, "not a packet"], "q-local")
+    assert [(h.queue, h.role) for h in tracing.hops(traced)] == [("q-local", "local")]
+    assert plain.headers is None
+
+
 def test_opentelemetry_context_is_propagated() -> None:
     pytest.importorskip("opentelemetry.sdk.trace")
     from opentelemetry.sdk.trace import TracerProvider

@@ -29,7 +29,9 @@ def test_backoff_doubles_to_the_cap_and_resets() -> None:
         Backoff(2.0, 1.0)
 
 
-def _run(live: PeerLiveness, clock: FakeClock, until: float, step: float) -> list[tuple[float, Action]]:
+def _run(
+    live: PeerLiveness, clock: FakeClock, until: float, step: float
+) -> list[tuple[float, Action]]:
     seen = []
     while clock.monotonic() < until - 1e-9:
         clock.advance(step)
@@ -75,7 +77,7 @@ def test_reconnects_back_off_while_dead_and_reset_on_revival() -> None:
     assert not live.check() & Action.REVIVED  # reported once
     later = _run(live, clock, 40.0, 0.5)
     assert [t for t, a in later if a & Action.DEAD] == [22.0]
-    assert [t for t, a in later if a & Action.RECONNECT][0] == 23.0  # backoff was reset
+    assert next(t for t, a in later if a & Action.RECONNECT) == 23.0  # backoff was reset
 
 
 def test_liveness_rejects_bad_settings() -> None:
@@ -129,11 +131,14 @@ class Harness:
         self.clock = FakeClock()
         self.links: list[FakeLink] = []
         timing = ReliabilityConfig(
-            heartbeat_interval=1.0, liveness=3, ack_timeout=0.5, reconnect_initial=1.0,
+            heartbeat_interval=1.0,
+            liveness=3,
+            ack_timeout=0.5,
+            reconnect_initial=1.0,
             reconnect_max=4.0,
         )
         self.producer = ReliableProducer(
-            self._open,
+            self._open,  # type: ignore[arg-type]
             queue_id="unit",
             queue_type="sage",
             window=100,
@@ -237,7 +242,7 @@ def test_dead_consumer_callback_reconnect_and_revival(harness: Harness) -> None:
     assert p.peer_alive
     harness.advance(0.2)
     assert deaths and 3.0 - 1e-6 <= deaths[0] <= 3.05 + 1e-6
-    assert p.dead and p.dead_event.is_set()
+    assert p.dead and p.dead_event.is_set() and p.reconnect_attempts == 0
     first_link = harness.link
     harness.advance(0.9)
     assert len(harness.links) == 1
@@ -248,9 +253,10 @@ def test_dead_consumer_callback_reconnect_and_revival(harness: Harness) -> None:
     assert len(harness.links) == 2
     harness.advance(0.2)
     assert len(harness.links) == 3  # then 2 s later
+    assert p.reconnect_attempts == 2
     assert len(deaths) == 1
     harness.tick([Credit("s1", 2, 2, 102)])
-    assert p.peer_alive
+    assert p.peer_alive and p.reconnect_attempts == 0
     harness.advance(0.2)
     assert not p.dead_event.is_set()
     harness.advance(5.0)

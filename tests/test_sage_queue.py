@@ -27,7 +27,7 @@ FAST = {
     "reconnect_initial": 0.02,
     "reconnect_max": 0.2,
 }
-FLAVOURS = {
+FLAVOURS: dict[str, tuple[str, dict[str, Any]]] = {
     "sage-ipc": ("sage", {}),
     "sage-tcp": ("sage", {"transport": "tcp"}),
     "shm-ack": ("shm", {"ack": True}),
@@ -96,16 +96,7 @@ def test_spawned_consumer() -> None:
         ("sage", {}, True),
         ("sage", {"transport": "tcp"}, True),
         ("tcp", {"ack": True}, True),
-        pytest.param(
-            "shm",
-            {"ack": True},
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="ShmQueueType.make_producer returns a ShmProducer before "
-                "SocketQueueType's reliability check (one-line fix in shm.py, see report)",
-            ),
-        ),
+        ("shm", {"ack": True}, True),
         ("shm", {}, False),
         ("tcp", {}, False),
     ],
@@ -154,7 +145,9 @@ def test_ack_option_on_tcp_is_checked_at_first_use() -> None:
 
 
 def test_explicit_endpoints() -> None:
-    ipc = QueueDescriptor(None, "sage", {**FAST, "endpoint": conf.descriptor_factory("shm")().endpoint})
+    ipc = QueueDescriptor(
+        None, "sage", {**FAST, "endpoint": conf.descriptor_factory("shm")().endpoint}
+    )
     assert ipc.endpoint and ipc.endpoint.startswith("ipc://")
     tcp = QueueDescriptor(None, "sage", {**FAST, "transport": "tcp"})
     assert tcp.endpoint and tcp.endpoint.startswith("tcp://127.0.0.1:")
@@ -261,7 +254,12 @@ def test_dead_callback_fires_once_per_death() -> None:
         p = _producer(qd)
         fired = threading.Event()
         calls: list[Any] = []
-        p.add_dead_callback(lambda prod: (calls.append(prod), fired.set()))
+
+        def on_dead(prod: Any) -> None:
+            calls.append(prod)
+            fired.set()
+
+        p.add_dead_callback(on_dead)
         assert fired.wait(5.0), "no dead-consumer callback"
         assert calls == [p]
         assert qd.get(timeout=conf.GET_TIMEOUT) == 0  # the consumer appears: revived

@@ -202,7 +202,8 @@ def test_views_kept_alive_are_never_overwritten_and_a_full_pool_goes_inline(make
     pump(qd)
     for i in range(8, 12):
         qd.put(np.full(32 * KiB, i, np.float64), timeout=T)
-        assert is_shared(got := qd.get(timeout=T)) and got[0] == i
+        got = qd.get(timeout=T)
+        assert is_shared(got) and got[0] == i
         del got
     assert sender_stats(qd)["inline_fallbacks"] == 4
 

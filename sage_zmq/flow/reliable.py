@@ -12,7 +12,8 @@ frames, oldest first) happens when (a) the consumer ``session`` changes, (b) a C
 ``limit == 0`` ("who are you?": the consumer restarted or missed HELLO), (c) the socket
 reconnected (a ZeroMQ socket monitor reports it), (d) the peer was declared dead and the socket
 was recreated, and (e) frames the consumer has not *received* saw no progress of ``received``
-for ``ack_timeout`` (received, not acked: a slow consumer that holds frames is not a loss).
+for ``ack_timeout`` (received, not acked: a slow consumer that holds frames is not a loss)
+while the consumer answers (a silent one would only pile copies up in the socket queue).
 ``reliability.max_in_flight`` is not a second window: credits already bound what is in flight.
 
 **Acks are windowed and asynchronous.** The consumer reports ``acked`` in a CREDIT when it has
@@ -74,6 +75,7 @@ the same work itself between polls (at least every 0.5 s).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -244,10 +246,8 @@ class _KeepingLink:
 
     def _unwatch(self) -> None:
         if self.monitor is not None:
-            try:
+            with contextlib.suppress(zmq.ZMQError):
                 self.inner.sock.disable_monitor()
-            except zmq.ZMQError:
-                pass
             self.monitor.close(linger=0)
             self.monitor = None
 
@@ -256,9 +256,7 @@ class _KeepingLink:
             acked, self.first_hello_acked = self.first_hello_acked, None
         self.inner.send_hello(producer, epoch, next_seq, acked)
 
-    def send_batch(
-        self, producer: str, seq: int, records: list[Any]
-    ) -> tuple[int, int, list[str]]:
+    def send_batch(self, producer: str, seq: int, records: list[Any]) -> tuple[int, int, list[str]]:
         inner = self.inner
         frame, sent, errors = inner.codec.encode_batch(
             producer, seq, records, compress=inner.compress
@@ -292,7 +290,7 @@ class _KeepingLink:
         self.inner.close()
 
 
-class _LoggedPending(deque):  # type: ignore[type-arg]
+class _LoggedPending(deque[Any]):
     """The pending deque of a persistent producer: appending logs the record first."""
 
     def __init__(self, log_put: Callable[[Any, int], None]) -> None:
@@ -360,6 +358,7 @@ class ReliableProducer(Producer):
         self._closing = False
         self._next_maint = 0.0
         self._progress_at = self._clock.monotonic()
+        self._resent_at = -1e9
         self._prompt_at = -1e9
         wal: WriteAheadLog | None = None
         producer_id = settings.producer_id
@@ -424,7 +423,7 @@ class ReliableProducer(Producer):
         assert self._wal is not None
         seq = self._next_seq + index
         inner = self._keeping.inner
-        frame, sent, errors = inner.codec.encode_batch(self.producer_id, seq, [item])
+        frame, _sent, errors = inner.codec.encode_batch(self.producer_id, seq, [item])
         if errors:
             err = EncodeError(f"queue {self.queue_id!r}: record not accepted: {errors[0]}")
             err.records_dropped = 1  # type: ignore[attr-defined]
@@ -513,7 +512,7 @@ class ReliableProducer(Producer):
         if self._closing:
             link.send_close(self.producer_id, self._next_seq)
         self._retransmits += n
-        self._progress_at = self._clock.monotonic()
+        self._progress_at = self._resent_at = self._clock.monotonic()
         if n:
             log.info("queue %s: retransmitted %d frames (%s)", self.queue_id, n, why)
 
@@ -547,6 +546,7 @@ class ReliableProducer(Producer):
             kept
             and kept[-1][1] > self._received
             and now - self._progress_at >= self._ack_timeout
+            and self._live.last_heard > self._resent_at  # else copies would pile up unsent
         ):
             self._resend(self._received, "ack timeout")
         wal = self._wal
@@ -598,6 +598,11 @@ class ReliableProducer(Producer):
     def dead(self) -> bool:
         return not self._live.alive
 
+    @property
+    def reconnect_attempts(self) -> int:
+        """Connections recreated since the consumer was declared dead (0 while alive)."""
+        return self._live.backoff.attempts - (0 if self._live.alive else 1)
+
     def add_dead_callback(self, callback: Callable[[ReliableProducer], None]) -> None:
         """Call ``callback(producer)`` each time the consumer is declared dead."""
         self._dead_callbacks.append(callback)
@@ -616,7 +621,9 @@ class ReliableProducer(Producer):
                 try:
                     msg = codec.decode(frame)
                 except DecodeError as exc:  # our own frame: cannot happen unless memory broke
-                    raise DeliveryError(f"queue {self.queue_id!r}: kept frame unreadable: {exc}")
+                    raise DeliveryError(
+                        f"queue {self.queue_id!r}: kept frame unreadable: {exc}"
+                    ) from exc
                 if msg.kind is Kind.END:
                     records.append(EndOfStream())
                 else:
@@ -683,11 +690,13 @@ class ReliableProducer(Producer):
 
     def statistics(self) -> QueueStatistics:
         stats = super().statistics()
+        kept = self._keeping.kept
         extra: dict[str, Any] = {
             "producer_id": self.producer_id,
             "epoch": self.epoch,
             "session": self._session,
-            "kept_frames": len(self._keeping.kept),
+            "kept_frames": len(kept),
+            "kept_records": kept[-1][1] - kept[0][0] if kept else 0,
             "peer_alive": self._live.alive,
             "reconnects": self._reconnects,
         }
@@ -711,10 +720,13 @@ class _RUpstream(_Upstream):
         self.reported_at = 0.0
 
 
-class _Marked(list):  # type: ignore[type-arg]
+class _Marked(list[Any]):
     """A batch whose iterator records each record as consumed when the next is asked for."""
 
     __slots__ = ("consumer", "producer", "seq")
+    consumer: ReliableConsumer
+    producer: str
+    seq: int
 
     def __iter__(self) -> Iterator[Any]:
         consumer: ReliableConsumer = self.consumer
@@ -777,7 +789,8 @@ class ReliableConsumer(Consumer):
             if up is None:
                 self._prompt(inlet, peer, producer)
                 return
-            up.inlet, up.peer = inlet, peer
+            if not self._claim(up, inlet, peer):
+                return
             end = seq + len(records)
             received = up.received
             if end <= received:
@@ -808,7 +821,8 @@ class ReliableConsumer(Consumer):
             if up is None:
                 self._prompt(inlet, peer, producer)
                 return
-            up.inlet, up.peer = inlet, peer
+            if not self._claim(up, inlet, peer):
+                return
             if what == "end":
                 self._on_end(up, event[4])
             elif what == "close":
@@ -822,6 +836,8 @@ class ReliableConsumer(Consumer):
         acked = fields.get("acked", fields["next_seq"])
         up = self._ups.get(producer)
         if up is None:
+            if not self._admit(inlet, peer):
+                return
             base = acked
             persist = self._dedup is not None
             if persist and len(producer.encode()) > MAX_PRODUCER_ID_BYTES:
@@ -840,7 +856,8 @@ class ReliableConsumer(Consumer):
             up.persist = persist
             self._ups[producer] = up
         else:
-            up.inlet, up.peer = inlet, peer
+            if not self._claim(up, inlet, peer):
+                return
             if acked > up.received:
                 up.received = acked  # the producer gave these seqs up (take_unacked)
         up.closing = False
@@ -868,9 +885,12 @@ class ReliableConsumer(Consumer):
     def _retire_current(self) -> None:
         up: Any = self._cur_upstream
         super()._retire_current()
-        if up is not None and up.acked > up.reported:
-            if up.acked - up.reported >= self._ack_step or not self._batches:
-                self._grant(up)
+        if (
+            up is not None
+            and up.acked > up.reported
+            and (up.acked - up.reported >= self._ack_step or not self._batches)
+        ):
+            self._grant(up)
 
     def _get_slow(self, block: bool, timeout: float | None) -> Any:
         ended = self._ended

@@ -35,6 +35,7 @@ __all__ = [
     "finish",
     "hops",
     "is_traced",
+    "local_hops",
     "maybe_trace",
     "on_decode",
     "on_encode",
@@ -58,6 +59,9 @@ _recent_lock = threading.Lock()
 _log_path: str | None = None
 _log_lock = threading.Lock()
 _otel: Any = None  # None: not looked for yet; False: not installed
+
+active = False
+"""True once this process has seen a traced packet; paths without a codec test it per batch."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,8 @@ def start_trace(packet: Packet) -> str:
 
     If OpenTelemetry is installed and a span is active, the packet joins that span's trace.
     """
+    global active
+    active = True
     headers = dict(packet.headers) if packet.headers else {}
     parent = _otel_traceparent()
     headers[TRACEPARENT] = parent or f"00-{os.urandom(16).hex()}-{_span_id()}-01"
@@ -185,6 +191,18 @@ def add_hop(packet: Packet, queue: str, role: str) -> None:
     headers[HOPS] = [*prior, [queue, _process(), role, time.time()]]
 
 
+def local_hops(records: list[Any], queue: str) -> None:
+    """Add a ``local`` hop to the traced Packets of a batch handed over inside one process.
+
+    For queue types without a codec (``local``); call it only ``if tracing.active``.
+    """
+    for record in records:
+        if record.__class__ is Packet:
+            headers = record.headers
+            if headers is not None and HOPS in headers:
+                add_hop(record, queue, "local")
+
+
 def on_encode(headers: dict[str, Any], queue: str | None) -> dict[str, Any]:
     """The headers to put on the wire for a traced packet: a ``put`` hop appended.
 
@@ -197,6 +215,8 @@ def on_encode(headers: dict[str, Any], queue: str | None) -> dict[str, Any]:
 
 def on_decode(headers: dict[str, Any], queue: str | None) -> None:
     """Append a ``get`` hop to headers just decoded from the wire (in place: they are new)."""
+    global active
+    active = True
     hop_list = headers.get(HOPS)
     if isinstance(hop_list, list):
         hop_list.append([queue or "?", _process(), "get", time.time()])

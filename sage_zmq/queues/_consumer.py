@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from operator import length_hint
 import threading
 import time
 from collections import deque
@@ -26,13 +27,16 @@ from sage_zmq.queues.base import ConsumerInlet, Credit, QueueStatistics
 log = logging.getLogger("sage_zmq.queue")
 
 _END = None  # records slot of an END marker in the batch queue
+MAX_PRODUCERS_PER_PEER = 16
+"""Producer ids one connection may introduce (sage-zmq uses one per socket)."""
 _EMPTY_ITER: Iterator[Any] = iter(())
+_END_OF_STREAM = EndOfStream()  # what get() returns at the end; iteration stops on this object
 
 
 class _Upstream:
     """What the consumer knows of one producer."""
 
-    __slots__ = ("closing", "ended", "granted", "inlet", "peer", "producer", "received", "acked")
+    __slots__ = ("acked", "closing", "ended", "granted", "inlet", "peer", "producer", "received")
 
     def __init__(self, producer: str, inlet: ConsumerInlet, peer: Any, base: int) -> None:
         self.producer = producer
@@ -77,6 +81,8 @@ class Consumer:
         self._batches_in = 0
         self._duplicates = 0
         self._gaps = 0
+        self._rejected = 0  # frames refused here (inlets count their own)
+        self._per_peer: dict[tuple[int, Any], int] = {}  # (inlet, peer) -> producer ids it owns
         self._latencies: LatencySamples = _observe.new_latency_window(2048)
         from sage_zmq import _runtime
 
@@ -98,7 +104,7 @@ class Consumer:
         while True:
             yield from self._current
             item = self._get_slow(True, None)
-            if item.__class__ is EndOfStream:
+            if item is _END_OF_STREAM:
                 return
             yield item
 
@@ -128,7 +134,7 @@ class Consumer:
                     self._current = iter(records)
                     return next(self._current)
                 if self._ended >= self._upstreams:
-                    return EndOfStream()
+                    return _END_OF_STREAM
                 if not block:
                     raise Empty(f"queue {self.queue_id!r} is empty")
                 wait = 0.5 if deadline is None else deadline - time.monotonic()
@@ -143,7 +149,9 @@ class Consumer:
         self._cur_upstream = None
         self._current = _EMPTY_ITER
         up.acked = self._cur_end
-        if up.granted - up.acked <= self._share() // 2:
+        share = self._share()
+        # Grant once an eighth of the share was consumed: routers read live load from credits.
+        if up.granted - up.acked <= share - max(1, share // 8):
             self._grant(up)
 
     def _share(self) -> int:
@@ -160,10 +168,7 @@ class Consumer:
     # ------------------------------------------------------------------ intake
     def _pump(self, timeout: float) -> None:
         inlets = self._inlets
-        if len(inlets) == 1:
-            events = inlets[0].recv(timeout)
-        else:
-            events = self._recv_any(timeout)
+        events = inlets[0].recv(timeout) if len(inlets) == 1 else self._recv_any(timeout)
         for event in events:
             self._on_event(event)
 
@@ -181,19 +186,70 @@ class Consumer:
             if events:
                 return events
 
-    def _upstream(self, producer: str, inlet: ConsumerInlet, peer: Any, base: int) -> _Upstream:
+    def _upstream(
+        self, producer: str, inlet: ConsumerInlet, peer: Any, base: int
+    ) -> _Upstream | None:
+        """The producer's state, if this connection may speak for it (None: frame refused)."""
         up = self._ups.get(producer)
         if up is None:
+            if not self._admit(inlet, peer):
+                return None
             up = self._ups[producer] = _Upstream(producer, inlet, peer, base)
-        else:
-            up.inlet, up.peer = inlet, peer
+        elif not self._claim(up, inlet, peer):
+            return None
         return up
+
+    def _admit(self, inlet: ConsumerInlet, peer: Any) -> bool:
+        """Count a new producer id against the connection introducing it (False: refused)."""
+        owner = (id(inlet), peer)
+        count = self._per_peer.get(owner, 0)
+        if count >= MAX_PRODUCERS_PER_PEER:
+            why = f"one connection may use at most {MAX_PRODUCERS_PER_PEER} producer ids"
+            self._refuse(inlet, peer, why)
+            return False
+        self._per_peer[owner] = count + 1
+        return True
+
+    def _claim(self, up: _Upstream, inlet: ConsumerInlet, peer: Any) -> bool:
+        """May this connection speak for ``up``'s producer? Rebinds it if so.
+
+        A producer id belongs to the connection that introduced it; another connection takes
+        it over only once that one is gone (a reconnect gets a new routing id). So a peer
+        cannot move another producer's seqs (dedup state), take its credit, or end its stream.
+        """
+        if up.peer == peer and up.inlet is inlet:
+            return True
+        # Probe the owner with a harmless CREDIT (cumulative, idempotent): ROUTER_MANDATORY
+        # makes the send fail once the owner's connection is gone.
+        if up.inlet.send_credit(up.peer, Credit(self.session, up.received, up.acked, up.granted)):
+            self._refuse(inlet, peer, f"producer id {up.producer!r} belongs to another connection")
+            return False
+        old = (id(up.inlet), up.peer)
+        left = self._per_peer.pop(old, 1) - 1
+        if left > 0:
+            self._per_peer[old] = left
+        new = (id(inlet), peer)
+        self._per_peer[new] = self._per_peer.get(new, 0) + 1
+        up.inlet, up.peer = inlet, peer
+        return True
+
+    def _refuse(self, inlet: ConsumerInlet, peer: Any, why: str) -> None:
+        reject = getattr(inlet, "reject", None)
+        if reject is not None:
+            reject(peer, why)  # counts it, warns once per peer per interval, answers ERROR
+        else:
+            self._rejected += 1
+            log.warning("queue %s: refused a frame: %s", self.queue_id, why)
 
     def _on_event(self, event: tuple[Any, ...]) -> None:
         what = event[0]
         if what == "data":
             _, inlet, peer, producer, seq, records, nbytes = event
+            if not records:
+                return  # carries nothing; it must not move seqs either
             up = self._upstream(producer, inlet, peer, seq)
+            if up is None:
+                return
             end = seq + len(records)
             if end <= up.received:
                 self._duplicates += len(records)
@@ -220,6 +276,8 @@ class Consumer:
         elif what == "end":
             _, inlet, peer, producer, seq = event
             up = self._upstream(producer, inlet, peer, seq)
+            if up is None:
+                return
             if seq < up.received:
                 return  # a retransmitted END we already have
             up.received = seq + 1
@@ -230,20 +288,24 @@ class Consumer:
             producer = fields["producer"]
             known = producer in self._ups
             up = self._upstream(producer, inlet, peer, fields.get("acked", fields["next_seq"]))
+            if up is None:
+                return
             up.closing = False
             if not known:
                 self._grant(up)
         elif what == "close":
             _, inlet, peer, producer, seq = event
             up = self._upstream(producer, inlet, peer, seq)
+            if up is None:
+                return
             up.closing = True
             self._grant(up)  # the receipt the closing producer waits for
         elif what == "heartbeat":
             _, inlet, peer, producer = event
-            up = self._ups.get(producer)
-            if up is not None:
-                up.inlet, up.peer = inlet, peer
-                self._grant(up)
+            if producer in self._ups:
+                up = self._upstream(producer, inlet, peer, 0)
+                if up is not None:
+                    self._grant(up)
 
     SERVICE_INTERVAL = 0.01
 
@@ -269,8 +331,13 @@ class Consumer:
 
     # -------------------------------------------------------------- inspection
     def qsize(self) -> int:
-        from operator import length_hint
-
+        """Records waiting here (approximate, like ``queue.Queue.qsize``)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                if not self._closed:
+                    self._pump(0)  # count what already arrived, not only what was read
+            finally:
+                self._lock.release()
         return length_hint(self._current) + self._queued
 
     def empty(self) -> bool:
@@ -297,7 +364,7 @@ class Consumer:
             bytes_received=self._bytes,
             batches_received=self._batches_in,
             duplicates=self._duplicates,
-            rejected=sum(getattr(i, "rejected", 0) for i in self._inlets),
+            rejected=self._rejected + sum(getattr(i, "rejected", 0) for i in self._inlets),
             producers=len(self._ups),
             upstreams=self._upstreams,
             upstreams_ended=self._ended,
@@ -314,10 +381,18 @@ class Consumer:
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
             from sage_zmq import _runtime
 
             _runtime.ticker().discard(self)
+            try:
+                # Last receipts: producers closing right now learn that what they sent arrived.
+                self._pump(0)
+                for up in self._ups.values():
+                    if not up.ended:
+                        self._grant(up)
+            except Exception as exc:
+                log.debug("queue %s: last read before close failed: %s", self.queue_id, exc)
+            self._closed = True
             self._batches.clear()
             self._current = _EMPTY_ITER
             for inlet in self._inlets:

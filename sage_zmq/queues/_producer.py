@@ -106,8 +106,8 @@ class Producer:
             self._put_end(timeout)
             return
         with self._lock:
-            if self._errors:
-                raise self._take_error(accepted=False)
+            # A record dropped earlier (by the background flush) is reported after this one
+            # is queued, so a caller who catches EncodeError and moves on loses nothing.
             self._update_room()
             if self._room <= 0 and not self._wait_for_room(block, timeout):
                 raise Full(
@@ -250,11 +250,14 @@ class Producer:
                 self._acked = credit.acked
 
     def _update_room(self) -> None:
-        room = 0 if self._errors or self._closed else self._limit - self._next_seq
+        room = 0 if self._closed else self._limit - self._next_seq
         room -= len(self._pending)
         self._room = room
-        # put() appends without a lock while below this: room remains and no flush is due.
-        self._fast_limit = min(len(self._pending) + room, self._flush_at - 1)
+        # put() appends without a lock while below this: room remains and no flush is due
+        # (and no dropped record waits to be reported).
+        self._fast_limit = (
+            -1 if self._errors else min(len(self._pending) + room, self._flush_at - 1)
+        )
 
     def _take_error(self, *, accepted: bool) -> EncodeError:
         errors, self._errors = self._errors, []
@@ -309,6 +312,14 @@ class Producer:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def poll_credit(self) -> int:
+        """Read the consumer's latest reports now; returns :meth:`qsize` (the live backlog)."""
+        with self._lock:
+            if not self._closed:
+                self._apply(self._link.poll(0))
+                self._update_room()
+        return self.qsize()
 
     def qsize(self) -> int:
         """Records this producer put that the consumer has not yet reported consumed."""

@@ -10,14 +10,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sage_zmq.config import current_config
+from sage_zmq.errors import DescriptorError
 from sage_zmq.queues._zmq import (
     DealerLink,
     RouterInlet,
     SocketOptions,
+    bound_by_here,
     claim_prebound,
 )
 from sage_zmq.queues.base import ConsumerInlet, ProducerLink, QueueType
-from sage_zmq.wire.codec import Codec, DecodeLimits
+from sage_zmq.wire.codec import Codec, DecodeLimits, compression_mode
 
 if TYPE_CHECKING:
     from sage_zmq.descriptor import QueueDescriptor
@@ -60,11 +62,15 @@ class SocketQueueType(QueueType):
             curve = security.curve_paths(meta, cfg, default_on=not local) is not None
             where = f"queue {descriptor.queue_id!r} ({meta.get('endpoint') or self.name})"
             security.check_pickle_policy(allow_pickle, curve=curve, local=local, where=where)
-        return Codec(
+        codec = Codec(
             allow_pickle=allow_pickle,
             limits=DecodeLimits(max_frame_bytes=size, max_decompressed_bytes=size),
             zero_copy=bool(meta.get("zero_copy", cfg.performance.zero_copy)),
         )
+        codec.compression_min_bytes = int(
+            meta.get("compression_min_bytes", cfg.performance.compression_min_bytes)
+        )
+        return codec
 
     def socket_options(self, descriptor: QueueDescriptor) -> SocketOptions:
         cfg = current_config()
@@ -97,12 +103,18 @@ class SocketQueueType(QueueType):
         paths = security.curve_paths(descriptor.metadata, cfg, default_on=not local)
         return None if paths is None else security.CurveSetup(paths)
 
-    def compress(self, descriptor: QueueDescriptor) -> bool:
+    def compress(self, descriptor: QueueDescriptor) -> bool | str:
+        """True, False or "auto" (compress on remote tcp links while it pays)."""
         setting = descriptor.metadata.get("compression", current_config().performance.compression)
-        return setting is True
+        return compression_mode(setting, descriptor.metadata.get("endpoint"))
 
     def bind_endpoint(self, descriptor: QueueDescriptor) -> str:
         return str(descriptor.metadata.get("bind", descriptor.metadata["endpoint"]))
+
+    def release(self, descriptor: QueueDescriptor) -> None:
+        inlet = claim_prebound(str(descriptor.metadata.get("endpoint")))
+        if inlet is not None:
+            inlet.close()
 
     def open_producer_link(self, descriptor: QueueDescriptor) -> ProducerLink:
         return DealerLink(
@@ -116,6 +128,14 @@ class SocketQueueType(QueueType):
     def open_consumer_inlet(self, descriptor: QueueDescriptor) -> ConsumerInlet:
         endpoint = str(descriptor.metadata["endpoint"])
         inlet = claim_prebound(endpoint)
+        bound_by = descriptor.metadata.get("bound_by")
+        if inlet is None and bound_by is not None and bound_by != bound_by_here():
+            raise DescriptorError(
+                f"queue {descriptor.queue_id!r}: {endpoint} was bound by the process that "
+                f"created the descriptor (pid {str(bound_by).split('-')[0]}), which is its "
+                "consumer; get() there, or create the descriptor in the consuming process, "
+                "or give an explicit endpoint"
+            )
         if inlet is None:
             inlet = RouterInlet(
                 self.bind_endpoint(descriptor),

@@ -9,6 +9,7 @@ is in flight: HWMs count frames, not records, and libzmq drops an ipc tail at th
 from __future__ import annotations
 
 import logging
+import os as _os
 import re
 import time
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from sage_zmq.wire.codec import Codec
 from sage_zmq.wire.frame import Kind
 
 log = logging.getLogger("sage_zmq.queue")
+
+MAX_BATCH_FRAME = 4 * 1024 * 1024
+"""A batch whose frame is larger than this is split (a single large record is not)."""
 
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)  # plain ints: pyzmq's enum wrappers cost microseconds per call
@@ -106,7 +110,7 @@ class DealerLink:
         codec: Codec,
         opts: SocketOptions,
         *,
-        compress: bool = False,
+        compress: bool | str = False,
         queue_id: str = "",
     ) -> None:
         self.endpoint = endpoint
@@ -137,12 +141,17 @@ class DealerLink:
         }
         self.sock.send(self.codec.encode_control(Kind.HELLO, body))
 
-    def send_batch(
-        self, producer: str, seq: int, records: list[Any]
-    ) -> tuple[int, int, list[str]]:
+    def send_batch(self, producer: str, seq: int, records: list[Any]) -> tuple[int, int, list[str]]:
         frame, sent, errors = self.codec.encode_batch(
             producer, seq, records, compress=self.compress
         )
+        if len(frame) > MAX_BATCH_FRAME and len(sent) > 1:
+            # Many large records: split so one frame never holds e.g. 100 x 1 MB (memory and
+            # head-of-line blocking); each part gets its own consecutive sequence numbers.
+            half = len(sent) // 2
+            n1, b1, e1 = self.send_batch(producer, seq, sent[:half])
+            n2, b2, e2 = self.send_batch(producer, seq + n1, sent[half:])
+            return n1 + n2, b1 + b2, errors + e1 + e2
         if sent:
             self.sock.send(frame, copy=len(frame) < 65536)
         return len(sent), len(frame) if sent else 0, errors
@@ -209,7 +218,9 @@ class RouterInlet:
 
     MAX_FRAMES_PER_PUMP = 8
 
-    def __init__(self, endpoint: str, codec: Codec, opts: SocketOptions, *, queue_id: str = "") -> None:
+    def __init__(
+        self, endpoint: str, codec: Codec, opts: SocketOptions, *, queue_id: str = ""
+    ) -> None:
         self.codec = codec
         self.queue_id = queue_id
         self.rejected = 0
@@ -307,7 +318,9 @@ class RouterInlet:
             self._last_warning[peer] = now
             if len(self._last_warning) > 4096:
                 self._last_warning.clear()
-            log.warning("queue %s: rejected a frame from peer %s: %s", self.queue_id, peer.hex(), why)
+            log.warning(
+                "queue %s: rejected a frame from peer %s: %s", self.queue_id, peer.hex(), why
+            )
         try:
             body = {"code": "rejected", "message": why[:200]}
             self.sock.send_multipart(
@@ -324,7 +337,9 @@ class RouterInlet:
             "limit": credit.limit,
         }
         try:
-            self.sock.send_multipart([peer, self.codec.encode_control(Kind.CREDIT, body)], zmq.NOBLOCK)
+            self.sock.send_multipart(
+                [peer, self.codec.encode_control(Kind.CREDIT, body)], zmq.NOBLOCK
+            )
         except zmq.ZMQError:
             return False
         return True
@@ -338,7 +353,7 @@ class RouterInlet:
         return True
 
     def close(self) -> None:
-        self.sock.close(linger=0)
+        self.sock.close(linger=200)  # long enough for the last receipts to leave
         _observe.link_closed("consumer", self.endpoint, self.queue_id)
 
 
@@ -354,10 +369,15 @@ def prebind(endpoint: str, inlet: RouterInlet) -> None:
     _prebound[endpoint] = inlet
 
 
+def bound_by_here() -> str:
+    """Who bound an endpoint early: this process's pid and a per-process token."""
+    from sage_zmq.queues.local import _process_token
+
+    return _process_token()
+
+
 def _forget_prebound() -> None:
     _prebound.clear()
 
-
-import os as _os  # noqa: E402
 
 _os.register_at_fork(after_in_child=_forget_prebound)

@@ -50,9 +50,7 @@ class ProducerLink(Protocol):
 
     def send_hello(self, producer: str, epoch: int, next_seq: int, acked: int) -> None: ...
 
-    def send_batch(
-        self, producer: str, seq: int, records: list[Any]
-    ) -> tuple[int, int, list[str]]:
+    def send_batch(self, producer: str, seq: int, records: list[Any]) -> tuple[int, int, list[str]]:
         """Send records starting at ``seq``; returns ``(records_sent, bytes, encode_errors)``."""
         ...
 
@@ -106,6 +104,15 @@ class QueueType(ABC):
 
     def check_usable_here(self, descriptor: QueueDescriptor) -> None:
         """Raise a clear error if this process cannot use the descriptor."""
+        return None
+
+    def validate(self, descriptor: QueueDescriptor) -> None:
+        """Check a complete descriptor (e.g. one from ``from_dict``) without side effects."""
+        return None
+
+    def release(self, descriptor: QueueDescriptor) -> None:
+        """Free what this process holds for the queue once its ends are closed."""
+        return None
 
     def make_producer(self, descriptor: QueueDescriptor) -> Any:
         """The producing end in this process (a layer such as reliability may override)."""

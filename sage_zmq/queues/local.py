@@ -13,6 +13,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sage_zmq.errors import DescriptorError
+from sage_zmq.observe import tracing as _tracing
 from sage_zmq.queues.base import Capabilities, ConsumerInlet, Credit, ProducerLink, QueueType
 
 if TYPE_CHECKING:
@@ -76,8 +77,9 @@ class LocalChannel:
 class LocalLink:
     """A producer's side of a :class:`LocalChannel`."""
 
-    def __init__(self, channel: LocalChannel) -> None:
+    def __init__(self, channel: LocalChannel, queue_id: str = "") -> None:
         self._channel = channel
+        self._queue_id = queue_id
         self._last: Credit | None = None
         self._producer = ""
 
@@ -89,9 +91,9 @@ class LocalLink:
         fields = {"producer": producer, "epoch": epoch, "next_seq": next_seq, "acked": acked}
         self._channel.push(("hello", self._inlet(), producer, fields))
 
-    def send_batch(
-        self, producer: str, seq: int, records: list[Any]
-    ) -> tuple[int, int, list[str]]:
+    def send_batch(self, producer: str, seq: int, records: list[Any]) -> tuple[int, int, list[str]]:
+        if _tracing.active:
+            _tracing.local_hops(records, self._queue_id)
         self._channel.push(("data", self._inlet(), producer, producer, seq, records, 0))
         return len(records), 0, []
 
@@ -165,6 +167,21 @@ class LocalQueueType(QueueType):
                 "qd.as_type('tcp') and pass that descriptor instead"
             )
 
+    def validate(self, descriptor: QueueDescriptor) -> None:
+        endpoint = descriptor.metadata.get("endpoint")
+        if not isinstance(endpoint, str) or not endpoint.startswith("inproc://"):
+            raise DescriptorError(
+                f"a local queue's endpoint must be inproc://NAME, got {endpoint!r}"
+            )
+
+    def release(self, descriptor: QueueDescriptor) -> None:
+        from sage_zmq import _runtime
+
+        key = ("local-channel", str(descriptor.metadata["endpoint"]))
+        channel = _runtime.existing_handle(key)
+        if channel is not None:
+            _runtime.forget_handle(key, channel)
+
     def channel(self, descriptor: QueueDescriptor) -> LocalChannel:
         from sage_zmq import _runtime
 
@@ -173,7 +190,7 @@ class LocalQueueType(QueueType):
         return channel
 
     def open_producer_link(self, descriptor: QueueDescriptor) -> ProducerLink:
-        return LocalLink(self.channel(descriptor))
+        return LocalLink(self.channel(descriptor), descriptor.queue_id)
 
     def open_consumer_inlet(self, descriptor: QueueDescriptor) -> ConsumerInlet:
         return LocalInlet(self.channel(descriptor))

@@ -88,7 +88,7 @@ class ShmDealerLink(DealerLink):
         opts: SocketOptions,
         *,
         sender: ShmSender,
-        compress: bool = False,
+        compress: bool | str = False,
         queue_id: str = "",
     ) -> None:
         super().__init__(endpoint, codec, opts, compress=compress, queue_id=queue_id)
@@ -253,7 +253,8 @@ class ShmInlet(RouterInlet):
 
     def recv(self, timeout: float) -> list[tuple[Any, ...]]:
         shm = self.shm
-        shm.flush(self.send_release)  # the socket's owner is here: safe to send
+        # The socket's owner is here: safe to send. About to wait anyway: send everything.
+        shm.flush(self.send_release, force=timeout > 0)
         events = super().recv(timeout)
         producers = shm.producers
         for event in events:
@@ -323,6 +324,15 @@ class ShmQueueType(SocketQueueType):
         cross_process=True, cross_host=False, zero_copy=True, shared_memory=True
     )
 
+    def validate(self, descriptor: QueueDescriptor) -> None:
+        endpoint = descriptor.metadata.get("endpoint")
+        if not isinstance(endpoint, str) or not endpoint.startswith("ipc://"):
+            raise DescriptorError(
+                f"queue_type 'shm' needs an ipc:// endpoint, got {endpoint!r}; "
+                "for tcp:// use queue_type='tcp'"
+            )
+        check_ipc_endpoint(endpoint)
+
     def prepare(self, descriptor: QueueDescriptor) -> dict[str, Any]:
         meta = dict(descriptor.metadata)
         endpoint = meta.get("endpoint")
@@ -368,6 +378,8 @@ class ShmQueueType(SocketQueueType):
         )
 
     def make_producer(self, descriptor: QueueDescriptor) -> Any:
+        if self.reliable(descriptor):
+            return super().make_producer(descriptor)  # acks keep frames: payloads go inline
         s = descriptor.settings()
         link = self.open_producer_link(descriptor)
         assert isinstance(link, ShmDealerLink)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from sage_zmq.config import current_config
 from sage_zmq.errors import DescriptorError
 from sage_zmq.queues._socket_type import SocketQueueType
-from sage_zmq.queues._zmq import RouterInlet, check_tcp_endpoint, prebind
+from sage_zmq.queues._zmq import RouterInlet, bound_by_here, check_tcp_endpoint, prebind
 from sage_zmq.queues.base import Capabilities
 
 if TYPE_CHECKING:
@@ -51,9 +51,18 @@ class TcpQueueType(SocketQueueType):
             bound_port = inlet.endpoint.rsplit(":", 1)[1]
             endpoint = f"tcp://{host}:{bound_port}"
             meta.pop("bind", None)
+            meta["bound_by"] = bound_by_here()
             prebind(endpoint, inlet)
         meta["endpoint"] = endpoint
         return meta
+
+    def validate(self, descriptor: QueueDescriptor) -> None:
+        endpoint = descriptor.metadata.get("endpoint")
+        if not isinstance(endpoint, str) or not endpoint.startswith("tcp://"):
+            raise DescriptorError(
+                f"queue_type 'tcp' needs a tcp://HOST:PORT endpoint, got {endpoint!r}"
+            )
+        check_tcp_endpoint(endpoint)
 
 
 def _bracket(host: str) -> str:

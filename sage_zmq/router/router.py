@@ -109,13 +109,14 @@ class RouterStatistics:
 class _Target:
     """The router's state for one connection."""
 
-    __slots__ = ("conn", "delivered", "index", "probe", "qd", "stalled_until", "used")
+    __slots__ = ("conn", "consumed", "delivered", "index", "probe", "qd", "stalled_until", "used")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.qd: QueueDescriptor = conn.queue_descriptor
         self.index = conn.target_input_index
         self.delivered = 0
+        self.consumed = 0  # as last reported to the load tracker
         self.used = False  # a put went through this router: a producer exists here
         self.stalled_until = 0.0  # > 0: stalled until then (monotonic), then probed
         self.probe = False  # next put is a non-blocking probe
@@ -254,6 +255,9 @@ class BaseRouter:
         self._stop_signals = 0
         self._tick = 0
         self._removed_delivered: dict[tuple[int, int], int] = {}
+        from sage_zmq.observe import metrics
+
+        metrics.register_router(self, self.name)
 
     def _check_load_tracking(self) -> None:
         from sage_zmq.router.load import LoadTracker
@@ -305,7 +309,9 @@ class BaseRouter:
         that queue (delivered if its consumer reads them; a ``DeliveryError`` on the
         descriptor's ``close`` otherwise). With hash routing the instance stays in the group's
         key-group layout, so its keys raise instead of moving, unless ``rescale=True``: then
-        the layout shrinks and keys move (keyed state must move with them).
+        the layout shrinks and keys move (keyed state must move with them). Likewise a group
+        whose last instance is removed keeps expecting packets (``route`` raises) unless the
+        removals were ``rescale=True``: a group's share is never dropped silently.
         """
         if not isinstance(conn, Connection):
             raise RoutingError(
@@ -361,6 +367,11 @@ class BaseRouter:
         (a :class:`RoutingError`) if any group could not take it, after trying every group.
         """
         if not isinstance(packet, Packet):
+            if isinstance(packet, EndOfStream):
+                raise RoutingError(
+                    f"{self.name}: route() got an EndOfStream; call send_stop_signal() to end "
+                    "the stream (it reaches every target queue once)"
+                )
             packet = Packet(packet)
         if self._closed or self._ended:
             self._failures += 1
@@ -575,14 +586,15 @@ class BaseRouter:
         g.next_refresh = now + self.load_interval
         for p, t in g.targets.items():
             if not t.used:
-                continue  # no producer here yet; reading would open the queue
+                continue  # no producer here yet: full() would open a consumer instead
             qd = t.qd
-            stats = qd.statistics()
-            if "producer" not in stats.role:
-                continue
             qd.full()  # reads the credits that arrived: the receiver's latest report
-            stats = qd.statistics()
-            tracker.observe(p, stats.depth, now, stats.acked)
+            depth = qd.backlog()
+            # Consumed = what we put minus what is not yet consumed; exact while this router is
+            # the only one in the process feeding that queue, and kept monotonic otherwise.
+            consumed = max(t.delivered - depth, t.consumed)
+            t.consumed = consumed
+            tracker.observe(p, depth, now, consumed)
 
     # ------------------------------------------------------------------ end, stats, close
     def send_stop_signal(self) -> int:

@@ -764,6 +764,11 @@ class SegmentCache:
             self.forget(name)
 
     @property
+    def mapped_count(self) -> int:
+        """How many segments are mapped (a lock-free snapshot)."""
+        return len(self._maps)
+
+    @property
     def mapped(self) -> tuple[str, ...]:
         with self._lock:
             return tuple(self._maps)

@@ -50,6 +50,11 @@ _WARN_EVERY = 10.0
 _TRIM_EVERY = 10.0
 _RELEASE_CHUNK = 4096
 
+RELEASE_BATCH = 16
+"""Releases a consumer collects before it sends them (unless RELEASE_DELAY passed)."""
+RELEASE_DELAY = 0.002
+"""Seconds a release may wait for company before it is sent."""
+
 
 # --------------------------------------------------------------------------------------------
 # wire form of the reference
@@ -432,7 +437,10 @@ class ShmSender:
     # -- producer-side buffers ---------------------------------------------------------------
 
     def alloc(
-        self, shape: int | Sequence[int], dtype: npt.DTypeLike = np.uint8, timeout: float | None = None
+        self,
+        shape: int | Sequence[int],
+        dtype: npt.DTypeLike = np.uint8,
+        timeout: float | None = None,
     ) -> np.ndarray:
         """A writable array to fill in place and ``put`` with no copy.
 
@@ -535,8 +543,8 @@ class ShmReceiver:
     """Consumer side: decodes ext 4 into views of the producer's slots, queues releases.
 
     The inlet's codec carries ``shm_origin`` (the ZeroMQ routing id of the frame being
-    decoded, set by the inlet before each decode); the inlet calls :meth:`flush` with its socket's ``send_release`` whenever it reads, and
-    :meth:`close` when it closes.
+    decoded, set by the inlet before each decode); the inlet calls :meth:`flush` with its
+    socket's ``send_release`` whenever it reads, and :meth:`close` when it closes.
     """
 
     def __init__(self, codec: Any, *, zero_copy: bool = True) -> None:
@@ -547,6 +555,7 @@ class ShmReceiver:
         self._pending: deque[tuple[Any, int]] = deque()
         self._callbacks: dict[Any, Callable[[int], None]] = {}
         self._mapped = 0
+        self._last_flush = 0.0
         self._closed = False
         self.views = 0
         self.copies = 0
@@ -585,10 +594,18 @@ class ShmReceiver:
     def pending(self) -> int:
         return len(self._pending)
 
-    def flush(self, send: Callable[[Any, str, list[int]], bool]) -> None:
-        """Send queued releases, one RELEASE per producer (``send(peer, producer, ids)``)."""
+    def flush(self, send: Callable[[Any, str, list[int]], bool], force: bool = True) -> None:
+        """Send queued releases, one RELEASE per producer (``send(peer, producer, ids)``).
+
+        Unless ``force``, a few releases wait (up to ``RELEASE_BATCH`` ids or
+        ``RELEASE_DELAY`` s) so that small payloads do not cost a frame each way.
+        """
         pending = self._pending
-        if pending:
+        if not pending:
+            return
+        now = time.monotonic()
+        if force or len(pending) >= RELEASE_BATCH or now - self._last_flush >= RELEASE_DELAY:
+            self._last_flush = now
             groups: dict[Any, list[int]] = {}
             while pending:
                 peer, slot_id = pending.popleft()
@@ -598,17 +615,15 @@ class ShmReceiver:
                 for i in range(0, len(ids), _RELEASE_CHUNK):
                     if send(peer, producer, ids[i : i + _RELEASE_CHUNK]):
                         self.releases_sent += 1
-        mapped = len(self.cache.mapped)
-        if mapped > self._mapped:
-            self.forget_gone()  # a new segment may replace ones its producer dropped
-        self._mapped = len(self.cache.mapped)
+            if self.cache.mapped_count != self._mapped:
+                self.forget_gone()  # a new segment may replace ones its producer dropped
 
     def forget_gone(self) -> None:
         """Unmap cached segments whose producer unlinked them (closed, trimmed or died)."""
         for name in self.cache.mapped:
             if not os.path.exists(os.path.join(SHM_DIR, name)):
                 self.cache.forget(name)
-        self._mapped = len(self.cache.mapped)
+        self._mapped = self.cache.mapped_count
 
     def statistics(self) -> dict[str, Any]:
         return {

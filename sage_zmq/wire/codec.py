@@ -22,7 +22,7 @@ import ipaddress
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import lz4.frame
 import msgpack
@@ -40,6 +40,7 @@ EXT_SHM_REF = 4
 EXT_PICKLE = 127
 
 MAX_PRODUCER_ID = 128
+MAX_EXT_DEPTH = 16
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ class Codec:
         self.shm_origin: Any = None
         self.compression_min_bytes = 64
         self.lz4_policy = Lz4Policy()
+        self._ext_depth = 0
         self._packer = msgpack.Packer(default=self._default, use_bin_type=True, datetime=False)
 
     # ------------------------------------------------------------------ encode
@@ -213,7 +215,7 @@ class Codec:
         dtype: Any = arr.dtype.str if arr.dtype.fields is None else arr.dtype.descr
         data = np.ascontiguousarray(arr)
         return msgpack.packb(
-            [dtype, list(arr.shape), memoryview(data).cast("B") if data.size else b""],
+            [dtype, list(arr.shape), memoryview(cast(Any, data)).cast("B") if data.size else b""],
             use_bin_type=True,
         )
 
@@ -227,7 +229,8 @@ class Codec:
         """
         try:
             body = self._packer.pack([producer, seq, records])
-            sent, errors = records, []
+            sent: list[Any] = records
+            errors: list[str] = []
         except Exception:
             self._packer.reset()
             body, sent, errors = self._encode_salvaging(producer, seq, records)
@@ -309,6 +312,8 @@ class Codec:
             raise DecodeError(f"bad lz4 body: {exc}") from None
         if not decompressor.eof:
             raise DecodeError(f"lz4 body is truncated or inflates beyond {limit} bytes")
+        if decompressor.unused_data:
+            raise DecodeError("bytes after the lz4 frame: the body must be exactly one frame")
         return out
 
     def _ext_hook(self, code: int, data: bytes) -> Any:
@@ -318,7 +323,12 @@ class Codec:
                 if not isinstance(fields, list) or len(fields) != 6:
                     raise DecodeError("Packet extension must hold 6 fields")
                 payload, index, key, strategy, headers, ts = fields
-                if not isinstance(index, int) or not isinstance(ts, int | float):
+                if (
+                    not isinstance(index, int)
+                    or not isinstance(ts, int | float)
+                    or isinstance(index, bool)
+                    or isinstance(ts, bool)
+                ):
                     raise DecodeError("Packet input_index/timestamp have wrong types")
                 if strategy is not None and not isinstance(strategy, str):
                     raise DecodeError("Packet partition_strategy must be a string or nil")
@@ -344,21 +354,28 @@ class Codec:
         raise DecodeError(f"unknown or disabled msgpack extension type {code}")
 
     def _unpack_inner(self, data: bytes) -> Any:
-        return msgpack.unpackb(
-            data,
-            ext_hook=self._ext_hook,
-            raw=False,
-            strict_map_key=False,
-        )
+        # Extension values nest by re-entering the C unpacker; bound the depth ourselves so a
+        # hostile frame cannot exhaust the C stack (msgpack's own bound is per unpacker).
+        depth = self._ext_depth
+        if depth >= MAX_EXT_DEPTH:
+            raise DecodeError(f"extension values nested deeper than {MAX_EXT_DEPTH}")
+        self._ext_depth = depth + 1
+        try:
+            return msgpack.unpackb(
+                data,
+                ext_hook=self._ext_hook,
+                raw=False,
+                strict_map_key=False,
+            )
+        finally:
+            self._ext_depth = depth
 
     def _decode_ndarray(self, data: bytes) -> np.ndarray:
         fields = msgpack.unpackb(data, raw=False)
         if not isinstance(fields, list) or len(fields) != 3:
             raise DecodeError("ndarray extension must hold [dtype, shape, data]")
         dtype_spec, shape, raw = fields
-        if not isinstance(shape, list) or not all(
-            isinstance(n, int) and n >= 0 for n in shape
-        ):
+        if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
             raise DecodeError("ndarray shape must be a list of non-negative ints")
         if not isinstance(raw, bytes):
             raise DecodeError("ndarray data must be bin")

@@ -153,3 +153,24 @@ test("the consumer answers HEARTBEAT and CLOSE with CREDIT and rejects bad frame
     await consumer.close();
   }
 });
+
+test("a record that cannot be encoded is reported; the rest of its batch still goes", async () => {
+  const consumer = new Consumer({ maxsize: 100 });
+  const endpoint = await consumer.bind();
+  const producer = new Producer(endpoint, { maxsize: 100 });
+  try {
+    producer.put(1);
+    producer.put(new Date(0)); // no wire form
+    await producer.put(3);
+    await assert.rejects(producer.flush(), (err) => {
+      assert.equal(err.name, "EncodeError");
+      assert.match(err.message, /Date/);
+      return true;
+    });
+    await producer.end();
+    await producer.close();
+    assert.deepEqual(await collect(consumer), [1, 3]);
+  } finally {
+    await consumer.close();
+  }
+});

@@ -1,0 +1,518 @@
+"""``ray``: Ray places the actors and tells producers where to connect; ZeroMQ carries the data.
+
+A ray descriptor is a small value, ``ray://<queue_id>``: no address, no actor handle. The
+consumer (driver, task or actor, on any node) binds a tcp ROUTER on its node's address
+(``ray.util.get_node_ip_address()``, or ``metadata["host"]``) and publishes the endpoint in
+Ray's GCS key-value store under ``<ray namespace>/<queue_id>``. The KV store was chosen over a
+named registry actor: it needs no extra worker process, has no creation race or lifetime to
+manage, and outlives any worker. Producers look the endpoint up lazily and again when their
+socket reports the consumer gone or credit stalls; a consumer actor that Ray restarts
+(``max_restarts``) binds a new port and republishes, and producers move to it.
+
+Without ``ack``/``persist``, records in flight to a consumer that died are lost with it; the
+new consumer logs the gap and a producer's ``close`` raises ``DeliveryError`` for what was not
+confirmed. With ``metadata["ack"] = True`` the reliable layer retransmits them. Backpressure is
+the core's: ``put`` blocks on credit (``Full`` after ``timeout``), nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from sage_zmq import _runtime
+from sage_zmq.errors import DescriptorError, MissingDependency, SageZmqError
+from sage_zmq.queues._socket_type import SocketQueueType
+from sage_zmq.queues._zmq import DealerLink, RouterInlet
+from sage_zmq.queues.base import Capabilities, ConsumerInlet, Credit, ProducerLink
+from sage_zmq.wire.codec import Codec
+from sage_zmq.wire.frame import Kind
+
+if TYPE_CHECKING:
+    from sage_zmq.descriptor import QueueDescriptor
+
+__all__ = [
+    "INSTALL_HINT",
+    "ConsumerEntry",
+    "RayConsumerInlet",
+    "RayNotConnected",
+    "RayProducerLink",
+    "RayQueueType",
+    "consume_here",
+    "lookup_consumer",
+]
+
+log = logging.getLogger("sage_zmq.queue.ray")
+
+INSTALL_HINT = "pip install sage-zmq[ray]"
+KV_NAMESPACE = "sage_zmq.queues"
+_SCHEME = "ray://"
+
+
+class RayNotConnected(SageZmqError):
+    """This process is not connected to a Ray cluster (``ray.init()`` was not called)."""
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise MissingDependency(
+            f"queue_type 'ray' needs Ray, which is not installed here: {INSTALL_HINT}"
+        ) from None
+    return ray
+
+
+def _connected_ray() -> Any:
+    ray = _ray()
+    if not ray.is_initialized():
+        raise RayNotConnected(
+            "queue_type 'ray' needs this process connected to Ray: call ray.init() (or "
+            "ray.init(address=...)) in the driver first; tasks and actors are connected already"
+        )
+    return ray
+
+
+# ------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class ConsumerEntry:
+    """What a consumer publishes: where to connect, and a token that changes on restart."""
+
+    endpoint: str
+    token: str
+    node_id: str = ""
+    pid: int = 0
+
+
+def _key(descriptor: QueueDescriptor) -> str:
+    ns = descriptor.metadata.get("namespace")
+    if ns is None:
+        ns = _connected_ray().get_runtime_context().namespace
+    return f"{ns}/{descriptor.queue_id}"
+
+
+def _kv() -> Any:
+    _connected_ray()
+    # Ray's GCS KV store; an internal module, so every use goes through this one function.
+    from ray.experimental import internal_kv
+
+    return internal_kv
+
+
+def lookup_consumer(descriptor: QueueDescriptor) -> ConsumerEntry | None:
+    """The consumer currently published for a ray queue, or None."""
+    raw = _kv()._internal_kv_get(_key(descriptor), namespace=KV_NAMESPACE)
+    if raw is None:
+        return None
+    try:
+        fields = json.loads(raw)
+        endpoint, token = str(fields["endpoint"]), str(fields["token"])
+        return ConsumerEntry(endpoint, token, str(fields["node_id"]), int(fields["pid"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("queue %s: unreadable registry entry %r: %s", descriptor.queue_id, raw, exc)
+        return None
+
+
+def _publish(descriptor: QueueDescriptor, entry: ConsumerEntry) -> None:
+    value = json.dumps(entry.__dict__).encode()
+    _kv()._internal_kv_put(_key(descriptor), value, True, namespace=KV_NAMESPACE)
+
+
+def _unpublish(descriptor: QueueDescriptor, token: str) -> None:
+    current = lookup_consumer(descriptor)
+    if current is not None and current.token == token:
+        _kv()._internal_kv_del(_key(descriptor), namespace=KV_NAMESPACE)
+
+
+def consume_here(descriptor: QueueDescriptor) -> None:
+    """Become the consumer now (e.g. in an actor's ``__init__``) so producers find it early.
+
+    Otherwise the consumer binds and publishes at its first ``get``.
+    """
+    descriptor._handle().consumer(descriptor)
+
+
+# ------------------------------------------------------------------------------- consumer
+class RayConsumerInlet(RouterInlet):
+    """A ROUTER on this node's address, published in Ray's KV store while it is open."""
+
+    def __init__(
+        self, descriptor: QueueDescriptor, codec: Codec, opts: Any, host: str
+    ) -> None:
+        super().__init__(f"tcp://{_bracket(host)}:0", codec, opts, queue_id=descriptor.queue_id)
+        self._descriptor = descriptor
+        self.token = os.urandom(8).hex()
+        ray = _connected_ray()
+        entry = ConsumerEntry(
+            self.endpoint, self.token, ray.get_runtime_context().get_node_id(), os.getpid()
+        )
+        try:
+            _publish(descriptor, entry)
+        except BaseException:
+            super().close()
+            raise
+
+    def close(self) -> None:
+        try:
+            _unpublish(self._descriptor, self.token)
+        except Exception as exc:  # Ray may be shut down already; the entry is then moot
+            log.debug("queue %s: could not unpublish: %s", self.queue_id, exc)
+        super().close()
+
+
+# ------------------------------------------------------------------------------- producer
+_SUSPECT_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+_MONITOR_EVENTS = _SUSPECT_EVENTS | zmq.EVENT_CONNECTED
+
+
+class RayProducerLink:
+    """A producer's link that finds the consumer through Ray and follows it across restarts.
+
+    Until a consumer is published, frames wait here (credits bound them to ``maxsize``
+    records) and ``poll`` keeps looking; once found, they go out in order. When the socket
+    reports the consumer gone, or no credit came for ``STALL`` seconds while records are
+    unconfirmed, the link looks again; a new entry (token) means a new consumer: the link
+    connects to it and introduces the producer with a HELLO from the last acked seq.
+    """
+
+    LOOKUP_MIN = 0.01
+    LOOKUP_MAX = 0.5
+    STALL = 1.0
+    WAIT_SLICE = 0.1
+
+    def __init__(
+        self,
+        descriptor: QueueDescriptor,
+        make_link: Callable[[str], DealerLink],
+        codec: Codec,
+        compress: bool | str,
+        reliable: bool = False,
+    ) -> None:
+        self.queue_id = descriptor.queue_id
+        self.codec = codec
+        self.compress = compress
+        self.released: list[int] = []
+        self.reconnects = 0
+        self._descriptor = descriptor
+        self._make = make_link
+        self._reliable = reliable  # the reliable layer above retransmits after a restart
+        self._inner: DealerLink | None = None
+        self._monitor: zmq.Socket[Any] | None = None
+        self._entry: ConsumerEntry | None = None
+        self._backlog: list[Callable[[DealerLink], None]] = []
+        self._hello: tuple[str, int] | None = None
+        self._sent_seq = 0
+        self._acked = 0
+        self._received = 0
+        self._suspect = False
+        self._gap = self.LOOKUP_MIN
+        self._next_lookup = 0.0
+        self._last_credit = time.monotonic()
+        self._closed = False
+        # The ticker thread resolves and follows the consumer while the producer is idle.
+        self._lock = threading.RLock()
+        self._lookup()
+        if self._inner is None:
+            _runtime.ticker().add(self, self.LOOKUP_MIN)
+
+    # ------------------------------------------------------------------ finding the consumer
+    @property
+    def endpoint(self) -> str:
+        return "" if self._entry is None else self._entry.endpoint
+
+    @property
+    def errors(self) -> int:
+        return 0 if self._inner is None else self._inner.errors
+
+    def _lookup(self) -> bool:
+        """Look the consumer up; True if the link moved to a new one."""
+        now = time.monotonic()
+        self._next_lookup = now + self._gap
+        self._gap = min(self._gap * 2, self.LOOKUP_MAX)
+        try:
+            entry = lookup_consumer(self._descriptor)
+        except SageZmqError:
+            raise
+        except Exception as exc:  # a GCS hiccup: keep the current socket, try again later
+            log.debug("queue %s: consumer lookup failed: %s", self.queue_id, exc)
+            return False
+        if entry is None or (self._entry is not None and entry.token == self._entry.token):
+            return False
+        self._switch(entry)
+        return True
+
+    def _switch(self, entry: ConsumerEntry) -> None:
+        old = self._inner
+        inner = self._make(entry.endpoint)
+        monitor = inner.sock.get_monitor_socket(_MONITOR_EVENTS)
+        self._drop_socket(linger=0)
+        self._inner, self._monitor, self._entry = inner, monitor, entry
+        self._suspect = False
+        self._gap = self.LOOKUP_MIN
+        self._last_credit = time.monotonic()
+        if old is None:
+            backlog, self._backlog = self._backlog, []
+            for send in backlog:
+                send(inner)
+            return
+        self.reconnects += 1
+        at_risk = self._sent_seq - self._acked
+        if at_risk > 0 and not self._reliable:
+            log.warning(
+                "queue %s: consumer restarted (now %s); up to %d records sent to the old one "
+                "(seq %d..%d) were not acked and are lost; set metadata ack=True to have them "
+                "retransmitted",
+                self.queue_id,
+                entry.endpoint,
+                at_risk,
+                self._acked,
+                self._sent_seq - 1,
+            )
+        else:
+            log.info("queue %s: consumer restarted (now %s)", self.queue_id, entry.endpoint)
+        if self._hello is not None:
+            producer, epoch = self._hello
+            if not self._reliable:
+                # Nothing will retransmit the lost range: start the new consumer after it,
+                # or it would wait for seqs that never come and grant no credit.
+                self._acked = self._received = self._sent_seq
+            inner.send_hello(producer, epoch, self._sent_seq, self._acked)
+
+    def _drop_socket(self, linger: int | None) -> None:
+        inner, monitor = self._inner, self._monitor
+        self._inner = self._monitor = None
+        if inner is None:
+            return
+        if monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                inner.sock.disable_monitor()
+            monitor.close(linger=0)
+        if linger is not None:
+            inner.sock.setsockopt(zmq.LINGER, linger)
+        inner.close()
+
+    def _watch(self) -> None:
+        monitor = self._monitor
+        while monitor is not None:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if event["event"] & _SUSPECT_EVENTS:
+                if not self._suspect:
+                    self._suspect = True
+                    self._gap = self.LOOKUP_MIN
+                    self._next_lookup = 0.0
+                    _runtime.ticker().add(self, self.LOOKUP_MIN)
+            elif event["event"] == zmq.EVENT_CONNECTED:
+                self._suspect = False
+
+    def _maybe_lookup(self, now: float) -> None:
+        if now < self._next_lookup:
+            return
+        stalled = (
+            self._sent_seq > self._received and now - self._last_credit > self.STALL
+        )
+        if self._inner is None or self._suspect or stalled:
+            self._lookup()
+
+    def tick(self, now: float) -> float | None:
+        """Ticker thread: look for the consumer while none is known or it seems gone."""
+        if self._closed:
+            return None
+        if not self._lock.acquire(blocking=False):
+            return self.LOOKUP_MIN  # the producer is using the link: look next tick
+        try:
+            if self._closed:
+                return None
+            self._watch()
+            self._maybe_lookup(time.monotonic())
+            if self._inner is None or self._suspect:
+                return max(self.LOOKUP_MIN, self._next_lookup - time.monotonic())
+            return None
+        finally:
+            self._lock.release()
+
+    # ------------------------------------------------------------------------- sending
+    def send_hello(self, producer: str, epoch: int, next_seq: int, acked: int) -> None:
+        with self._lock:
+            self._hello = (producer, epoch)
+            self._sent_seq = max(self._sent_seq, next_seq)
+            self._acked = max(self._acked, acked)
+            self._received = max(self._received, acked)
+            if self._inner is not None:
+                self._inner.send_hello(producer, epoch, next_seq, acked)
+            else:
+                self._backlog.append(lambda link: link.send_hello(producer, epoch, next_seq, acked))
+
+    def send_batch(
+        self, producer: str, seq: int, records: list[Any]
+    ) -> tuple[int, int, list[str]]:
+        with self._lock:
+            inner = self._inner
+            if inner is not None and self._monitor is not None:
+                self._watch()
+                if self._suspect:
+                    self._maybe_lookup(time.monotonic())
+                    inner = self._inner
+            if inner is not None:
+                result = inner.send_batch(producer, seq, records)
+            else:
+                frame, sent, errors = self.codec.encode_batch(
+                    producer, seq, records, compress=self.compress
+                )
+                if sent:
+                    self._backlog.append(lambda link: link.send_frame(frame))
+                result = (len(sent), len(frame) if sent else 0, errors)
+            self._sent_seq = max(self._sent_seq, seq + result[0])
+            return result
+
+    def send_frame(self, frame: bytes) -> None:
+        """Send an already encoded frame (the reliable layer's retransmissions)."""
+        with self._lock:
+            if self._inner is not None:
+                self._inner.send_frame(frame)
+            else:
+                self._backlog.append(lambda link: link.send_frame(frame))
+
+    def send_end(self, producer: str, seq: int) -> None:
+        with self._lock:
+            self._sent_seq = max(self._sent_seq, seq + 1)
+            self._control(Kind.END, lambda link: link.send_end(producer, seq))
+
+    def send_close(self, producer: str, seq: int) -> None:
+        with self._lock:
+            self._control(Kind.CLOSE, lambda link: link.send_close(producer, seq))
+
+    def send_heartbeat(self, producer: str) -> None:
+        with self._lock:
+            self._control(Kind.HEARTBEAT, lambda link: link.send_heartbeat(producer))
+
+    def _control(self, kind: Kind, send: Callable[[DealerLink], None]) -> None:
+        if self._inner is not None:
+            send(self._inner)
+        elif kind is not Kind.HEARTBEAT:  # a heartbeat to nobody means nothing later
+            self._backlog.append(send)
+
+    # ------------------------------------------------------------------------- credits
+    def poll(self, timeout: float) -> list[Credit]:
+        with self._lock:
+            deadline = time.monotonic() + max(0.0, timeout)
+            while True:
+                self._watch()
+                now = time.monotonic()
+                self._maybe_lookup(now)
+                remaining = deadline - now
+                inner = self._inner
+                if inner is None:
+                    if remaining <= 0:
+                        return []
+                    time.sleep(max(0.0, min(remaining, self._next_lookup - now, self.WAIT_SLICE)))
+                    continue
+                credits = inner.poll(max(0.0, min(remaining, self.WAIT_SLICE)))
+                if credits:
+                    self._on_credits(credits)
+                    return credits
+                if deadline - time.monotonic() <= 0:
+                    return []
+
+    def _on_credits(self, credits: list[Credit]) -> None:
+        self._last_credit = time.monotonic()
+        self._suspect = False
+        for credit in credits:
+            if credit.limit == 0:
+                continue  # a reliable consumer's "who are you?": no progress in it
+            self._acked = max(self._acked, credit.acked)
+            self._received = max(self._received, credit.received)
+        if self._inner is not None:
+            self.released.extend(self._inner.released)
+            self._inner.released.clear()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._backlog.clear()
+            self._drop_socket(linger=None)
+        _runtime.ticker().discard(self)
+
+
+# ------------------------------------------------------------------------------- the type
+class RayQueueType(SocketQueueType):
+    """Registered as ``ray``; the reliable layer applies with ``ack``/``persist``."""
+
+    name: ClassVar[str] = "ray"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        cross_process=True,
+        cross_host=True,
+        extra="Ray finds the consumer (GCS KV store); ZeroMQ tcp carries the data",
+    )
+
+    def prepare(self, descriptor: QueueDescriptor) -> dict[str, Any]:
+        _ray()
+        meta = dict(descriptor.metadata)
+        meta.setdefault("endpoint", f"{_SCHEME}{descriptor.queue_id}")
+        self._check(descriptor.queue_id, meta)
+        return meta
+
+    def validate(self, descriptor: QueueDescriptor) -> None:
+        self._check(descriptor.queue_id, descriptor.metadata)
+
+    @staticmethod
+    def _check(queue_id: str, meta: dict[str, Any]) -> None:
+        endpoint = meta.get("endpoint")
+        if endpoint != f"{_SCHEME}{queue_id}":
+            raise DescriptorError(
+                f"a ray queue's endpoint is ray://<queue_id> (here {_SCHEME}{queue_id}), got "
+                f"{endpoint!r}: leave endpoint out; Ray finds the consumer's tcp address itself"
+            )
+        for key in ("host", "namespace"):
+            value = meta.get(key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise DescriptorError(
+                    f"metadata[{key!r}] of a ray queue must be a non-empty string, got {value!r}"
+                )
+        if meta.get("host") in ("*", "0.0.0.0", "::"):
+            raise DescriptorError(
+                f"metadata['host'] = {meta['host']!r} is not connectable: name this node's "
+                "address (the default is ray.util.get_node_ip_address())"
+            )
+
+    def check_usable_here(self, descriptor: QueueDescriptor) -> None:
+        _connected_ray()
+
+    def release(self, descriptor: QueueDescriptor) -> None:
+        """Nothing is bound before first use, so nothing to free."""
+
+    def open_producer_link(self, descriptor: QueueDescriptor) -> ProducerLink:
+        codec = self.codec(descriptor)
+        opts = self.socket_options(descriptor)
+        compress = self.compress(descriptor)
+
+        def make(endpoint: str) -> DealerLink:
+            return DealerLink(
+                endpoint, codec, opts, compress=compress, queue_id=descriptor.queue_id
+            )
+
+        return RayProducerLink(descriptor, make, codec, compress, self.reliable(descriptor))
+
+    def open_consumer_inlet(self, descriptor: QueueDescriptor) -> ConsumerInlet:
+        host = descriptor.metadata.get("host") or _connected_ray().util.get_node_ip_address()
+        return RayConsumerInlet(
+            descriptor, self.codec(descriptor), self.socket_options(descriptor), str(host)
+        )
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

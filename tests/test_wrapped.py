@@ -1,0 +1,138 @@
+"""``QueueDescriptor.from_existing``: queue.Queue and multiprocessing.Queue behind the same API.
+
+The Ray queue case lives in ``test_ray_queue.py`` (it needs that module's Ray session).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import queue
+import threading
+
+import pytest
+
+from sage_zmq import DescriptorError, Empty, EndOfStream, Full, QueueDescriptor
+from sage_zmq.queues import wrapped
+
+
+def test_queue_queue_items_are_shared_with_raw_users() -> None:
+    q: queue.Queue[object] = queue.Queue()
+    qd = QueueDescriptor.from_existing(q, queue_id="jobs")
+    assert qd.queue_type == "wrapped" and qd.queue_id == "jobs"
+    record = {"a": [1, 2]}
+    qd.put(record)
+    assert q.get_nowait() is record  # by reference, like queue.Queue itself
+    q.put("from raw")
+    assert qd.get(timeout=1) == "from raw"
+    assert qd.qsize() == 0 and qd.empty()
+    assert qd.statistics().received == 1
+    qd.close()
+    wrapped.forget(qd)
+
+
+def test_same_queue_same_reference() -> None:
+    q: queue.Queue[object] = queue.Queue()
+    a = QueueDescriptor.from_existing(q)
+    b = QueueDescriptor.from_existing(q)
+    assert a.metadata["ref"] == b.metadata["ref"]
+    wrapped.forget(a)
+
+
+def test_bounded_queue_full_and_empty_are_ours() -> None:
+    q: queue.Queue[object] = queue.Queue(maxsize=2)
+    qd = QueueDescriptor.from_existing(q)
+    assert qd.maxsize == 2
+    qd.put(1)
+    qd.put(2)
+    assert qd.full()
+    with pytest.raises(Full, match="is full"):
+        qd.put(3, timeout=0.05)
+    with pytest.raises(queue.Full):  # still a queue.Full for existing worker loops
+        qd.put_nowait(3)
+    assert [qd.get(), qd.get()] == [1, 2]  # nothing dropped
+    with pytest.raises(Empty):
+        qd.get(timeout=0.05)
+    with pytest.raises(queue.Empty):
+        qd.get_nowait()
+    qd.close()
+    wrapped.forget(qd)
+
+
+def test_end_of_stream_counts_upstreams() -> None:
+    q: queue.Queue[object] = queue.Queue()
+    qd = QueueDescriptor.from_existing(q).with_options(upstreams=2)
+    done = threading.Event()
+
+    def producer(tag: str) -> None:
+        for i in range(100):
+            qd.put((tag, i))
+        qd.put(EndOfStream())
+
+    threads = [threading.Thread(target=producer, args=(t,)) for t in "ab"]
+    for t in threads:
+        t.start()
+    items = list(qd)  # stops only after both ends
+    for t in threads:
+        t.join()
+    done.set()
+    assert sorted(items) == sorted((t, i) for t in "ab" for i in range(100))
+    assert isinstance(qd.get(timeout=0.1), EndOfStream)  # like a file at EOF
+    qd.close()
+    wrapped.forget(qd)
+
+
+def test_queue_queue_descriptor_refuses_other_process() -> None:
+    q: queue.Queue[object] = queue.Queue()
+    qd = QueueDescriptor.from_existing(q)
+    moved = pickle.loads(pickle.dumps(qd))  # the descriptor pickles; the queue stays here
+    moved.metadata["owner"] = "1-elsewhere"  # what another process would see
+    with pytest.raises(DescriptorError, match=r"cannot leave its process.*multiprocessing"):
+        moved.put(1)
+    wrapped.forget(qd)
+
+
+def test_forgotten_queue_is_a_clear_error() -> None:
+    q: queue.Queue[object] = queue.Queue()
+    qd = QueueDescriptor.from_existing(q)
+    wrapped.forget(qd)
+    with pytest.raises(DescriptorError, match="from_existing"):
+        qd.put(1)
+    qd.close()
+
+
+def test_bad_inputs_are_clear() -> None:
+    with pytest.raises(DescriptorError, match=r"queue\.Queue, multiprocessing\.Queue"):
+        QueueDescriptor.from_existing([1, 2])
+    with pytest.raises(DescriptorError, match="from_existing"):
+        QueueDescriptor(queue_type="wrapped")
+
+
+def _child(qd: QueueDescriptor, n: int) -> None:
+    for i in range(n):
+        qd.put(("child", i))
+    qd.put(EndOfStream())
+    qd.close()
+
+
+def test_multiprocessing_queue_reaches_a_spawned_child() -> None:
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue(maxsize=50)
+    qd = QueueDescriptor.from_existing(q)
+    assert qd.maxsize == 50
+    p = ctx.Process(target=_child, args=(qd, 300))  # inherited at spawn: allowed
+    p.start()
+    try:
+        got = list(qd)
+    finally:
+        p.join(30)
+    assert p.exitcode == 0
+    assert got == [["child", i] for i in range(300)] or got == [("child", i) for i in range(300)]
+    with pytest.raises(RuntimeError, match="inheritance"):
+        pickle.dumps(qd)  # outside process start, multiprocessing refuses, as documented
+    with pytest.raises(DescriptorError, match="JSON"):
+        qd.to_json()
+    qd.close()
+    wrapped.forget(qd)
+    q.close()
+    q.join_thread()
