@@ -5,11 +5,12 @@ actors' processes). The source sends each record to the worker that owns its key
 (``instance_for_key``: the same owner in every process and run), the workers count per key and
 forward, and the sink's queue has ``upstreams=2`` so it ends only after both workers ended.
 
-Run: python examples/ray_pipeline.py   (starts a local Ray instance unless one is running)
+Run: python examples/ray_pipeline.py   (a new local Ray instance; RAY_ADDRESS=... for a cluster)
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from typing import Any
@@ -114,7 +115,10 @@ def check(result: dict[str, Any]) -> None:
 def main() -> None:
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=False)
+        else:  # "local": never a stale address that a test cluster left in /tmp/ray
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         result = run_pipeline()
         check(result)

@@ -35,21 +35,25 @@ RECORD = {
     "unit": "celsius",
     "site": "building-7/floor-3",
     "seq": 42,
+    "state": "nominal!!",
 }
 """A 127-byte record (msgpack), the shape the issue measures."""
 
 Row = dict[str, Any]
 
 
-def _row(
+def result_row(
     name: str,
     value: float,
     unit: str,
     competitor: str = "",
     base: float | None = None,
+    *,
     higher_is_better: bool = True,
     target: str = "",
 ) -> Row:
+    """One benchmark result with its competitor's figure from the same run and the ratio
+    (oriented so that above 1 means sage-zmq did better)."""
     ratio = None
     if base:
         ratio = value / base if higher_is_better else base / value
@@ -354,7 +358,7 @@ def run_core(quick: bool, progress: Callable[[str], None]) -> list[Row]:
         progress(f"sage-zmq {qtype}")
         ours = bench_sage_cross_process(qtype, n)
         rows.append(
-            _row(
+            result_row(
                 f"{qtype} records/s (cross-process, per-record put/get)",
                 ours,
                 "records/s",
@@ -364,7 +368,7 @@ def run_core(quick: bool, progress: Callable[[str], None]) -> list[Row]:
             )
         )
         rows.append(
-            _row(
+            result_row(
                 f"{qtype} records/s vs multiprocessing.Queue",
                 ours,
                 "records/s",
@@ -376,7 +380,7 @@ def run_core(quick: bool, progress: Callable[[str], None]) -> list[Row]:
     progress("local vs queue.Queue")
     local, qq = bench_local_threads(n)
     rows.append(
-        _row(
+        result_row(
             "local records/s (two threads, per-item)",
             local,
             "items/s",
@@ -391,7 +395,7 @@ def run_core(quick: bool, progress: Callable[[str], None]) -> list[Row]:
     ours_lat = bench_latency_sage(m)
     for label, q in (("p50", 0.5), ("p99", 0.99)):
         rows.append(
-            _row(
+            result_row(
                 f"shm idle round trip {label}",
                 _pct(ours_lat, q) * 1e6,
                 "us",

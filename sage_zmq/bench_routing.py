@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from sage_zmq.bench import result_row
 from sage_zmq.descriptor import QueueDescriptor
 from sage_zmq.errors import Empty
 from sage_zmq.packet import EndOfStream, Packet
@@ -52,22 +53,13 @@ def _row(
     *,
     higher_is_better: bool = True,
 ) -> Row:
-    ratio = None
-    if base:
-        ratio = value / base if higher_is_better else base / value
     target = ""
     if name in TARGETS:
         field, op, bound = TARGETS[name]
         target = f"{field} {op} {bound:g}"
-    return {
-        "name": name,
-        "value": value,
-        "unit": unit,
-        "competitor": competitor,
-        "competitor_value": base,
-        "ratio": ratio,
-        "target": target,
-    }
+    return result_row(
+        name, value, unit, competitor, base, higher_is_better=higher_is_better, target=target
+    )
 
 
 def missed(rows: list[Row]) -> list[str]:

@@ -18,7 +18,7 @@ import tempfile
 import time
 from typing import Any
 
-from sage_zmq.bench import RECORD
+from sage_zmq.bench import RECORD, result_row
 
 Row = dict[str, Any]
 
@@ -76,15 +76,7 @@ def _rate(queue_type: str, metadata: dict[str, Any], n: int, small: bool) -> flo
 
 
 def _row(name: str, value: float, competitor: str, base: float, target: str) -> Row:
-    return {
-        "name": name,
-        "value": value,
-        "unit": "records/s",
-        "competitor": competitor,
-        "competitor_value": base,
-        "ratio": value / base if base else None,
-        "target": target,
-    }
+    return result_row(name, value, "records/s", competitor, base, target=target)
 
 
 def run(quick: bool = False) -> list[Row]:

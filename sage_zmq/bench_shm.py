@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from sage_zmq.bench import result_row
+
 Row = dict[str, Any]
 MB = 1_000_000
 MiB = 1 << 20
@@ -35,15 +37,7 @@ def _row(
     base: float | None = None,
     target: str = "",
 ) -> Row:
-    return {
-        "name": name,
-        "value": value,
-        "unit": unit,
-        "competitor": competitor,
-        "competitor_value": base,
-        "ratio": value / base if base else None,
-        "target": target,
-    }
+    return result_row(name, value, unit, competitor, base, target=target)
 
 
 def _payload(nbytes: int) -> np.ndarray:
@@ -313,8 +307,14 @@ def run(quick: bool) -> list[Row]:
         pool = bench_threshold(kib * 1024, n, True)
         inline = bench_threshold(kib * 1024, n, False)
         rows.append(
-            _row(f"shm {kib} KiB payloads through the pool", pool, "payloads/s",
-                 "the same inline in the ipc frame", inline, "> 1x above shm_threshold")
+            _row(
+                f"shm {kib} KiB payloads through the pool",
+                pool,
+                "payloads/s",
+                "the same inline in the ipc frame",
+                inline,
+                "> 1x above shm_threshold",
+            )
         )
     # lz4 over tcp loopback: ratio and throughput, compressible and random 64 KiB records.
     n = 500 if quick else 5000
@@ -324,10 +324,19 @@ def run(quick: bool) -> list[Row]:
     ):
         on, ratio_on = bench_tcp(records, n, True)
         off, _ = bench_tcp(records, n, False)
-        rows.append(_row(f"tcp 64 KiB {kind} records, lz4 wire/payload ratio", ratio_on,
-                         "ratio", "uncompressed", 1.0, "< 1 when compressible"))
-        rows.append(_row(f"tcp 64 KiB {kind} records, lz4 on", on / 1e6, "MB/s",
-                         "lz4 off", off / 1e6))
+        rows.append(
+            _row(
+                f"tcp 64 KiB {kind} records, lz4 wire/payload ratio",
+                ratio_on,
+                "ratio",
+                "uncompressed",
+                1.0,
+                "< 1 when compressible",
+            )
+        )
+        rows.append(
+            _row(f"tcp 64 KiB {kind} records, lz4 on", on / 1e6, "MB/s", "lz4 off", off / 1e6)
+        )
         rows.append(_row(f"lz4 compress speed, {kind}", bench_lz4_speed(records) / 1e9, gbs))
     return rows
 

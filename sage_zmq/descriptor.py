@@ -37,6 +37,7 @@ _LAZY_TYPES = {
     "tcp": "sage_zmq.queues.tcp:TcpQueueType",
     "sage": "sage_zmq.queues.sage:SageQueueType",
     "ray": "sage_zmq.queues.ray:RayQueueType",
+    "wrapped": "sage_zmq.queues.wrapped:WrappedQueueType",
 }
 
 
@@ -280,16 +281,18 @@ class QueueDescriptor:
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         """Put a record; blocks while the consumer has no room (``Full`` after ``timeout``)."""
-        producer = self._handle().producer(self)
-        producer.put(item, block, timeout)
+        # After the first call, qd.put is the producer's own bound method (see _bind); this
+        # path still runs for a qd.put taken before that first call.
+        bound = self.__dict__.get("put") or self._handle().producer(self).put
+        bound(item, block, timeout)
 
     def put_nowait(self, item: Any) -> None:
         self.put(item, block=False)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """The next record (``Empty`` after ``timeout``); ``EndOfStream`` at the end."""
-        consumer = self._handle().consumer(self)
-        return consumer.get(block, timeout)
+        bound = self.__dict__.get("get") or self._handle().consumer(self).get
+        return bound(block, timeout)
 
     def get_nowait(self) -> Any:
         return self.get(block=False)

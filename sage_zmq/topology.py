@@ -760,9 +760,11 @@ def run_topology(
     topo = topology if isinstance(topology, Topology) else load_topology(topology)
     base = current_config() if config is None else load_config(config)
     cfg = base.replace(**_flatten(topo.config)) if topo.config else base
-    server = StatsServer(topo.stats, include_local=False, meta={"topology": topo.name}) if (
-        topo.stats
-    ) else None
+    server = (
+        StatsServer(topo.stats, include_local=False, meta={"topology": topo.name})
+        if (topo.stats)
+        else None
+    )
     exporter = None
     if cfg.observability.metrics_port is not None and server is not None:
         from sage_zmq.observe.prometheus import start_metrics_server

@@ -20,8 +20,13 @@ PYTHON = sys.executable
 
 
 def test_help_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["--help"], ["run", "--help"], ["stats", "--help"], ["top", "--help"],
-                 ["trace", "--help"]):
+    for argv in (
+        ["--help"],
+        ["run", "--help"],
+        ["stats", "--help"],
+        ["top", "--help"],
+        ["trace", "--help"],
+    ):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 0
@@ -39,17 +44,32 @@ def test_python_dash_m_works() -> None:
 def test_run_prints_a_summary(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     capsys = capfd  # the print sink runs in child processes: capture at the fd level
     path = tmp_path / "t.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "clirun",
-        "operators": [
-            {"name": "src", "kind": "source", "function": "range", "args": {"count": 50}},
-            {"name": "up", "kind": "map", "function": "upper", "inputs": ["src"]},
-            {"name": "out", "kind": "sink", "function": "print", "inputs": ["up"]},
-        ],
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "clirun",
+                "operators": [
+                    {"name": "src", "kind": "source", "function": "range", "args": {"count": 50}},
+                    {"name": "up", "kind": "map", "function": "upper", "inputs": ["src"]},
+                    {"name": "out", "kind": "sink", "function": "print", "inputs": ["up"]},
+                ],
+            }
+        )
+    )
     trace_log = tmp_path / "tr.jsonl"
-    assert main(["--config", str(_config(tmp_path, 1.0)), "run", str(path),
-                 "--trace-log", str(trace_log)]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                str(_config(tmp_path, 1.0)),
+                "run",
+                str(path),
+                "--trace-log",
+                str(trace_log),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "out[0]: '49'" in captured.out and "finished in" in captured.out
     assert "stats at tcp://127.0.0.1:" in captured.err
@@ -70,18 +90,24 @@ def _config(tmp_path: Path, rate: float) -> Path:
 
 def test_run_json_and_bad_topology(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "t.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "clijson",
-        "stats": None,
-        "operators": [
-            {"name": "src", "kind": "source", "function": "range", "args": {"count": 10}},
-            {"name": "out", "kind": "sink", "function": "discard", "inputs": ["src"]},
-        ],
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "clijson",
+                "stats": None,
+                "operators": [
+                    {"name": "src", "kind": "source", "function": "range", "args": {"count": 10}},
+                    {"name": "out", "kind": "sink", "function": "discard", "inputs": ["src"]},
+                ],
+            }
+        )
+    )
     assert main(["run", str(path), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert {(i["operator"], i["received"], i["emitted"]) for i in summary["instances"]} == {
-        ("src", 0, 10), ("out", 10, 0)}
+        ("src", 0, 10),
+        ("out", 10, 0),
+    }
     path.write_text("name: x\noperators:\n  - {name: a, kind: sauce, function: range}\n")
     assert main(["run", str(path)]) == 1
     assert "kind 'sauce' is not one of" in capsys.readouterr().err

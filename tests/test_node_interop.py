@@ -224,8 +224,24 @@ def _python_records(n: int) -> list[Any]:
     """Every record type, in a cycle (no maps with integer-like str keys: JS reorders them)."""
     ts = 1700000000.125
     cycle: list[Any] = [
-        0, -1, 2**53 + 1, 2**64 - 1, -(2**63), 1.5, 2.0, -0.0, float("inf"), "héllo", "",
-        b"\x00\x01", b"", None, True, False, [1, [2.0, None]], {"a": 1, "b": [b"x"]},
+        0,
+        -1,
+        2**53 + 1,
+        2**64 - 1,
+        -(2**63),
+        1.5,
+        2.0,
+        -0.0,
+        float("inf"),
+        "héllo",
+        "",
+        b"\x00\x01",
+        b"",
+        None,
+        True,
+        False,
+        [1, [2.0, None]],
+        {"a": 1, "b": [b"x"]},
         Packet({"p": 1}, 3, "key", "hash", {"h": "v"}, ts),
         Packet(b"raw", 0, None, None, None, ts),
         np.arange(6, dtype="<i4").reshape(2, 3),
@@ -242,9 +258,33 @@ def _python_records(n: int) -> list[Any]:
 def _keys() -> list[Any]:
     """Partition keys of every type, with edge values."""
     keys: list[Any] = [
-        "", "a", "user-1", "ключ", "🙂", 0, 1, -1, 2**31, -(2**31) - 1, 2**53 + 3, 2**64 - 1,
-        -(2**63), b"", b"\x00", b"\xff\xfe\xfd\xfc\xfb", 0.0, -0.0, 1.0, 3.0, -1.5, 0.1, 1e300,
-        float("inf"), float("-inf"), True, False,
+        "",
+        "a",
+        "user-1",
+        "ключ",
+        "🙂",
+        0,
+        1,
+        -1,
+        2**31,
+        -(2**31) - 1,
+        2**53 + 3,
+        2**64 - 1,
+        -(2**63),
+        b"",
+        b"\x00",
+        b"\xff\xfe\xfd\xfc\xfb",
+        0.0,
+        -0.0,
+        1.0,
+        3.0,
+        -1.5,
+        0.1,
+        1e300,
+        float("inf"),
+        float("-inf"),
+        True,
+        False,
     ]
     keys += [f"k{i}" for i in range(60)] + list(range(1000, 1060)) + [i / 7 for i in range(30)]
     return keys
@@ -318,9 +358,7 @@ def test_two_node_upstreams_end_python_stream_only_when_both_end(spawn: Any) -> 
         # One END of two: the stream must go on (Empty), not end.
         with pytest.raises(Empty):
             qd.get(timeout=0.5)
-        second = spawn(
-            "produce.js", str(qd.endpoint), "800", "--maxsize", "64", "--start", "5000"
-        )
+        second = spawn("produce.js", str(qd.endpoint), "800", "--maxsize", "64", "--start", "5000")
         got += _drain(qd)
         assert _serve_until_exit(qd, second) == 0, "".join(second.stderr)
         assert got == list(range(800)) + list(range(5000, 5800))
@@ -366,8 +404,15 @@ def test_keyed_stream_node_to_python_same_partitions(spawn: Any) -> None:
     qd = _consumer_qd(maxsize=100)
     try:
         producer = spawn(
-            "produce.js", str(qd.endpoint), "700", "--kind", "packets", "--keys", "100",
-            "--maxsize", "100",
+            "produce.js",
+            str(qd.endpoint),
+            "700",
+            "--kind",
+            "packets",
+            "--keys",
+            "100",
+            "--maxsize",
+            "100",
         )
         packets = _drain(qd)
         assert _serve_until_exit(qd, producer) == 0, "".join(producer.stderr)
@@ -383,8 +428,9 @@ def test_keyed_stream_node_to_python_same_partitions(spawn: Any) -> None:
                     p,
                 )
         assert key_types == {"str", "int", "bytes", "float", "bool"}
-        assert any(isinstance(k, float) and k.is_integer() for k in
-                   (p.partition_key for p in packets)), "integral float keys must stay floats"
+        assert any(
+            isinstance(k, float) and k.is_integer() for k in (p.partition_key for p in packets)
+        ), "integral float keys must stay floats"
     finally:
         qd.close()
 

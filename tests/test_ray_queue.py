@@ -267,9 +267,9 @@ def _restart_run(qd: QueueDescriptor, n: int) -> tuple[list[Any], list[Any], Any
     def produce() -> None:
         try:
             for i in range(n):
-                qd.put(["driver", i], timeout=WAIT)
-            qd.put(EndOfStream(), timeout=WAIT)
-            qd.close(timeout=WAIT)
+                qd.put(["driver", i], timeout=20)
+            qd.put(EndOfStream(), timeout=20)
+            qd.close(timeout=20)
         except BaseException as exc:
             errors.append(exc)
 
@@ -279,21 +279,23 @@ def _restart_run(qd: QueueDescriptor, n: int) -> tuple[list[Any], list[Any], Any
         first = ray.get(consumer.take.remote(n // 4), timeout=WAIT)
         ray.kill(consumer, no_restart=False)  # Ray restarts it (max_restarts=1)
         deadline = time.monotonic() + WAIT
-        while True:
+        while True:  # the kill is asynchronous: the old instance may answer a call or two
             try:
                 after = ray.get(consumer.where.remote(), timeout=WAIT)
-                break
+                if after[2] != before[2]:
+                    break
             except ray.exceptions.RayActorError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        assert after[1] != before[1] and after[2] != before[2], "not a new consumer process"
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("the consumer actor was not restarted")
+            time.sleep(0.05)
+        assert after[1] != before[1], "the restarted consumer did not publish a new endpoint"
         second = ray.get(consumer.take.remote(10 * n), timeout=WAIT)
         thread.join(WAIT)
         assert not thread.is_alive()
     finally:
-        thread.join(WAIT)
         ray.kill(consumer)
+        thread.join(WAIT)
     return first, second, errors, after
 
 
@@ -355,8 +357,10 @@ def test_wrapped_ray_util_queue() -> None:
     assert qd.queue_type == "wrapped" and qd.maxsize == 10
     producer = Producer.options(**ON_A).remote(qd)  # the actor handle inside serializes
     try:
-        done = producer.produce.remote("rq", 30)
-        got = list(qd)
+        done = producer.produce.remote("rq", 30)  # maxsize 10: it waits for us to read
+        got = []
+        while not isinstance(item := qd.get(timeout=WAIT), EndOfStream):
+            got.append(item)
         assert ray.get(done, timeout=WAIT) == 30
         assert got == [["rq", i] for i in range(30)]
         with pytest.raises(Full):

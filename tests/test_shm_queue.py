@@ -162,7 +162,7 @@ def test_one_gigabyte_array(make: Any) -> None:
     qd = make()
     src = np.empty(n, np.uint8)
     src[:] = 7
-    src[:: 4096] = np.arange(len(src[::4096])) % 251
+    src[::4096] = np.arange(len(src[::4096])) % 251
     t0 = time.monotonic()
     qd.put(src, timeout=60)
     got = qd.get(timeout=60)
@@ -337,8 +337,10 @@ def test_slots_of_unencodable_records_are_given_back(make: Any) -> None:
         del a, b
         with contextlib.suppress(Empty):
             qd.get(timeout=0.01)  # the consumer lets go of its finished batch
-        wait_until(lambda: (link.poll(0.01), pool.slots_in_use)[1] == 0,
-                   "the consumer to release both slots")
+        wait_until(
+            lambda: (link.poll(0.01), pool.slots_in_use)[1] == 0,
+            "the consumer to release both slots",
+        )
     finally:
         link.close()
 
@@ -362,8 +364,12 @@ def test_segments_are_private_and_removed_when_the_queue_closes(make: Any) -> No
 
 
 def test_metadata_is_validated() -> None:
-    for key, bad in (("shm_threshold", -1), ("shm_threshold", 1.5), ("memory_pool_size", "1G"),
-                     ("shm_wait", True)):
+    for key, bad in (
+        ("shm_threshold", -1),
+        ("shm_threshold", 1.5),
+        ("memory_pool_size", "1G"),
+        ("shm_wait", True),
+    ):
         with pytest.raises(DescriptorError, match=key):
             QueueDescriptor(None, "shm", {key: bad})
 
@@ -452,8 +458,14 @@ def test_sigkill_of_the_consumer_mid_transfer_leaves_nothing(make: Any) -> None:
 def test_compression_mode_is_auto_only_for_remote_tcp() -> None:
     assert compression_mode("auto", "tcp://10.1.2.3:5555") == "auto"
     assert compression_mode("auto", "tcp://worker-7.cluster:5555") == "auto"
-    for local in ("tcp://127.0.0.1:5555", "tcp://localhost:1", "tcp://[::1]:5", "ipc:///x",
-                  "inproc://x", None):
+    for local in (
+        "tcp://127.0.0.1:5555",
+        "tcp://localhost:1",
+        "tcp://[::1]:5",
+        "ipc:///x",
+        "inproc://x",
+        None,
+    ):
         assert compression_mode("auto", local) is False, local
     assert compression_mode(True, "ipc:///x") is True
     assert compression_mode(False, "tcp://10.1.2.3:1") is False

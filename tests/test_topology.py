@@ -22,25 +22,48 @@ SRC = {"name": "src", "kind": "source", "function": "range", "args": {"count": 1
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (_ops(SRC, {"name": "m", "kind": "mapp", "function": "identity", "inputs": ["src"]}),
-         "kind 'mapp' is not one of .*did you mean 'map'"),
-        (_ops(SRC, {"name": "m", "kind": "map", "function": "uper", "inputs": ["src"]}),
-         "unknown map function 'uper'; did you mean 'upper'"),
-        (_ops(SRC, {"name": "s", "kind": "sink", "function": "print", "inputs": ["nope"]}),
-         "input 'nope': no such operator"),
-        (_ops({"name": "s", "kind": "sink", "function": "print", "inputs": ["src"]}, SRC),
-         "input 'src': it must be declared before"),
+        (
+            _ops(SRC, {"name": "m", "kind": "mapp", "function": "identity", "inputs": ["src"]}),
+            "kind 'mapp' is not one of .*did you mean 'map'",
+        ),
+        (
+            _ops(SRC, {"name": "m", "kind": "map", "function": "uper", "inputs": ["src"]}),
+            "unknown map function 'uper'; did you mean 'upper'",
+        ),
+        (
+            _ops(SRC, {"name": "s", "kind": "sink", "function": "print", "inputs": ["nope"]}),
+            "input 'nope': no such operator",
+        ),
+        (
+            _ops({"name": "s", "kind": "sink", "function": "print", "inputs": ["src"]}, SRC),
+            "input 'src': it must be declared before",
+        ),
         (_ops(SRC, {"name": "s", "kind": "sink", "function": "print"}), "a sink needs 'inputs'"),
         (_ops(SRC, SRC), "two operators are named 'src'"),
         (_ops({**SRC, "parallelism": 0}), "parallelism must be an integer >= 1"),
         (_ops({**SRC, "paralelism": 2}), "unknown key 'paralelism'; did you mean 'parallelism'"),
         (_ops(SRC, queue_type="local"), "local queues cannot connect processes"),
-        (_ops(SRC, {"name": "m", "kind": "map", "function": "nosuchmod:f", "inputs": ["src"]}),
-         "cannot import module 'nosuchmod'"),
-        (_ops(SRC, {"name": "m", "kind": "map", "function": "identity", "inputs": ["src"],
-                    "strategy": "roundrobin"}), "did you mean 'round_robin'"),
-        (_ops(SRC, config={"performance": {"batch_sise": 1}}),
-         "did you mean 'performance.batch_size'"),
+        (
+            _ops(SRC, {"name": "m", "kind": "map", "function": "nosuchmod:f", "inputs": ["src"]}),
+            "cannot import module 'nosuchmod'",
+        ),
+        (
+            _ops(
+                SRC,
+                {
+                    "name": "m",
+                    "kind": "map",
+                    "function": "identity",
+                    "inputs": ["src"],
+                    "strategy": "roundrobin",
+                },
+            ),
+            "did you mean 'round_robin'",
+        ),
+        (
+            _ops(SRC, config={"performance": {"batch_sise": 1}}),
+            "did you mean 'performance.batch_size'",
+        ),
         (_ops(SRC, stats="localhost"), "malformed stats endpoint"),
         ({"name": "t"}, "'operators' must be a non-empty list"),
     ],
@@ -70,8 +93,13 @@ def test_three_stage_trace_hops_match_the_real_path(tmp_path: Path) -> None:
     topo = load_topology(
         _ops(
             {"name": "src", "kind": "source", "function": "range", "args": {"count": 200}},
-            {"name": "mid", "kind": "map", "function": "identity", "parallelism": 2,
-             "inputs": ["src"]},
+            {
+                "name": "mid",
+                "kind": "map",
+                "function": "identity",
+                "parallelism": 2,
+                "inputs": ["src"],
+            },
             {"name": "out", "kind": "sink", "function": "collect", "inputs": ["mid"]},
             name="tr",
             queue_type="shm",
@@ -124,8 +152,14 @@ def test_keyed_counts_over_tcp_with_a_user_function(
     topo = load_topology(
         _ops(
             {"name": "src", "kind": "source", "function": "topo_funcs:evens", "parallelism": 2},
-            {"name": "cnt", "kind": "keyed", "function": "count_by_key", "key": "k",
-             "parallelism": 2, "inputs": ["src"]},
+            {
+                "name": "cnt",
+                "kind": "keyed",
+                "function": "count_by_key",
+                "key": "k",
+                "parallelism": 2,
+                "inputs": ["src"],
+            },
             {"name": "out", "kind": "sink", "function": "collect", "inputs": ["cnt"]},
             name="kc",
             queue_type="tcp",

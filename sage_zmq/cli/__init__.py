@@ -180,8 +180,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     def started(endpoint: str | None) -> None:
         if endpoint is not None:
             advert.append(advertise(endpoint, topo.name))
-            print(f"{topo.name}: running; stats at {endpoint} (sage-zmq top {endpoint})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{topo.name}: running; stats at {endpoint} (sage-zmq top {endpoint})",
+                file=sys.stderr,
+                flush=True,
+            )
 
     n = sum(op.parallelism for op in topo.operators)
     print(f"{topo.name}: starting {n} processes", file=sys.stderr, flush=True)
@@ -194,11 +197,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         from dataclasses import asdict
 
-        print(json.dumps({
-            "topology": result.topology,
-            "elapsed": result.elapsed,
-            "instances": [asdict(i) for i in result.instances],
-        }))
+        print(
+            json.dumps(
+                {
+                    "topology": result.topology,
+                    "elapsed": result.elapsed,
+                    "instances": [asdict(i) for i in result.instances],
+                }
+            )
+        )
         return 0
     print(f"{result.topology}: finished in {result.elapsed:.2f} s")
     for op in topo.operators:
@@ -207,8 +214,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         emitted = sum(p.emitted for p in parts)
         busy = max((p.elapsed for p in parts), default=0.0)
         rate = (received or emitted) / busy if busy > 0 else 0.0
-        print(f"  {op.name:<16} x{op.parallelism:<3} in {received:>10}  out {emitted:>10}  "
-              f"{rate:>12,.0f} rec/s")
+        print(
+            f"  {op.name:<16} x{op.parallelism:<3} in {received:>10}  out {emitted:>10}  "
+            f"{rate:>12,.0f} rec/s"
+        )
     return 0
 
 
@@ -269,9 +278,11 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     chosen = select_traces(traces, args.trace_id, args.limit)
     if not chosen:
         what = f"trace {args.trace_id}" if args.trace_id else "no traces"
-        print(f"{what} not found: sampling is observability.trace_sample_rate (0 = off)"
-              if args.trace_id else
-              "no traces yet: set observability.trace_sample_rate above 0")
+        print(
+            f"{what} not found: sampling is observability.trace_sample_rate (0 = off)"
+            if args.trace_id
+            else "no traces yet: set observability.trace_sample_rate above 0"
+        )
         return 1 if args.trace_id else 0
     for trace in chosen:
         print(json.dumps(trace) if args.json else format_trace(trace))

@@ -10,8 +10,20 @@ from sage_zmq.observe.metrics import Histogram
 
 __all__ = ["format_queues", "format_trace", "load_trace_file", "rates_between"]
 
-_HEAD = ("PROCESS", "OPERATOR", "QUEUE", "ROLE", "SENT", "RECV", "OUT/s", "IN/s", "DEPTH",
-         "UTIL", "P50ms", "P99ms")
+_HEAD = (
+    "PROCESS",
+    "OPERATOR",
+    "QUEUE",
+    "ROLE",
+    "SENT",
+    "RECV",
+    "OUT/s",
+    "IN/s",
+    "DEPTH",
+    "UTIL",
+    "P50ms",
+    "P99ms",
+)
 
 
 def _ms(value: float | None) -> str:
@@ -64,10 +76,13 @@ def format_queues(
     rows: list[tuple[str, ...]] = [_HEAD]
     for snap in sorted(processes, key=lambda p: (_operator(p.get("meta")), p["process"])):
         for q in snap["queues"]:
-            out_rate, in_rate = (rates or {}).get((snap["process"], q["queue_id"], q["role"]), (
-                None,
-                None,
-            ))
+            out_rate, in_rate = (rates or {}).get(
+                (snap["process"], q["queue_id"], q["role"]),
+                (
+                    None,
+                    None,
+                ),
+            )
             maxsize = q.get("maxsize") or 0
             rows.append(
                 (
@@ -88,16 +103,19 @@ def format_queues(
     if len(rows) == 1:
         return "no open queues"
     widths = [max(len(r[i]) for r in rows) for i in range(len(_HEAD))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
 
 
 def format_trace(trace: Mapping[str, Any]) -> str:
     """One trace: its id and each hop with the time since the first hop."""
     hops = trace.get("hops") or []
     total = (hops[-1][3] - hops[0][3]) * 1000 if len(hops) > 1 else 0.0
-    lines = [f"trace {trace.get('trace_id')}  {len(hops)} hops  {total:.3f} ms  "
-             f"finished by {trace.get('finished_by', '?')}"]
+    lines = [
+        f"trace {trace.get('trace_id')}  {len(hops)} hops  {total:.3f} ms  "
+        f"finished by {trace.get('finished_by', '?')}"
+    ]
     t0 = hops[0][3] if hops else 0.0
     for queue, process, role, ts in hops:
         lines.append(f"  +{(ts - t0) * 1000:9.3f} ms  {role:<5} {queue:<30} {process}")

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
-from operator import length_hint
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from operator import length_hint
 from typing import Any
 
 from sage_zmq import observe as _observe

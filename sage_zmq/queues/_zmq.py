@@ -216,7 +216,7 @@ class DealerLink:
 class RouterInlet:
     """The consumer's socket: a ROUTER bound on the queue's endpoint."""
 
-    MAX_FRAMES_PER_PUMP = 8
+    MAX_FRAMES_PER_PUMP = 1
 
     def __init__(
         self, endpoint: str, codec: Codec, opts: SocketOptions, *, queue_id: str = ""

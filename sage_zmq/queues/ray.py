@@ -146,9 +146,7 @@ def consume_here(descriptor: QueueDescriptor) -> None:
 class RayConsumerInlet(RouterInlet):
     """A ROUTER on this node's address, published in Ray's KV store while it is open."""
 
-    def __init__(
-        self, descriptor: QueueDescriptor, codec: Codec, opts: Any, host: str
-    ) -> None:
+    def __init__(self, descriptor: QueueDescriptor, codec: Codec, opts: Any, host: str) -> None:
         super().__init__(f"tcp://{_bracket(host)}:0", codec, opts, queue_id=descriptor.queue_id)
         self._descriptor = descriptor
         self.token = os.urandom(8).hex()
@@ -303,7 +301,7 @@ class RayProducerLink:
 
     def _watch(self) -> None:
         monitor = self._monitor
-        while monitor is not None:
+        while monitor is not None and int(monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             try:
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)
             except zmq.Again:
@@ -320,9 +318,7 @@ class RayProducerLink:
     def _maybe_lookup(self, now: float) -> None:
         if now < self._next_lookup:
             return
-        stalled = (
-            self._sent_seq > self._received and now - self._last_credit > self.STALL
-        )
+        stalled = self._sent_seq > self._received and now - self._last_credit > self.STALL
         if self._inner is None or self._suspect or stalled:
             self._lookup()
 
@@ -355,9 +351,7 @@ class RayProducerLink:
             else:
                 self._backlog.append(lambda link: link.send_hello(producer, epoch, next_seq, acked))
 
-    def send_batch(
-        self, producer: str, seq: int, records: list[Any]
-    ) -> tuple[int, int, list[str]]:
+    def send_batch(self, producer: str, seq: int, records: list[Any]) -> tuple[int, int, list[str]]:
         with self._lock:
             inner = self._inner
             if inner is not None and self._monitor is not None:

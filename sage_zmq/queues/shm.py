@@ -58,7 +58,6 @@ FRAME_CAP = 4 << 20
 """A batch whose frame comes out larger is split: big frames stall the consumer and memory."""
 
 
-
 def derive_ipc_endpoint(queue_id: str) -> str:
     token = os.urandom(4).hex()
     base = _runtime.runtime_dir()

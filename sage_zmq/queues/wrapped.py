@@ -85,7 +85,7 @@ def wrap_existing(cls: type[QueueDescriptor], queue: Any, queue_id: str | None =
     if kind == "queue":
         meta["owner"] = _process_token()
     else:
-        meta["queue"] = queue  # travels with the descriptor as far as the queue itself can
+        meta["queue"] = _Carried(queue)  # travels as far as the queue itself can
     maxsize = getattr(queue, "maxsize", None) or getattr(queue, "_maxsize", None)
     if isinstance(maxsize, int) and maxsize > 0:
         meta["maxsize"] = maxsize
@@ -98,10 +98,36 @@ def forget(descriptor: QueueDescriptor) -> None:
         _refs.pop(str(descriptor.metadata.get("ref")), None)
 
 
+class _Carried:
+    """The queue object inside a descriptor; unpickling it imports (and registers) this module.
+
+    So a process that receives a wrapped descriptor knows the ``wrapped`` type even before
+    anything there imported :mod:`sage_zmq.queues.wrapped`.
+    """
+
+    __slots__ = ("queue",)
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Carried, (self.queue,))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Carried) and other.queue is self.queue
+
+    def __hash__(self) -> int:
+        return id(self.queue)
+
+    def __repr__(self) -> str:
+        return f"<{type(self.queue).__module__}.{type(self.queue).__name__}>"
+
+
 def _target(descriptor: QueueDescriptor) -> Any:
     meta = descriptor.metadata
-    if "queue" in meta:
-        return meta["queue"]
+    carried = meta.get("queue")
+    if isinstance(carried, _Carried):
+        return carried.queue
     with _refs_lock:
         found = _refs.get(str(meta.get("ref")))
     if found is None:
@@ -276,7 +302,9 @@ class WrappedQueueType(QueueType):
                 "a queue.Queue cannot leave its process: wrap a multiprocessing.Queue, or use "
                 "QueueDescriptor(queue_type='shm' or 'tcp') to cross processes"
             )
-        if meta.get("kind") in ("multiprocessing", "ray") and "queue" not in meta:
+        if meta.get("kind") in ("multiprocessing", "ray") and not isinstance(
+            meta.get("queue"), _Carried
+        ):
             raise DescriptorError(
                 f"wrapped queue {descriptor.queue_id!r} lost its queue object in transit "
                 "(JSON or dict copies cannot carry it); pass the descriptor itself"

@@ -45,6 +45,7 @@ log = logging.getLogger("sage_zmq.shm")
 
 
 _BYTES_LIKE = (bytes, bytearray, memoryview)
+_STAGED_TYPES = frozenset({bytes, bytearray, memoryview, Packet})
 _SCAN_DEPTH = 8
 _WARN_EVERY = 10.0
 _TRIM_EVERY = 10.0
@@ -243,9 +244,7 @@ class ShmSender:
         with self._lock:
             if self._pool is None and not self._closed:
                 try:
-                    self._pool = SharedMemoryPool(
-                        self.capacity, segment_bytes=self._segment_bytes
-                    )
+                    self._pool = SharedMemoryPool(self.capacity, segment_bytes=self._segment_bytes)
                 except ShmError as exc:
                     self._disabled = True
                     log.warning(
@@ -391,6 +390,8 @@ class ShmSender:
         Shallow: top-level records and Packet payloads only (cheap enough for every batch).
         ``deep`` also looks inside dicts, lists and tuples, for a frame that came out large.
         """
+        if not deep and _STAGED_TYPES.isdisjoint(set(map(type, records))):
+            return records  # the common batch of small dicts: one C-level pass, no Python loop
         out: list[Any] | None = None
         for i, rec in enumerate(records):
             cls = rec.__class__
