@@ -483,6 +483,11 @@ def main(argv: list[str] | None = None) -> int:
         help="run only these sections (repeatable)",
     )
     args = parser.parse_args(argv)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (checked before minutes of measuring)
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install 'sage-zmq[plot]'")
     sections = args.only or [s for s in SECTIONS if s != "ray" or args.ray]
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
@@ -508,12 +513,12 @@ def main(argv: list[str] | None = None) -> int:
         all_rows.extend(rows)
         if not args.json:
             print(_format(rows), flush=True)
+    if args.json:
+        print(json.dumps(results, indent=2, default=float), flush=True)
     if args.plot:
         _plot(all_rows, args.plot)
         if not args.json:
             print(f"chart written to {args.plot}")
-    if args.json:
-        print(json.dumps(results, indent=2, default=float))
     return 0
 
 

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sage_zmq import Empty, EndOfStream, Packet, QueueDescriptor
+from sage_zmq import DescriptorError, Empty, EndOfStream, Packet, QueueDescriptor
+from sage_zmq._fault_proxy import FaultProxy
 from sage_zmq.router.keys import instance_for_key
 
 pytestmark = pytest.mark.node
@@ -33,6 +34,17 @@ ROOT = Path(__file__).resolve().parent.parent
 NODE_DIR = ROOT / "transports" / "node"
 TIMEOUT = 30.0
 PARALLELISMS = (1, 2, 3, 7, 128)
+# Reliability timings (PROTOCOL.md section 5) short enough for faults to heal within a test.
+FAST = {
+    "heartbeat_interval": 0.1,
+    "liveness": 3,
+    "ack_timeout": 0.2,
+    "reconnect_initial": 0.02,
+    "reconnect_max": 0.2,
+}
+NODE_RELIABLE = ("--reliable",) + tuple(
+    arg for key, value in FAST.items() for arg in (f"--{key.replace('_', '-')}", str(value))
+)
 
 
 def _load_typed() -> ModuleType:
@@ -447,3 +459,121 @@ def test_node_peer_unit_tests_pass(node_peer: str) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "# fail 0" in done.stdout
+
+
+# ---------------------------------------------------------------------------------- sage queues
+def _sage_consumer_qd(queue_id: str, maxsize: int) -> QueueDescriptor:
+    """A reliable Python consumer bound on a free loopback port (bound as it is created)."""
+    return QueueDescriptor(queue_id, "sage", {**FAST, "transport": "tcp", "maxsize": maxsize})
+
+
+def test_node_reliable_producer_through_cutting_proxy_to_python_sage(spawn: Any) -> None:
+    # The proxy cuts every connection every 0.5 s; --pace makes the stream last >= 1.5 s, so
+    # several cuts land mid-stream and frames in flight are lost and must be retransmitted.
+    n = 30_000
+    qd = _sage_consumer_qd("node-sage-cut", maxsize=500)
+    port = int(str(qd.endpoint).rsplit(":", 1)[1])
+    with FaultProxy(port, cut_every=0.5, stall_chance=0.5, stall_for=0.15, seed=3) as proxy:
+        try:
+            with contextlib.suppress(Empty):
+                qd.get_nowait()  # bound and reading before the producer starts
+            producer = spawn(
+                "produce.js", proxy.endpoint, str(n), "--maxsize", "500", "--pace", "100",
+                *NODE_RELIABLE,
+            )  # fmt: skip
+            got = _drain(qd)
+            assert _serve_until_exit(qd, producer) == 0, "".join(producer.stderr)
+            _, done = producer.until("done")
+        finally:
+            qd.close()
+        stats = proxy.stats
+    assert stats.connections >= 3, f"the stream outran the faults: {stats}"
+    lost, doubled = n - len(set(got)), len(got) - len(set(got))
+    assert got == list(range(n)), f"{len(got)} records, {lost} lost, {doubled} doubled"
+    assert done["sent"] == n and done["resends"] >= 1, done
+
+
+def test_python_sage_producer_to_node_reliable_consumer(spawn: Any) -> None:
+    consumer = spawn("consume.js", "--maxsize", "40", "--print", "records", *NODE_RELIABLE)
+    endpoint = consumer.message()["endpoint"]
+    records = _python_records(460)
+    qd = QueueDescriptor("py-sage-node", "sage", {**FAST, "endpoint": endpoint, "maxsize": 40})
+    for rec in records:
+        qd.put(rec, timeout=TIMEOUT)
+    qd.put(EndOfStream())
+    stats = qd.statistics()
+    qd.close(timeout=TIMEOUT)  # a reliable close returns once the Node side consumed it all
+    got, summary = consumer.until("summary")
+    assert consumer.finish() == 0, "".join(consumer.stderr)
+    assert stats.extra is not None and stats.extra["producer_id"]
+    assert summary["end_of_stream"] and summary["upstreams_ended"] == 1
+    assert summary["records"] == len(records) and summary["rejected"] == 0
+    assert summary["prompts"] == 0 and summary["gaps"] == 0
+    assert [m["record"] for m in got] == [_typed(r) for r in records]
+
+
+def test_python_sage_producer_through_cutting_proxy_to_node_reliable_consumer(
+    spawn: Any,
+) -> None:
+    n = 20_000
+    consumer = spawn("consume.js", "--maxsize", "300", "--print", "records", *NODE_RELIABLE)
+    endpoint = consumer.message()["endpoint"]
+    port = int(endpoint.rsplit(":", 1)[1])
+    with FaultProxy(port, cut_every=0.3, seed=5) as proxy:
+        qd = QueueDescriptor(
+            "py-sage-node-cut", "sage", {**FAST, "endpoint": proxy.endpoint, "maxsize": 300}
+        )
+        for i in range(n):
+            qd.put(i, timeout=TIMEOUT)
+            if i % 100 == 99:
+                time.sleep(0.005)  # pacing, so that cuts land mid-stream (>= 1 s)
+        qd.put(EndOfStream())
+        retransmits = qd.statistics().retransmits
+        qd.close(timeout=TIMEOUT)
+        stats = proxy.stats
+    got, summary = consumer.until("summary")
+    assert consumer.finish() == 0, "".join(consumer.stderr)
+    assert stats.connections >= 3, f"the stream outran the faults: {stats}"
+    values = [m["record"] for m in got]
+    assert values == [{"int": i} for i in range(n)], (
+        f"{len(values)} records, {summary['duplicates']} duplicates dropped"
+    )
+    assert summary["end_of_stream"] and summary["records"] == n
+    assert retransmits >= 0  # informative; the proxy may cut only between frames
+
+
+def test_python_sage_consumer_restarts_while_node_producer_runs(spawn: Any) -> None:
+    n, first_life = 5000, 1500
+    qd = _sage_consumer_qd("node-sage-restart", maxsize=200)
+    producer = spawn("produce.js", str(qd.endpoint), str(n), "--maxsize", "200", *NODE_RELIABLE)
+    try:
+        first = [qd.get(timeout=TIMEOUT) for _ in range(first_life)]
+    finally:
+        qd.close()  # mid-stream: the producer holds what this life did not ack
+    # A new consumer incarnation (new session) binds the same port, once libzmq has released
+    # it (a socket closes in its I/O thread, after close() returned).
+    again = qd.with_options()
+    deadline = time.monotonic() + TIMEOUT
+    head: list[Any] = []
+    while True:
+        try:
+            head.append(again.get_nowait())  # binds
+            break
+        except Empty:
+            break
+        except DescriptorError:
+            assert time.monotonic() < deadline, "the consumer's port was never released"
+            time.sleep(0.01)
+    try:
+        assert not any(isinstance(r, EndOfStream) for r in head)
+        rest = head + _drain(again)
+        assert _serve_until_exit(again, producer) == 0, "".join(producer.stderr)
+        _, done = producer.until("done")
+    finally:
+        again.close()
+    assert first == list(range(first_life))
+    # Without consumer persistence, records the first life received but had not reported as
+    # consumed come again (at least once); nothing may be missing, and each life is in order.
+    assert rest and rest[0] <= first_life, rest[:3]
+    assert rest == list(range(rest[0], n)), "a record was lost or reordered after the restart"
+    assert done["resends"] >= 1, done

@@ -14,12 +14,20 @@ reconnected (a ZeroMQ socket monitor reports it), (d) the peer was declared dead
 was recreated, and (e) frames the consumer has not *received* saw no progress of ``received``
 for ``ack_timeout`` (received, not acked: a slow consumer that holds frames is not a loss)
 while the consumer answers (a silent one would only pile copies up in the socket queue).
-``reliability.max_in_flight`` is not a second window: credits already bound what is in flight.
+
+**In-flight window.** A producer has at most ``reliability.max_in_flight`` frames sent whose
+receipt the consumer has not yet reported. Beyond it, records ``put`` accepted (credit, about
+``maxsize``, still decides that) wait in the producer until receipts free a slot, so the window
+bounds what sits in socket queues and what one retransmission resends, never what ``put``
+accepts; a consumer that is not reading still buffers up to ``maxsize``. The window applies
+while a live consumer answers; before it first does, or while it is declared dead, frames go
+out as credit allows (they are kept and retransmitted anyway).
 
 **Acks are windowed and asynchronous.** The consumer reports ``acked`` in a CREDIT when it has
 advanced by ``maxsize // 8`` records, when the consumer has caught up (nothing else queued), at
-an end of stream, in reply to HELLO/HEARTBEAT/CLOSE, and from the timer thread within
-``ack_timeout / 4`` otherwise. No put or get ever waits for a round trip.
+an end of stream, in reply to HELLO/HEARTBEAT/CLOSE, every ``max_in_flight // 2`` DATA frames
+received (a receipt, so the producer's in-flight window never runs dry), and from the timer
+thread within ``ack_timeout / 4`` otherwise. No put or get ever waits for a round trip.
 
 **Consumer.** Records from a producer are accepted strictly in sequence: a duplicate or the
 duplicated head of a batch is dropped, a frame after a gap is dropped (it will be retransmitted).
@@ -342,6 +350,7 @@ class ReliableProducer(Producer):
         self._clock: Clock = clock if clock is not None else SystemClock()
         timing = settings.timing
         self._tick_interval = settings.tick
+        self._max_in_flight = timing.max_in_flight
         self._ack_timeout = timing.ack_timeout
         self._live = PeerLiveness(
             self._clock,
@@ -435,6 +444,30 @@ class ReliableProducer(Producer):
         super()._update_room()
         if self._wal is not None:
             self._fast_limit = 0  # every put goes through the log before it returns
+
+    def _window_limit(self) -> int:
+        """The seq ``reliability.max_in_flight`` lets the producer send up to."""
+        if self._session is None or not self._live.alive:
+            return self._limit  # no consumer reporting receipts: only credit applies
+        cap, received, n = self._max_in_flight, self._received, 0
+        for _first, end, _frame in reversed(self._keeping.kept):
+            if end <= received or n >= cap:
+                break
+            n += 1
+        return self._next_seq + (cap - n) * self._batch_size
+
+    def _flush_locked(self) -> None:
+        # The base loop sends full batches while the limit allows, so a limit of `free` whole
+        # batches past next_seq sends at most `free` frames.
+        limit = self._limit
+        capped = min(limit, self._window_limit())
+        self._limit = capped
+        try:
+            super()._flush_locked()
+        finally:
+            if self._limit == capped:  # else a credit moved it during the flush: keep that
+                self._limit = limit
+        self._update_room()
 
     # ----------------------------------------------------------------- credits
     def _sent_at(self, seq: int) -> None:
@@ -708,7 +741,7 @@ class ReliableProducer(Producer):
 
 # ------------------------------------------------------------------------------ consumer
 class _RUpstream(_Upstream):
-    __slots__ = ("base", "epoch", "last_end", "persist", "reported", "reported_at")
+    __slots__ = ("base", "epoch", "frames", "last_end", "persist", "reported", "reported_at")
 
     def __init__(self, producer: str, inlet: ConsumerInlet, peer: Any, base: int) -> None:
         super().__init__(producer, inlet, peer, base)
@@ -718,6 +751,7 @@ class _RUpstream(_Upstream):
         self.persist = False
         self.reported = base
         self.reported_at = 0.0
+        self.frames = 0  # DATA frames received since the last report
 
 
 class _Marked(list[Any]):
@@ -761,6 +795,8 @@ class ReliableConsumer(Consumer):
         )
         self._settings = settings
         self._ack_step = max(1, maxsize // 8)
+        # Report receipts before a producer's in-flight window fills, so it never stalls.
+        self._receipt_frames = max(1, settings.timing.max_in_flight // 2)
         self._report_after = settings.timing.ack_timeout / 4
         self._prompted: dict[str, float] = {}
         self._held: tuple[str, int] | None = None
@@ -791,27 +827,10 @@ class ReliableConsumer(Consumer):
                 return
             if not self._claim(up, inlet, peer):
                 return
-            end = seq + len(records)
-            received = up.received
-            if end <= received:
-                self._duplicates += len(records)
-                return
-            if seq > received:
-                self._gaps += 1  # a lost frame before this one: wait for the retransmission
-                return
-            if seq < received:
-                self._duplicates += received - seq
-                records = records[received - seq :]
-            up.received = end
-            if up.persist:  # type: ignore[attr-defined]
-                batch = _Marked(records)
-                batch.consumer, batch.producer, batch.seq = self, producer, received
-                records = batch
-            self._batches.append((up, end, records))
-            self._queued += len(records)
-            self._received += len(records)
-            self._bytes += nbytes
-            self._batches_in += 1
+            self._on_data(up, seq, records, nbytes)
+            up.frames += 1  # type: ignore[attr-defined]
+            if up.frames >= self._receipt_frames:  # type: ignore[attr-defined]
+                self._grant(up)
         elif what == "hello":
             _, inlet, peer, fields = event
             self._on_hello(inlet, peer, fields)
@@ -830,6 +849,29 @@ class ReliableConsumer(Consumer):
             self._grant(up)  # a receipt, an answer to a heartbeat, or the END's receipt
         else:
             super()._on_event(event)
+
+    def _on_data(self, up: Any, seq: int, records: list[Any], nbytes: int) -> None:
+        end = seq + len(records)
+        received = up.received
+        if end <= received:
+            self._duplicates += len(records)
+            return
+        if seq > received:
+            self._gaps += 1  # a lost frame before this one: wait for the retransmission
+            return
+        if seq < received:
+            self._duplicates += received - seq
+            records = records[received - seq :]
+        up.received = end
+        if up.persist:
+            batch = _Marked(records)
+            batch.consumer, batch.producer, batch.seq = self, up.producer, received
+            records = batch
+        self._batches.append((up, end, records))
+        self._queued += len(records)
+        self._received += len(records)
+        self._bytes += nbytes
+        self._batches_in += 1
 
     def _on_hello(self, inlet: ConsumerInlet, peer: Any, fields: dict[str, Any]) -> None:
         producer = fields["producer"]
@@ -881,6 +923,7 @@ class ReliableConsumer(Consumer):
         super()._grant(up)
         up.reported = up.acked  # type: ignore[attr-defined]
         up.reported_at = time.monotonic()  # type: ignore[attr-defined]
+        up.frames = 0  # type: ignore[attr-defined]
 
     def _retire_current(self) -> None:
         up: Any = self._cur_upstream

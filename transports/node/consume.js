@@ -3,21 +3,32 @@
 //
 //   node consume.js [--bind tcp://127.0.0.1:*] [--maxsize N] [--upstreams N]
 //        [--print records|summary] [--check-partition] [--limit N] [--timeout S]
+//        [--reliable [--ack-timeout S]]
 //
 // The first stdout line is {"endpoint": "tcp://127.0.0.1:PORT"} once bound (a handshake for
 // whoever starts producers); then, with --print records, one {"record": typed} line per record;
 // the last line is {"summary": {...}}. --check-partition recomputes, for every Packet whose
 // headers.partition maps parallelism -> instance, this side's instanceForKey and counts
-// disagreements. Exit status: 0 end of stream seen, 3 idle timeout, 64 usage error.
+// disagreements. --reliable consumes a `sage` queue (PROTOCOL.md section 5): in-sequence
+// acceptance, acks as records are consumed, "who are you?" to unknown producers.
+// Exit status: 0 end of stream seen, 3 idle timeout, 64 usage error.
 
 import { parseArgs } from "node:util";
-import { Consumer, EmptyError, Packet, instanceForKey, toTyped } from "./sagezmq.js";
+import { RELIABLE_OPTIONS, RELIABLE_USAGE, reliableOptions } from "./lib/cli.js";
+import {
+  Consumer,
+  EmptyError,
+  Packet,
+  ReliableConsumer,
+  instanceForKey,
+  toTyped,
+} from "./sagezmq.js";
 
 function usage(message) {
   process.stderr.write(`consume.js: ${message}\n`);
   process.stderr.write(
     "usage: node consume.js [--bind ENDPOINT] [--maxsize N] [--upstreams N] " +
-      "[--print records|summary] [--check-partition] [--limit N] [--timeout S]\n",
+      `[--print records|summary] [--check-partition] [--limit N] [--timeout S] ${RELIABLE_USAGE}\n`,
   );
   process.exit(64);
 }
@@ -33,6 +44,7 @@ try {
       "check-partition": { type: "boolean", default: false },
       limit: { type: "string" },
       timeout: { type: "string", default: "30" },
+      ...RELIABLE_OPTIONS,
     },
   });
 } catch (err) {
@@ -48,7 +60,9 @@ if (!Number.isInteger(upstreams) || upstreams < 1) usage("--upstreams must be an
 if (!(timeout > 0)) usage("--timeout must be a number of seconds > 0");
 if (!["records", "summary"].includes(values.print)) usage("--print is records or summary");
 
-const consumer = new Consumer({ maxsize, upstreams, exactFloats: true });
+const reliability = reliableOptions(values, usage);
+const Kind = values.reliable ? ReliableConsumer : Consumer;
+const consumer = new Kind({ ...reliability, maxsize, upstreams, exactFloats: true });
 const endpoint = await consumer.bind(values.bind);
 process.stdout.write(`${JSON.stringify({ endpoint })}\n`);
 
@@ -104,6 +118,7 @@ Object.assign(summary, {
   rejected: consumer.stats.rejected,
   duplicates: consumer.stats.duplicates,
   gaps: consumer.stats.gaps,
+  prompts: consumer.stats.prompts ?? 0,
   batches: consumer.stats.batches,
   producers: consumer.ups.size,
 });

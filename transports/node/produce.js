@@ -3,13 +3,20 @@
 //
 //   node produce.js ENDPOINT COUNT [--maxsize N] [--kind ints|packets|mixed] [--keys N]
 //        [--producer-id ID] [--queue NAME] [--batch-size N] [--timeout S] [--start N]
-//        [--tag TEXT] [--no-end] [--echo]
+//        [--tag TEXT] [--no-end] [--echo] [--pace N]
+//        [--reliable [--heartbeat-interval S] [--liveness N] [--ack-timeout S]
+//                    [--reconnect-initial S] [--reconnect-max S]]
 //
 // --echo prints each record sent as a typed JSON line {"record": ...}; the last line is
-// {"done": {...}}. Exit status: 0 delivered, 2 not confirmed or full, 64 usage error.
+// {"done": {...}}. --pace N pauses 5 ms after every N records (so a stream lasts long enough
+// for faults to hit it). --reliable speaks to `sage` queues (PROTOCOL.md section 5): frames
+// are kept and retransmitted, and close waits until the consumer consumed everything.
+// Exit status: 0 delivered, 2 not confirmed or full, 64 usage error.
 
 import { parseArgs } from "node:util";
-import { DeliveryError, FullError, Producer, SzError, toTyped } from "./sagezmq.js";
+import { setTimeout as sleep } from "node:timers/promises";
+import { DeliveryError, FullError, Producer, ReliableProducer, SzError, toTyped } from "./sagezmq.js";
+import { RELIABLE_OPTIONS, RELIABLE_USAGE, reliableOptions } from "./lib/cli.js";
 import { KINDS, recordFor } from "./lib/samples.js";
 
 function usage(message) {
@@ -17,7 +24,7 @@ function usage(message) {
   process.stderr.write(
     "usage: node produce.js ENDPOINT COUNT [--maxsize N] [--kind ints|packets|mixed] " +
       "[--keys N] [--producer-id ID] [--queue NAME] [--batch-size N] [--timeout S] " +
-      "[--start N] [--tag TEXT] [--no-end] [--echo]\n",
+      `[--start N] [--tag TEXT] [--no-end] [--echo] [--pace N] ${RELIABLE_USAGE}\n`,
   );
   process.exit(64);
 }
@@ -45,6 +52,8 @@ try {
       tag: { type: "string", default: "node" },
       "no-end": { type: "boolean", default: false },
       echo: { type: "boolean", default: false },
+      pace: { type: "string" },
+      ...RELIABLE_OPTIONS,
     },
   });
 } catch (err) {
@@ -61,10 +70,14 @@ const maxsize = intOption(values, "maxsize", 1000, 1);
 const keys = intOption(values, "keys", 50, 1);
 const start = intOption(values, "start", 0);
 const batchSize = intOption(values, "batch-size", 100, 1);
+const pace = intOption(values, "pace", 0, 1);
+const reliability = reliableOptions(values, usage);
 const timeout = values.timeout === undefined ? 30 : Number(values.timeout);
 if (!(timeout > 0)) usage("--timeout must be a number of seconds > 0");
 
-const producer = new Producer(endpoint, {
+const Kind = values.reliable ? ReliableProducer : Producer;
+const producer = new Kind(endpoint, {
+  ...reliability,
   maxsize,
   batchSize,
   timeout,
@@ -77,6 +90,7 @@ try {
     const record = recordFor(values.kind, i, { keys, tag: values.tag });
     if (values.echo) process.stdout.write(`${JSON.stringify({ record: toTyped(record) })}\n`);
     await producer.put(record);
+    if (pace && (i - start) % pace === pace - 1) await sleep(5);
   }
   if (!values["no-end"]) await producer.end();
   await producer.close();
@@ -92,6 +106,9 @@ const done = {
   batches: producer.stats.batches,
   credits: producer.stats.credits,
   credit_waits: producer.stats.creditWaits,
+  retransmits: producer.stats.retransmits ?? 0,
+  resends: producer.stats.resends ?? 0,
+  reconnects: producer.stats.reconnects ?? 0,
 };
 process.stdout.write(`${JSON.stringify({ done })}\n`);
 process.exitCode = status;

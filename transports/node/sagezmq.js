@@ -29,6 +29,12 @@ export {
   murmur3x86_32,
 } from "./lib/partition.js";
 export { Consumer, Producer, newProducerId } from "./lib/peers.js";
+export {
+  RELIABILITY_DEFAULTS,
+  ReliableConsumer,
+  ReliableProducer,
+  reliabilitySettings,
+} from "./lib/reliable.js";
 export { fromTyped, toTyped } from "./lib/typed.js";
 export {
   DecodeError,

@@ -73,12 +73,15 @@ export class Producer {
       timeout = 30,
       epoch = 0,
       nextSeq = 0,
+      socketOptions = {},
     } = {},
   ) {
     if (!Number.isInteger(maxsize) || maxsize < 1) {
       throw new RangeError(`maxsize must be an integer >= 1 (the queue's maxsize), got ${maxsize}`);
     }
     this.endpoint = endpoint;
+    this.queue = queue;
+    this.epoch = epoch;
     this.producerId = producerId;
     this.maxsize = maxsize;
     this.batchSize = Math.max(1, batchSize);
@@ -92,30 +95,55 @@ export class Producer {
     this.errors = [];
     this.consumerErrors = [];
     this.closed = false;
+    this._closing = false;
     this.stats = { sent: 0, batches: 0, bytes: 0, credits: 0, creditWaits: 0 };
     this._credit = new Signal();
     this._flushScheduled = false;
-    this._sock = new zmq.Dealer({ linger: 1000, sendHighWaterMark: 0, receiveHighWaterMark: 0 });
-    this._sock.connect(endpoint);
+    this._socketOptions = socketOptions;
     this._sendError = null;
-    this._chain = new SendChain(this._sock, (err) => {
-      this._sendError = err;
-    });
-    this._chain.send(
-      encodeFrame(Kind.HELLO, {
-        producer: producerId,
-        epoch,
-        queue,
-        next_seq: nextSeq,
-        acked: nextSeq,
-      }),
-    );
-    this._reader = this._readLoop();
+    this._openSocket();
+    this._sendHello();
   }
 
-  async _readLoop() {
+  /** A new DEALER (with its read loop and send chain) replaces the current one, if any. */
+  _openSocket() {
+    const sock = new zmq.Dealer({
+      linger: 1000,
+      sendHighWaterMark: 0,
+      receiveHighWaterMark: 0,
+      ...this._socketOptions,
+    });
+    this._configure(sock);
+    sock.connect(this.endpoint);
+    this._sock = sock;
+    // A send failing on a socket that was since replaced is expected (it was closed).
+    this._chain = new SendChain(sock, (err) => {
+      if (sock === this._sock) this._sendError = err;
+    });
+    this._reader = this._readLoop(sock);
+  }
+
+  /** Called with a new socket before it connects (a monitor must see its first connect). */
+  _configure(sock) {} // eslint-disable-line no-unused-vars
+
+  _sendHello() {
+    this._chain.send(
+      encodeFrame(Kind.HELLO, {
+        producer: this.producerId,
+        epoch: this.epoch,
+        queue: this.queue,
+        next_seq: this.nextSeq,
+        acked: this.acked,
+      }),
+    );
+  }
+
+  /** A DATA or END frame for seqs [first, end) went out (the reliable producer keeps it). */
+  _sent(first, end, frame) {} // eslint-disable-line no-unused-vars
+
+  async _readLoop(sock) {
     try {
-      for await (const [frame] of this._sock) {
+      for await (const [frame] of sock) {
         let msg;
         try {
           msg = decodeFrame(frame);
@@ -133,7 +161,7 @@ export class Producer {
         }
       }
     } catch (err) {
-      if (!this._sock.closed) log(`producer receive loop stopped: ${err.message}`);
+      if (!sock.closed) log(`producer receive loop stopped: ${err.message}`);
     }
   }
 
@@ -197,6 +225,7 @@ export class Producer {
       const { frame, sent, errors } = encodeData(this.producerId, this.nextSeq, batch);
       if (sent.length) {
         this._chain.send(frame);
+        this._sent(this.nextSeq, this.nextSeq + sent.length, frame);
         this.nextSeq += sent.length;
         this.stats.sent += sent.length;
         this.stats.batches += 1;
@@ -243,7 +272,9 @@ export class Producer {
         `end of stream not sent: ${this.pending.length} records still wait for credit`,
       );
     }
-    this._chain.send(encodeFrame(Kind.END, [this.producerId, this.nextSeq]));
+    const frame = encodeFrame(Kind.END, [this.producerId, this.nextSeq]);
+    this._chain.send(frame);
+    this._sent(this.nextSeq, this.nextSeq + 1, frame);
     this.nextSeq += 1;
     this.limit += 1; // END takes a seq, not buffer space
     await this._chain.tail;
@@ -253,6 +284,19 @@ export class Producer {
   /** Ask the consumer for a CREDIT (answered by any live consumer that knows this producer). */
   async heartbeat() {
     await this._chain.send(encodeFrame(Kind.HEARTBEAT, [this.producerId]));
+  }
+
+  /** Every seq below this is confirmed: received (here), consumed (reliable producer). */
+  get confirmed() {
+    return this.received;
+  }
+
+  get _confirmedAs() {
+    return "received";
+  }
+
+  _sendClose() {
+    this._chain.send(encodeFrame(Kind.CLOSE, [this.producerId, this.nextSeq]));
   }
 
   /**
@@ -265,26 +309,31 @@ export class Producer {
     await this._drain(timeout);
     const unsent = this.pending.length;
     const closeSeq = this.nextSeq;
-    this._chain.send(encodeFrame(Kind.CLOSE, [this.producerId, closeSeq]));
-    while (this.received < closeSeq) {
+    this._closing = true;
+    this._sendClose();
+    while (this.confirmed < closeSeq) {
       const left = deadline - Date.now();
       if (left <= 0) break;
       await this._credit.wait(Math.min(left, 500));
     }
+    this._stop();
     await this._chain.tail;
     this.closed = true;
     this._sock.close();
     await this._reader;
-    const undelivered = unsent + Math.max(0, closeSeq - this.received);
+    const undelivered = unsent + Math.max(0, closeSeq - this.confirmed);
     if (undelivered) {
       throw new DeliveryError(
-        `${undelivered} records put were not confirmed as received by the consumer within ` +
+        `${undelivered} records put were not confirmed as ${this._confirmedAs} by the consumer within ` +
           `${timeout} s (is the consumer running and reading?)`,
         undelivered,
       );
     }
     this._raiseErrors();
   }
+
+  /** Close is about to shut the socket: stop background work (the reliable producer's timer). */
+  _stop() {}
 }
 
 /** What the consumer knows of one producer. */
@@ -298,6 +347,8 @@ class Upstream {
     this.closing = false;
     this.ended = false;
     this.endReceived = false;
+    this.reported = base; // the acked last sent in a CREDIT
+    this.reportedAt = 0;
   }
 }
 
@@ -411,6 +462,8 @@ export class Consumer {
   _grant(up) {
     const limit = Math.max(up.granted, up.acked + this._share());
     up.granted = limit;
+    up.reported = up.acked;
+    up.reportedAt = performance.now();
     this._send(
       up.peer,
       encodeFrame(Kind.CREDIT, {
@@ -493,6 +546,9 @@ export class Consumer {
     if (up.granted - up.acked <= Math.floor(this._share() / 2)) this._grant(up);
   }
 
+  /** An END marker was consumed (the reliable consumer reports it at once). */
+  _endConsumed(up) {} // eslint-disable-line no-unused-vars
+
   /** Upstreams that have ended so far. */
   get upstreamsEnded() {
     return this.ended;
@@ -531,6 +587,7 @@ export class Consumer {
           up.acked = end;
           up.ended = true;
           this.ended += 1;
+          this._endConsumed(up);
           continue;
         }
         this._cur = records;
