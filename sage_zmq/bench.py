@@ -453,16 +453,25 @@ def _plot(rows: list[Row], path: str) -> None:
         from sage_zmq.errors import MissingDependency
 
         raise MissingDependency("--plot needs matplotlib: pip install 'sage-zmq[plot]'") from None
-    rated = [r for r in rows if isinstance(r.get("ratio"), int | float)]
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rated) + 1.5))
-    names = [r["name"] for r in rated]
-    ratios = [r["ratio"] for r in rated]
-    ax.barh(names, ratios, color=["tab:green" if x >= 1 else "tab:red" for x in ratios])
+    rated = [r for r in rows if isinstance(r.get("ratio"), int | float) and r["ratio"] > 0]
+    fig, ax = plt.subplots(figsize=(11, 0.32 * len(rated) + 1.5))
+    names = [
+        f"{r['name']}  vs {r['competitor']}" if r.get("competitor") else r["name"] for r in rated
+    ]
+    ratios = [float(r["ratio"]) for r in rated]
+    ax.barh(names, ratios, color="tab:blue")
+    for y, x in enumerate(ratios):
+        ax.text(x, y, f" {x:.2f}x", va="center", fontsize=7)
+    ax.set_xscale("log")  # ratios span 0.1x to 2000x: a linear axis hides all but one
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("ratio vs competitor (higher is better)")
+    ax.invert_yaxis()
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_xlabel(
+        "ratio vs competitor, same run (log scale; direction and target per row in the text output)"
+    )
     ax.set_title("sage-zmq benchmark")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

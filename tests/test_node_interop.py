@@ -42,8 +42,9 @@ FAST = {
     "reconnect_initial": 0.02,
     "reconnect_max": 0.2,
 }
-NODE_RELIABLE = ("--reliable",) + tuple(
-    arg for key, value in FAST.items() for arg in (f"--{key.replace('_', '-')}", str(value))
+NODE_RELIABLE = (
+    "--reliable",
+    *(arg for key, value in FAST.items() for arg in (f"--{key.replace('_', '-')}", str(value))),
 )
 
 
@@ -498,11 +499,13 @@ def test_python_sage_producer_to_node_reliable_consumer(spawn: Any) -> None:
     endpoint = consumer.message()["endpoint"]
     records = _python_records(460)
     qd = QueueDescriptor("py-sage-node", "sage", {**FAST, "endpoint": endpoint, "maxsize": 40})
-    for rec in records:
-        qd.put(rec, timeout=TIMEOUT)
-    qd.put(EndOfStream())
-    stats = qd.statistics()
-    qd.close(timeout=TIMEOUT)  # a reliable close returns once the Node side consumed it all
+    try:
+        for rec in records:
+            qd.put(rec, timeout=TIMEOUT)
+        qd.put(EndOfStream())
+        stats = qd.statistics()
+    finally:
+        qd.close(timeout=TIMEOUT)  # a reliable close returns once the Node side consumed it all
     got, summary = consumer.until("summary")
     assert consumer.finish() == 0, "".join(consumer.stderr)
     assert stats.extra is not None and stats.extra["producer_id"]
@@ -523,13 +526,14 @@ def test_python_sage_producer_through_cutting_proxy_to_node_reliable_consumer(
         qd = QueueDescriptor(
             "py-sage-node-cut", "sage", {**FAST, "endpoint": proxy.endpoint, "maxsize": 300}
         )
-        for i in range(n):
-            qd.put(i, timeout=TIMEOUT)
-            if i % 100 == 99:
-                time.sleep(0.005)  # pacing, so that cuts land mid-stream (>= 1 s)
-        qd.put(EndOfStream())
-        retransmits = qd.statistics().retransmits
-        qd.close(timeout=TIMEOUT)
+        try:
+            for i in range(n):
+                qd.put(i, timeout=TIMEOUT)
+                if i % 100 == 99:
+                    time.sleep(0.005)  # pacing, so that cuts land mid-stream (>= 1 s)
+            qd.put(EndOfStream())
+        finally:
+            qd.close(timeout=TIMEOUT)  # returns once the Node side consumed everything
         stats = proxy.stats
     got, summary = consumer.until("summary")
     assert consumer.finish() == 0, "".join(consumer.stderr)
@@ -539,7 +543,6 @@ def test_python_sage_producer_through_cutting_proxy_to_node_reliable_consumer(
         f"{len(values)} records, {summary['duplicates']} duplicates dropped"
     )
     assert summary["end_of_stream"] and summary["records"] == n
-    assert retransmits >= 0  # informative; the proxy may cut only between frames
 
 
 def test_python_sage_consumer_restarts_while_node_producer_runs(spawn: Any) -> None:

@@ -118,7 +118,13 @@ class Consumer:
                 for item in self._current:  # another thread may have refilled it
                     return item
                 self._retire_current()
-                self._pump(0)
+                if not self._batches:
+                    # Read what arrived, waiting if we may: one ZMQ_EVENTS check, then a
+                    # blocking recv (each check costs a syscall inside libzmq).
+                    wait = 0.0
+                    if block and self._ended < self._upstreams:
+                        wait = 0.5 if deadline is None else max(0.0, deadline - time.monotonic())
+                    self._pump(min(wait, 0.5))
                 while self._batches:
                     up, end_seq, records = self._batches.popleft()
                     if records is _END:
@@ -137,10 +143,8 @@ class Consumer:
                     return _END_OF_STREAM
                 if not block:
                     raise Empty(f"queue {self.queue_id!r} is empty")
-                wait = 0.5 if deadline is None else deadline - time.monotonic()
-                if wait <= 0:
+                if deadline is not None and deadline <= time.monotonic():
                     raise Empty(f"queue {self.queue_id!r}: nothing arrived within {timeout} s")
-                self._pump(min(wait, 0.5))
 
     def _retire_current(self) -> None:
         up = self._cur_upstream

@@ -164,8 +164,10 @@ class Producer:
     def _flush_locked(self) -> None:
         now = time.perf_counter()
         link = self._link
-        if self._limit - self._next_seq < 2 * self._batch_size or not self._flushes & 15:
-            self._apply(link.poll(0))  # credit runs low (or a periodic look): read replies
+        if self._limit - self._next_seq <= self._window // 2 or not self._flushes & 15:
+            # Credit is half used (or a periodic look): read the consumer's replies. Not on
+            # every flush: each look is a syscall inside libzmq.
+            self._apply(link.poll(0))
         pending = self._pending
         popleft = pending.popleft
         while pending:

@@ -90,11 +90,17 @@ def _apply_common(sock: zmq.Socket[Any], opts: SocketOptions) -> None:
         sock.setsockopt(zmq.HEARTBEAT_TTL, opts.heartbeat_timeout_ms)
 
 
+_RCVTIMEO = int(zmq.RCVTIMEO)
+_rcvtimeo: dict[int, int] = {}  # socket id -> the RCVTIMEO last set (getsockopt costs µs)
+
+
 def _recv_within(sock: zmq.Socket[Any], timeout: float, *, multipart: bool) -> Any:
     """One message within ``timeout`` seconds, or None."""
     ms = max(1, int(timeout * 1000))
-    if sock.getsockopt(zmq.RCVTIMEO) != ms:
-        sock.setsockopt(zmq.RCVTIMEO, ms)
+    key = id(sock)
+    if _rcvtimeo.get(key) != ms:
+        sock.setsockopt(_RCVTIMEO, ms)
+        _rcvtimeo[key] = ms
     try:
         return sock.recv_multipart() if multipart else sock.recv()
     except zmq.Again:
@@ -209,6 +215,7 @@ class DealerLink:
         return credits
 
     def close(self) -> None:
+        _rcvtimeo.pop(id(self.sock), None)
         self.sock.close()
         _observe.link_closed("producer", self.endpoint, self.queue_id)
 
@@ -353,6 +360,7 @@ class RouterInlet:
         return True
 
     def close(self) -> None:
+        _rcvtimeo.pop(id(self.sock), None)
         self.sock.close(linger=200)  # long enough for the last receipts to leave
         _observe.link_closed("consumer", self.endpoint, self.queue_id)
 

@@ -170,9 +170,9 @@ export class ReliableProducer extends Producer {
     } else if (credit.session !== this.session) {
       const old = this.session;
       this.session = credit.session;
-      // Section 4 for the first session (never below the implicit grant); a new session's
-      // limit replaces the old one (section 5), since it counts from what *it* has acked.
-      this.limit = old === null ? Math.max(this.limit, limit) : limit;
+      // A session's limit replaces the previous one (and the implicit grant, at the first
+      // CREDIT), since it counts from what *that* consumer has acked (section 5).
+      this.limit = limit;
       this.received = received;
       this.acked = Math.max(this.acked, acked);
       if (old !== null && this._promptSession !== credit.session) {
@@ -260,14 +260,21 @@ export class ReliableProducer extends Producer {
 
 /**
  * A consumer for `sage` queues: as Consumer, plus ackTimeout (seconds; acks not otherwise
- * reported go out within ackTimeout / 4). Records count as consumed when `get`/`next`
- * returned them.
+ * reported go out within ackTimeout / 4) and receiptFrames (a CREDIT after that many DATA
+ * frames of one producer, so a Python producer's in-flight window, sage-zmq's
+ * reliability.max_in_flight = 8 frames, never waits for the application). Records count as
+ * consumed when `get`/`next` returned them.
  */
 export class ReliableConsumer extends Consumer {
   constructor(options = {}) {
     const t = reliabilitySettings(options);
+    const { receiptFrames = 4 } = options;
+    if (!Number.isInteger(receiptFrames) || receiptFrames < 1) {
+      throw new RangeError(`receiptFrames must be an integer >= 1, got ${receiptFrames}`);
+    }
     super(options);
     this.reliability = t;
+    this.receiptFrames = receiptFrames;
     this._ackStep = Math.max(1, Math.floor(this.maxsize / 8));
     this._prompted = new Map(); // producer -> when it was last asked "who are you?"
     this.stats.prompts = 0;
@@ -279,6 +286,11 @@ export class ReliableConsumer extends Consumer {
     this._timer = setInterval(() => this._tick(), ms(this.reliability.tick));
     this._timer.unref();
     return bound;
+  }
+
+  _grant(up) {
+    up.frames = 0;
+    super._grant(up);
   }
 
   _prompt(peer, producer) {
@@ -312,6 +324,8 @@ export class ReliableConsumer extends Consumer {
     switch (msg.kind) {
       case Kind.DATA:
         this._onData(up, Number(f.seq), f.records, msg.nbytes);
+        up.frames = (up.frames ?? 0) + 1;
+        if (up.frames >= this.receiptFrames) this._grant(up);
         return;
       case Kind.END:
         this._onEnd(up, Number(f.seq));
