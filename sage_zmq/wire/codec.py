@@ -9,7 +9,9 @@ code  what         body (msgpack)
 2     ndarray      [dtype, shape, data]: dtype = numpy ``dtype.str`` or a ``descr`` list,
                    shape = list of ints, data = bin in C order
 3     EndOfStream  [source]
-4     shm ref      reserved for shared-memory side buffers (a transport installs the hook)
+4     shm ref      shared-memory side buffer (a transport installs the hook)
+126   pickle+oob   [pickle bytes, [buffer, ...]]: protocol 5 with out-of-band buffers, each
+                   a bin or a shm ref; decoded only where pickle is enabled
 127   pickle       pickle protocol 5 bytes; decoded only where pickle is enabled
 ====  ===========  ===================================================================
 
@@ -37,6 +39,7 @@ EXT_PACKET = 1
 EXT_NDARRAY = 2
 EXT_END_OF_STREAM = 3
 EXT_SHM_REF = 4
+EXT_PICKLE_OOB = 126
 EXT_PICKLE = 127
 
 MAX_PRODUCER_ID = 128
@@ -192,16 +195,33 @@ class Codec:
         if isinstance(obj, memoryview | bytearray):
             return bytes(obj)
         if self.allow_pickle:
-            try:
-                return msgpack.ExtType(EXT_PICKLE, pickle.dumps(obj, protocol=5))
-            except Exception as exc:
-                raise EncodeError(f"cannot pickle {type(obj).__qualname__}: {exc}") from exc
+            return self._pickle(obj)
         raise EncodeError(
             f"cannot encode a record of type {type(obj).__module__}.{type(obj).__qualname__}: "
             "records must be msgpack types (dict, list, str, bytes, int, float, bool, None), "
             "Packet, EndOfStream or numpy arrays; convert it, or enable pickle "
             "(security.allow_pickle) on an authenticated or local link"
         )
+
+    def _pickle(self, obj: Any) -> msgpack.ExtType:
+        # Protocol 5 hands large buffers (numpy data, PickleBuffer) out of band: they travel
+        # as separate bin values, or through the shared-memory pool where the link has one,
+        # instead of being copied into the pickle stream.
+        buffers: list[pickle.PickleBuffer] = []
+        try:
+            data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+        except Exception as exc:
+            raise EncodeError(f"cannot pickle {type(obj).__qualname__}: {exc}") from exc
+        if not buffers:
+            return msgpack.ExtType(EXT_PICKLE, data)
+        parts: list[Any] = []
+        for buffer in buffers:
+            raw = buffer.raw()  # contiguous bytes view (pickle only hands out such buffers)
+            ref = None
+            if self.shm_encoder is not None:
+                ref = self.shm_encoder(np.frombuffer(raw, dtype=np.uint8))
+            parts.append(ref if ref is not None else raw)
+        return msgpack.ExtType(EXT_PICKLE_OOB, self._pack_inner([data, parts]))
 
     def _pack_inner(self, value: Any) -> bytes:
         return msgpack.packb(value, default=self._default, use_bin_type=True, datetime=False)
@@ -347,6 +367,16 @@ class Codec:
                 return self.shm_decoder(data)
             if code == EXT_PICKLE and self.allow_pickle:
                 return pickle.loads(data)
+            if code == EXT_PICKLE_OOB and self.allow_pickle:
+                fields = self._unpack_inner(data)
+                if (
+                    not isinstance(fields, list)
+                    or len(fields) != 2
+                    or not isinstance(fields[0], bytes)
+                    or not isinstance(fields[1], list)
+                ):
+                    raise DecodeError("pickle-5 extension must hold [pickle, [buffers]]")
+                return pickle.loads(fields[0], buffers=fields[1])
         except DecodeError:
             raise
         except Exception as exc:
