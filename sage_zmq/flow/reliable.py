@@ -24,10 +24,10 @@ while a live consumer answers; before it first does, or while it is declared dea
 out as credit allows (they are kept and retransmitted anyway).
 
 **Acks are windowed and asynchronous.** The consumer reports ``acked`` in a CREDIT when it has
-advanced by ``maxsize // 8`` records, when the consumer has caught up (nothing else queued), at
-an end of stream, in reply to HELLO/HEARTBEAT/CLOSE, every ``max_in_flight // 2`` DATA frames
-received (a receipt, so the producer's in-flight window never runs dry), and from the timer
-thread within ``ack_timeout / 4`` otherwise. No put or get ever waits for a round trip.
+advanced by ``maxsize // 8`` records, at an end of stream, in reply to HELLO/HEARTBEAT/CLOSE,
+every ``max_in_flight // 2`` DATA frames received (a receipt, so the producer's in-flight
+window never runs dry), and from the timer thread within ``ack_timeout / 4`` otherwise. No
+put or get ever waits for a round trip.
 
 **Consumer.** Records from a producer are accepted strictly in sequence: a duplicate or the
 duplicated head of a batch is dropped, a frame after a gap is dropped (it will be retransmitted).
@@ -468,6 +468,11 @@ class ReliableProducer(Producer):
             if self._limit == capped:  # else a credit moved it during the flush: keep that
                 self._limit = limit
         self._update_room()
+        pending = len(self._pending)
+        if capped < limit and pending and self._wal is None and self._room > 0:
+            # The in-flight window, not credit, held records back: look again after one more
+            # batch of puts rather than on every put (each look reads the socket).
+            self._fast_limit = pending + min(self._room, self._batch_size)
 
     # ----------------------------------------------------------------- credits
     def _sent_at(self, seq: int) -> None:
@@ -928,11 +933,11 @@ class ReliableConsumer(Consumer):
     def _retire_current(self) -> None:
         up: Any = self._cur_upstream
         super()._retire_current()
-        if (
-            up is not None
-            and up.acked > up.reported
-            and (up.acked - up.reported >= self._ack_step or not self._batches)
-        ):
+        # Every ack_step records; a consumer that caught up is reported by the timer thread
+        # (within ack_timeout / 4) or by the next HELLO/HEARTBEAT/CLOSE: the consumer reads one
+        # frame ahead, so "nothing queued" is true at almost every batch and would cost a
+        # CREDIT per DATA frame.
+        if up is not None and up.acked - up.reported >= self._ack_step:
             self._grant(up)
 
     def _get_slow(self, block: bool, timeout: float | None) -> Any:
@@ -941,7 +946,8 @@ class ReliableConsumer(Consumer):
             return super()._get_slow(block, timeout)
         finally:
             if self._ended != ended:
-                self._report_ends()
+                with self._lock:  # the timer thread sends on the same socket
+                    self._report_ends()
 
     def _report_ends(self) -> None:
         dedup = self._dedup
