@@ -176,7 +176,12 @@ class Producer:
                 break
             n = min(len(pending), allowed, self._batch_size)
             batch = [popleft() for _ in range(n)]
-            sent, nbytes, errors = link.send_batch(self.producer_id, self._next_seq, batch)
+            try:
+                sent, nbytes, errors = link.send_batch(self.producer_id, self._next_seq, batch)
+            except DeliveryError:
+                pending.extendleft(reversed(batch))  # accepted records stay queued, in order
+                self._update_room()
+                raise
             self._next_seq += sent
             self._sent += sent
             self._bytes += nbytes
@@ -285,9 +290,18 @@ class Producer:
                 return
             _runtime.ticker().discard(self)
             deadline = time.monotonic() + timeout
-            self._drain(timeout)
+            try:
+                self._drain(timeout)
+                self._link.send_close(self.producer_id, self._next_seq)
+            except DeliveryError as exc:
+                undelivered = len(self._pending) + max(0, self._next_seq - self._received)
+                self._closed = True
+                self._update_room()
+                self._link.close()
+                raise DeliveryError(
+                    f"{exc}; {undelivered} records not delivered", undelivered
+                ) from None
             unsent = len(self._pending)
-            self._link.send_close(self.producer_id, self._next_seq)
             while self._received < self._next_seq:
                 wait = deadline - time.monotonic()
                 if wait <= 0:

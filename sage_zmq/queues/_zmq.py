@@ -19,7 +19,7 @@ import zmq
 
 from sage_zmq import _runtime
 from sage_zmq import observe as _observe
-from sage_zmq.errors import DecodeError, DescriptorError
+from sage_zmq.errors import DecodeError, DeliveryError, DescriptorError
 from sage_zmq.queues.base import Credit
 from sage_zmq.wire.codec import Codec
 from sage_zmq.wire.frame import Kind
@@ -45,6 +45,7 @@ class SocketOptions:
     heartbeat_ivl_ms: int = 0
     heartbeat_timeout_ms: int = 0
     linger_ms: int = 1000
+    send_timeout_ms: int = -1  # -1: block; else a send with no connection at all fails
     curve: Any = None  # sage_zmq.security.CurveSetup or None
 
 
@@ -129,12 +130,25 @@ class DealerLink:
         _apply_common(sock, opts)
         sock.setsockopt(zmq.RECONNECT_IVL, opts.reconnect_ivl_ms)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, opts.reconnect_ivl_max_ms)
+        sock.setsockopt(zmq.SNDTIMEO, opts.send_timeout_ms)
         if opts.curve is not None:
             opts.curve.apply_client(sock)
         sock.connect(endpoint)
         self.sock = sock
         self._producer = ""
         _observe.link_opened("producer", endpoint, queue_id, codec)
+
+    def _send_frame(self, frame: bytes) -> None:
+        try:
+            self.sock.send(frame, copy=len(frame) < 65536)
+        except zmq.Again:
+            # A DEALER blocks only when it has no connection object at all, e.g. every
+            # handshake fails (CURVE refused this producer's key): report it, never hang.
+            raise DeliveryError(
+                f"queue {self.queue_id!r}: could not hand a frame to ZeroMQ for "
+                f"{self.endpoint}: no usable connection (is the consumer up? does it accept "
+                "this producer's CURVE key?)"
+            ) from None
 
     def send_hello(self, producer: str, epoch: int, next_seq: int, acked: int) -> None:
         self._producer = producer
@@ -145,7 +159,7 @@ class DealerLink:
             "next_seq": next_seq,
             "acked": acked,
         }
-        self.sock.send(self.codec.encode_control(Kind.HELLO, body))
+        self._send_frame(self.codec.encode_control(Kind.HELLO, body))
 
     def send_batch(self, producer: str, seq: int, records: list[Any]) -> tuple[int, int, list[str]]:
         frame, sent, errors = self.codec.encode_batch(
@@ -159,21 +173,21 @@ class DealerLink:
             n2, b2, e2 = self.send_batch(producer, seq + n1, sent[half:])
             return n1 + n2, b1 + b2, errors + e1 + e2
         if sent:
-            self.sock.send(frame, copy=len(frame) < 65536)
+            self._send_frame(frame)
         return len(sent), len(frame) if sent else 0, errors
 
     def send_frame(self, frame: bytes) -> None:
         """Send an already encoded frame (retransmission)."""
-        self.sock.send(frame, copy=len(frame) < 65536)
+        self._send_frame(frame)
 
     def send_end(self, producer: str, seq: int) -> None:
-        self.sock.send(self.codec.encode_control(Kind.END, [producer, seq]))
+        self._send_frame(self.codec.encode_control(Kind.END, [producer, seq]))
 
     def send_close(self, producer: str, seq: int) -> None:
-        self.sock.send(self.codec.encode_control(Kind.CLOSE, [producer, seq]))
+        self._send_frame(self.codec.encode_control(Kind.CLOSE, [producer, seq]))
 
     def send_heartbeat(self, producer: str) -> None:
-        self.sock.send(self.codec.encode_control(Kind.HEARTBEAT, [producer]))
+        self._send_frame(self.codec.encode_control(Kind.HEARTBEAT, [producer]))
 
     def poll(self, timeout: float) -> list[Credit]:
         sock = self.sock

@@ -134,7 +134,7 @@ class ShmDealerLink(DealerLink):
             if not sent:
                 shm.abort()
                 return 0, 0, errors
-            self.sock.send(frame, copy=len(frame) < 65536)
+            self._send_frame(frame)
         except BaseException:
             shm.abort()
             raise
