@@ -291,8 +291,7 @@ def test_heartbeat_loss_on_a_real_socket_is_detected_in_time() -> None:
 
 # ------------------------------------------------------------------------------ slow consumer
 def test_slow_consumer_keeps_producer_memory_bounded() -> None:
-    # 200k records rather than 1M: the consumer is 10x slower by design, and 1M would take ~20 s.
-    n = 200_000
+    n = 1_000_000  # the figure; the consumer sleeps 0.8 ms per 100 records
     qd = QueueDescriptor("slow", "sage", {**FAST, "maxsize": 1000})
     with contextlib.suppress(Empty):
         qd.get_nowait()
@@ -317,7 +316,7 @@ def test_slow_consumer_keeps_producer_memory_bounded() -> None:
     assert max(kept for _, _, kept in samples) <= 1000 + 100
     warm = next(rss for i, rss, _ in samples if i >= 20_000)
     growth = max(rss for _, rss, _ in samples) - warm
-    # Unbounded buffering of 180k * 200-byte records would add > 40 MB.
+    # Unbounded buffering of 980k * 200-byte records would add > 190 MB.
     assert growth < 15 * 2**20, f"producer RSS grew {growth / 2**20:.1f} MiB"
 
 
