@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from sage_zmq.bench import result_row
 from sage_zmq.errors import MissingDependency
 
 __all__ = ["run"]
@@ -140,7 +141,7 @@ def _theirs(ray: Any, a: Any, b: Any, n: int, per_item: int) -> float:
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
-    """Rows ``{"name", "value", "unit", "competitor", "ratio"}`` (ratio = ours / competitor)."""
+    """Result rows (see :func:`sage_zmq.bench.result_row`): ratios above 1 favour sage-zmq."""
     try:
         import ray
     except ImportError:
@@ -177,63 +178,36 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             ray.shutdown()
     p50, p99 = _pct(lat, 0.5) * 1e6, _pct(lat, 0.99) * 1e6
     c50, c99 = _pct(call, 0.5) * 1e6, _pct(call, 0.99) * 1e6
+    ours_name = "ray queue, actor->actor, per-record put/get"
     return [
-        {
-            "name": "ray queue, actor->actor, per-record put/get",
-            "value": ours,
-            "unit": "records/s",
-            "competitor": "ray.util.queue per item",
-            "ratio": ours / per_item,
-        },
-        {
-            "name": "ray queue, actor->actor, per-record put/get",
-            "value": ours,
-            "unit": "records/s",
-            "competitor": "ray.util.queue batched (100 records/item)",
-            "ratio": ours / batched,
-        },
-        {
-            "name": "ray.util.queue per item",
-            "value": per_item,
-            "unit": "records/s",
-            "competitor": None,
-            "ratio": None,
-        },
-        {
-            "name": "ray.util.queue batched (100 records/item)",
-            "value": batched,
-            "unit": "records/s",
-            "competitor": None,
-            "ratio": None,
-        },
-        {
-            "name": "round trip through two ray queues, p50",
-            "value": p50,
-            "unit": "us",
-            "competitor": "actor method call round trip p50",
-            "ratio": p50 / c50,
-        },
-        {
-            "name": "round trip through two ray queues, p99",
-            "value": p99,
-            "unit": "us",
-            "competitor": "actor method call round trip p99",
-            "ratio": p99 / c99,
-        },
-        {
-            "name": "actor method call round trip p50",
-            "value": c50,
-            "unit": "us",
-            "competitor": None,
-            "ratio": None,
-        },
-        {
-            "name": "actor method call round trip p99",
-            "value": c99,
-            "unit": "us",
-            "competitor": None,
-            "ratio": None,
-        },
+        result_row(
+            ours_name, ours, "records/s", "ray.util.queue per item", per_item, target=">= 100x"
+        ),
+        result_row(
+            ours_name,
+            ours,
+            "records/s",
+            "ray.util.queue batched (100 records/item)",
+            batched,
+            target=">= 5x",
+        ),
+        result_row(
+            "round trip through two ray queues, p50",
+            p50,
+            "us",
+            "actor method call round trip p50",
+            c50,
+            higher_is_better=False,
+            target=">= 5x (p50 <= 0.2x the actor call)",
+        ),
+        result_row(
+            "round trip through two ray queues, p99",
+            p99,
+            "us",
+            "actor method call round trip p99",
+            c99,
+            higher_is_better=False,
+        ),
     ]
 
 
