@@ -121,7 +121,13 @@ from sage_zmq.flow.wal import (
 from sage_zmq.packet import EndOfStream
 from sage_zmq.queues._consumer import _END, Consumer, _Upstream
 from sage_zmq.queues._producer import _HOST, Producer
-from sage_zmq.queues.base import ConsumerInlet, Credit, QueueStatistics
+from sage_zmq.queues.base import (
+    ConsumerInlet,
+    Credit,
+    QueueStatistics,
+    consumer_options,
+    producer_options,
+)
 from sage_zmq.wire.frame import Kind
 
 if TYPE_CHECKING:
@@ -1039,27 +1045,17 @@ def _unlink_if_same(identity: tuple[str, int, int]) -> None:
 # ------------------------------------------------------------------------------ factories
 def make_reliable_producer(qtype: Any, descriptor: QueueDescriptor) -> ReliableProducer:
     """The reliable producing end of a socket queue type (see ``SocketQueueType``)."""
-    s = descriptor.settings()
     return ReliableProducer(
         lambda: qtype.open_producer_link(descriptor),
-        queue_id=descriptor.queue_id,
-        queue_type=descriptor.queue_type,
-        window=s.maxsize,
-        batch_size=s.batch_size,
-        flush_interval=s.flush_interval,
-        timeout=s.timeout,
+        **producer_options(descriptor),
         settings=ReliabilitySettings.from_metadata(descriptor.metadata),
     )
 
 
 def make_reliable_consumer(qtype: Any, descriptor: QueueDescriptor) -> ReliableConsumer:
-    s = descriptor.settings()
     return ReliableConsumer(
         [qtype.open_consumer_inlet(descriptor)],
-        queue_id=descriptor.queue_id,
-        queue_type=descriptor.queue_type,
-        maxsize=s.maxsize,
-        upstreams=s.upstreams,
+        **consumer_options(descriptor),
         settings=ReliabilitySettings.from_metadata(descriptor.metadata),
     )
 

@@ -118,29 +118,37 @@ class QueueType(ABC):
         """The producing end in this process (a layer such as reliability may override)."""
         from sage_zmq.queues._producer import Producer
 
-        s = descriptor.settings()
-        return Producer(
-            self.open_producer_link(descriptor),
-            queue_id=descriptor.queue_id,
-            queue_type=descriptor.queue_type,
-            window=s.maxsize,
-            batch_size=s.batch_size,
-            flush_interval=s.flush_interval,
-            timeout=s.timeout,
-        )
+        return Producer(self.open_producer_link(descriptor), **producer_options(descriptor))
 
     def make_consumer(self, descriptor: QueueDescriptor) -> Any:
         """The consuming end in this process."""
         from sage_zmq.queues._consumer import Consumer
 
-        s = descriptor.settings()
-        return Consumer(
-            [self.open_consumer_inlet(descriptor)],
-            queue_id=descriptor.queue_id,
-            queue_type=descriptor.queue_type,
-            maxsize=s.maxsize,
-            upstreams=s.upstreams,
-        )
+        return Consumer([self.open_consumer_inlet(descriptor)], **consumer_options(descriptor))
+
+
+def producer_options(descriptor: QueueDescriptor) -> dict[str, Any]:
+    """Keyword arguments every producing end takes, from the descriptor's settings."""
+    s = descriptor.settings()
+    return {
+        "queue_id": descriptor.queue_id,
+        "queue_type": descriptor.queue_type,
+        "window": s.maxsize,
+        "batch_size": s.batch_size,
+        "flush_interval": s.flush_interval,
+        "timeout": s.timeout,
+    }
+
+
+def consumer_options(descriptor: QueueDescriptor) -> dict[str, Any]:
+    """Keyword arguments every consuming end takes, from the descriptor's settings."""
+    s = descriptor.settings()
+    return {
+        "queue_id": descriptor.queue_id,
+        "queue_type": descriptor.queue_type,
+        "maxsize": s.maxsize,
+        "upstreams": s.upstreams,
+    }
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,14 @@ from sage_zmq.packet import Packet
 from sage_zmq.queues._producer import Producer
 from sage_zmq.queues._socket_type import SocketQueueType
 from sage_zmq.queues._zmq import DealerLink, RouterInlet, SocketOptions, check_ipc_endpoint
-from sage_zmq.queues.base import Capabilities, ConsumerInlet, Credit, ProducerLink, QueueStatistics
+from sage_zmq.queues.base import (
+    Capabilities,
+    ConsumerInlet,
+    Credit,
+    ProducerLink,
+    QueueStatistics,
+    producer_options,
+)
 from sage_zmq.shm.sweep import sweep_orphans
 from sage_zmq.shm.transfer import ShmReceiver, ShmSender
 from sage_zmq.wire.codec import Codec
@@ -379,17 +386,8 @@ class ShmQueueType(SocketQueueType):
     def make_producer(self, descriptor: QueueDescriptor) -> Any:
         if self.reliable(descriptor):
             return super().make_producer(descriptor)  # acks keep frames: payloads go inline
-        s = descriptor.settings()
         link = self.open_producer_link(descriptor)
         assert isinstance(link, ShmDealerLink)
-        producer = ShmProducer(
-            link,
-            queue_id=descriptor.queue_id,
-            queue_type=descriptor.queue_type,
-            window=s.maxsize,
-            batch_size=s.batch_size,
-            flush_interval=s.flush_interval,
-            timeout=s.timeout,
-        )
+        producer = ShmProducer(link, **producer_options(descriptor))
         producer.shm = link.shm
         return producer
