@@ -253,6 +253,8 @@ class RouterInlet:
         if opts.curve is not None:
             opts.curve.apply_server(sock)
         try:
+            # No retry on EADDRINUSE: right after a close, libzmq's old listener can still
+            # accept a connection whose frames then die with it; a clear error is safer.
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
             sock.close(linger=0)
