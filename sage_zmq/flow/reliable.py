@@ -304,8 +304,8 @@ class _KeepingLink:
         self.inner.close()
 
 
-class _LoggedPending(deque[Any]):
-    """The pending deque of a persistent producer: appending logs the record first."""
+class _LoggedPending(list[Any]):
+    """The pending list of a persistent producer: appending logs the record first."""
 
     def __init__(self, log_put: Callable[[Any, int], None]) -> None:
         super().__init__()
@@ -338,6 +338,8 @@ def open_wal(settings: ReliabilitySettings, queue_id: str) -> WriteAheadLog:
 
 class ReliableProducer(Producer):
     """A producer that keeps, retransmits and (optionally) logs what it sends; see module doc."""
+
+    SEND_IDLE_AT_ONCE = False  # every record goes through _pending (the log) and the window cap
 
     def __init__(
         self,

@@ -1,7 +1,8 @@
 """The producing end of any queue: batching, credits, end of stream, the close handshake.
 
 The per-record path (``put``) is three cheap steps: check room, append, maybe flush. Records
-wait in ``_pending`` (a deque, so threads may append without a lock) until a flush ships them as
+wait in ``_pending`` (a list: appends are atomic, so threads may append without a lock; a flush
+takes from the front by slice, never by swapping the list out) until a flush ships them as
 one batch. ``_flush_at`` adapts: 1 while puts arrive slowly (an idle queue adds no latency),
 ``batch_size`` once they arrive faster than ``BUSY_GAP`` apart; the process-wide ticker thread
 ships a busy producer's partial batch if it has not moved for a tick (``flush_interval``).
@@ -17,7 +18,6 @@ import os
 import socket
 import threading
 import time
-from collections import deque
 from typing import Any
 
 from sage_zmq import _runtime
@@ -39,6 +39,10 @@ def new_producer_id() -> str:
 
 class Producer:
     """One producer per queue per process; threads may share it (FIFO per thread)."""
+
+    SEND_IDLE_AT_ONCE = True
+    """Whether an idle put may skip ``_pending`` and ``_flush_locked`` (subclasses that hook
+    those turn this off)."""
 
     def __init__(
         self,
@@ -63,7 +67,7 @@ class Producer:
         self._batch_size = batch_size
         self._flush_interval = flush_interval
         self._timeout = timeout
-        self._pending: deque[Any] = deque()
+        self._pending: list[Any] = []
         self._lock = threading.RLock()
         self._flush_at = 1
         self._next_seq = next_seq
@@ -73,6 +77,7 @@ class Producer:
         self._session: str | None = None
         self._room = window
         self._fast_limit = 0
+        self._next_look = next_seq  # the seq at which _read_credit_if_due looks again
         self._errors: list[str] = []
         self._closed = False
         self._last_flush = 0.0
@@ -106,6 +111,28 @@ class Producer:
             self._put_end(timeout)
             return
         with self._lock:
+            if (
+                self._flush_at == 1
+                and self._room > 0
+                and not self._pending
+                and not self._errors
+                and self.SEND_IDLE_AT_ONCE
+            ):
+                # Idle: ship this record now, past the batch machinery (an idle queue must
+                # add no latency, and every call on this path is a cold one).
+                now = time.perf_counter()
+                self._read_credit_if_due()
+                try:
+                    self._ship([item])
+                except DeliveryError:
+                    self._pending.insert(0, item)  # accepted: it stays queued
+                    self._update_room()
+                    raise
+                self._note_flush(now)
+                self._update_room()
+                if self._errors:
+                    raise self._take_error(accepted=True)
+                return
             # A record dropped earlier (by the background flush) is reported after this one
             # is queued, so a caller who catches EncodeError and moves on loses nothing.
             self._update_room()
@@ -163,33 +190,44 @@ class Producer:
     # --------------------------------------------------------------- flushing
     def _flush_locked(self) -> None:
         now = time.perf_counter()
-        link = self._link
-        if self._limit - self._next_seq <= self._window // 2 or not self._flushes & 15:
-            # Credit is half used (or a periodic look): read the consumer's replies. Not on
-            # every flush: each look is a syscall inside libzmq.
-            self._apply(link.poll(0))
+        self._read_credit_if_due()
         pending = self._pending
-        popleft = pending.popleft
-        while pending:
-            allowed = self._limit - self._next_seq
-            if allowed <= 0:
-                break
-            n = min(len(pending), allowed, self._batch_size)
-            batch = [popleft() for _ in range(n)]
-            try:
-                sent, nbytes, errors = link.send_batch(self.producer_id, self._next_seq, batch)
-            except DeliveryError:
-                pending.extendleft(reversed(batch))  # accepted records stay queued, in order
-                self._update_room()
-                raise
-            self._next_seq += sent
-            self._sent += sent
-            self._bytes += nbytes
-            self._batches += 1
-            if errors:
-                self._encode_errors += len(errors)
-                self._errors.extend(errors)
-                self._limit -= 0  # dropped records never took a sequence number
+        take = min(len(pending), self._limit - self._next_seq)
+        if take > 0:
+            # One slice for the whole flush: deleting from a list's front moves what remains.
+            chunk = pending[:take]
+            del pending[:take]
+            size = self._batch_size
+            for start in range(0, take, size):
+                try:
+                    self._ship(chunk[start : start + size] if take > size else chunk)
+                except DeliveryError:
+                    pending[:0] = chunk[start:]  # accepted records stay queued, in order
+                    self._update_room()
+                    raise
+        self._note_flush(now)
+        self._update_room()
+
+    def _read_credit_if_due(self) -> None:
+        # Each look costs syscalls inside libzmq, so look once per eighth of the window sent
+        # (the consumer grants about that often), or when less than a batch of credit is left.
+        next_seq = self._next_seq
+        if next_seq >= self._next_look or self._limit - next_seq <= self._batch_size:
+            self._apply(self._link.poll(0))
+            self._next_look = next_seq + max(1, self._window // 8)
+
+    def _ship(self, batch: list[Any]) -> None:
+        sent, nbytes, errors = self._link.send_batch(self.producer_id, self._next_seq, batch)
+        self._next_seq += sent  # dropped records never took a sequence number
+        self._sent += sent
+        self._bytes += nbytes
+        self._batches += 1
+        if errors:
+            self._encode_errors += len(errors)
+            self._errors.extend(errors)
+
+    def _note_flush(self, now: float) -> None:
+        """Adapt ``_flush_at``: batch while flushes come closer than ``BUSY_GAP``."""
         gap = now - self._last_flush
         if self._flush_at == 1:
             if gap < BUSY_GAP and self._batch_size > 1:
@@ -199,7 +237,6 @@ class Producer:
             self._flush_at = 1
         self._last_flush = now
         self._flushes += 1
-        self._update_room()
 
     def tick(self, now: float) -> float | None:
         """Background tick: ship a partial batch that did not move since the last tick."""

@@ -30,7 +30,9 @@ MAX_BATCH_FRAME = 4 * 1024 * 1024
 """A batch whose frame is larger than this is split (a single large record is not)."""
 
 _EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)  # plain ints: pyzmq's enum wrappers cost microseconds per call
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)  # plain ints: pyzmq's enum wrappers cost microseconds per call
 
 _TCP = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_]+|\*):(\d{1,5}|\*)$")
 
@@ -237,8 +239,6 @@ class DealerLink:
 class RouterInlet:
     """The consumer's socket: a ROUTER bound on the queue's endpoint."""
 
-    MAX_FRAMES_PER_PUMP = 1
-
     def __init__(
         self, endpoint: str, codec: Codec, opts: SocketOptions, *, queue_id: str = ""
     ) -> None:
@@ -246,6 +246,7 @@ class RouterInlet:
         self.queue_id = queue_id
         self.rejected = 0
         self._last_warning: dict[bytes, float] = {}
+        self._rcvtimeo = -1  # libzmq's default; set only when it changes
         sock = _runtime.context().socket(zmq.ROUTER)
         _apply_common(sock, opts)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -280,55 +281,53 @@ class RouterInlet:
 
     def recv(self, timeout: float) -> list[tuple[Any, ...]]:
         sock = self.sock
-        first: list[bytes] | None = None
-        if not sock.get(_EVENTS) & _POLLIN:
+        # Straight to recv (RCVTIMEO when we may wait): a message that is already here costs
+        # no ZMQ_EVENTS check, which is a syscall inside libzmq on the idle path.
+        try:
             if timeout <= 0:
-                return []
-            # A blocking recv with a timeout wakes as fast as raw pyzmq (no Poller object).
-            first = _recv_within(sock, timeout, multipart=True)
-            if first is None:
-                return []
-        events: list[tuple[Any, ...]] = []
-        decode = self.codec.decode
-        for _ in range(self.MAX_FRAMES_PER_PUMP):
-            if first is not None:
-                parts, first = first, None
-            elif not sock.get(_EVENTS) & _POLLIN:
-                break
+                peer = sock.recv(_NOBLOCK)
             else:
-                parts = sock.recv_multipart()
-            if len(parts) != 2:
-                self._reject(parts[0], f"expected one frame per message, got {len(parts) - 1}")
-                continue
-            peer, frame = parts
-            self.codec.shm_origin = peer  # whom a shm slot in this frame is released to
-            try:
-                msg = decode(frame)
-            except DecodeError as exc:
-                self._reject(peer, str(exc))
-                continue
-            kind, f = msg.kind, msg.fields
-            if kind is Kind.DATA:
-                events.append(("data", self, peer, f[0], f[1], f[2], msg.nbytes))
-            elif kind is Kind.END:
-                events.append(("end", self, peer, f[0], f[1]))
-            elif kind is Kind.HELLO:
-                if f.get("queue") and self.queue_id and f["queue"] != self.queue_id:
-                    # A producer of another queue (e.g. a stale endpoint after a restart).
-                    why = f"HELLO names queue {f['queue']!r}; this is {self.queue_id!r}"
-                    self._reject(peer, why)
-                    continue
-                if f.get("acked", 0) > f["next_seq"]:
-                    self._reject(peer, "HELLO acked must not exceed next_seq")
-                    continue
-                events.append(("hello", self, peer, f))
-            elif kind is Kind.CLOSE:
-                events.append(("close", self, peer, f[0], f[1]))
-            elif kind is Kind.HEARTBEAT:
-                events.append(("heartbeat", self, peer, f[0]))
-            else:
-                self._reject(peer, f"{kind.name} is not sent to a consumer")
-        return events
+                ms = max(1, int(timeout * 1000))
+                if self._rcvtimeo != ms:
+                    sock.setsockopt(_RCVTIMEO, ms)
+                    self._rcvtimeo = ms
+                peer = sock.recv()
+        except zmq.Again:
+            return []
+        frame = sock.recv()  # the parts of one message arrive together
+        if sock.get(_RCVMORE):
+            extra = 1
+            while sock.get(_RCVMORE):
+                sock.recv()
+                extra += 1
+            self._reject(peer, f"expected one frame per message, got {1 + extra}")
+            return []
+        self.codec.shm_origin = peer  # whom a shm slot in this frame is released to
+        try:
+            msg = self.codec.decode(frame)
+        except DecodeError as exc:
+            self._reject(peer, str(exc))
+            return []
+        kind, f = msg.kind, msg.fields
+        if kind is Kind.DATA:
+            return [("data", self, peer, f[0], f[1], f[2], msg.nbytes)]
+        if kind is Kind.END:
+            return [("end", self, peer, f[0], f[1])]
+        if kind is Kind.HELLO:
+            if f.get("queue") and self.queue_id and f["queue"] != self.queue_id:
+                # A producer of another queue (e.g. a stale endpoint after a restart).
+                self._reject(peer, f"HELLO names queue {f['queue']!r}; this is {self.queue_id!r}")
+                return []
+            if f.get("acked", 0) > f["next_seq"]:
+                self._reject(peer, "HELLO acked must not exceed next_seq")
+                return []
+            return [("hello", self, peer, f)]
+        if kind is Kind.CLOSE:
+            return [("close", self, peer, f[0], f[1])]
+        if kind is Kind.HEARTBEAT:
+            return [("heartbeat", self, peer, f[0])]
+        self._reject(peer, f"{kind.name} is not sent to a consumer")
+        return []
 
     def reject(self, peer: bytes, why: str) -> None:
         """Count a refused frame, warn once per peer per interval, answer ERROR."""

@@ -595,6 +595,12 @@ class ShmReceiver:
     def pending(self) -> int:
         return len(self._pending)
 
+    def due_in(self) -> float | None:
+        """Seconds until the queued releases must be sent (None: none queued)."""
+        if not self._pending:
+            return None
+        return max(0.0, self._last_flush + RELEASE_DELAY - time.monotonic())
+
     def flush(self, send: Callable[[Any, str, list[int]], bool], force: bool = True) -> None:
         """Send queued releases, one RELEASE per producer (``send(peer, producer, ids)``).
 

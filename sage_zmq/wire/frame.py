@@ -42,8 +42,22 @@ def header(kind: int, flags: int = 0) -> bytes:
     return _HEADERS[(kind, flags)]
 
 
+_PARSED: dict[bytes, tuple[Kind, int]] = {
+    head: (Kind(kind), flags) for (kind, flags), head in _HEADERS.items()
+}
+
+
 def parse_header(frame: bytes | memoryview) -> tuple[Kind, int]:
     """Validate a frame's header; returns ``(kind, flags)`` or raises :class:`DecodeError`."""
+    # Every valid header is one of a few dozen byte strings: one lookup validates it.
+    head = frame[:HEADER_SIZE]
+    known = _PARSED.get(head if head.__class__ is bytes else bytes(head))
+    if known is not None:
+        return known
+    return _explain_header(frame)
+
+
+def _explain_header(frame: bytes | memoryview) -> tuple[Kind, int]:
     if len(frame) < HEADER_SIZE:
         raise DecodeError(f"frame of {len(frame)} bytes is shorter than the 8-byte header")
     head = bytes(frame[:HEADER_SIZE])
