@@ -3,9 +3,11 @@
 The per-record path (``put``) is three cheap steps: check room, append, maybe flush. Records
 wait in ``_pending`` (a list: appends are atomic, so threads may append without a lock; a flush
 takes from the front by slice, never by swapping the list out) until a flush ships them as
-one batch. ``_flush_at`` adapts: 1 while puts arrive slowly (an idle queue adds no latency),
-``batch_size`` once they arrive faster than ``BUSY_GAP`` apart; the process-wide ticker thread
-ships a busy producer's partial batch if it has not moved for a tick (``flush_interval``).
+one batch. ``_flush_at`` adapts: 1 while the caller is slow to come back (an idle queue adds no
+latency); once it comes back within ``BUSY_GAP`` of the previous flush, up to ``batch_size``
+records or about ``FLUSH_BYTES`` of payload (so large records batch too, a few at a time). The
+process-wide ticker thread ships a busy producer's partial batch if it has not moved for a tick
+(``flush_interval``).
 
 Room is credit: the consumer grants a cumulative limit on sequence numbers, so a producer is
 never more than its window (``maxsize``) ahead of what the consumer has consumed.
@@ -28,7 +30,9 @@ from sage_zmq.queues.base import Credit, ProducerLink, QueueStatistics
 log = logging.getLogger("sage_zmq.queue")
 
 BUSY_GAP = 20e-6
-"""Puts closer together than this switch a producer from send-at-once to batching."""
+"""A put this soon after the previous flush ended switches a producer to batching."""
+FLUSH_BYTES = 16 << 20
+"""About how many bytes (frames and shared-memory payloads) a busy producer ships per flush."""
 
 _HOST = socket.gethostname()[:40]
 
@@ -70,6 +74,11 @@ class Producer:
         self._pending: list[Any] = []
         self._lock = threading.RLock()
         self._flush_at = 1
+        self._busy = False
+        self._heavy = False  # busy with large records: each put takes its own look
+        # Bytes a link moves beside its frames (shm payloads), for the flush size.
+        self._side_bytes: Any = getattr(link, "side_bytes", None)
+        self._side_seen = 0
         self._next_seq = next_seq
         self._limit = next_seq + window  # implicit first credit: both ends know maxsize
         self._received = next_seq
@@ -123,12 +132,12 @@ class Producer:
                 now = time.perf_counter()
                 self._read_credit_if_due()
                 try:
-                    self._ship([item])
+                    weight = self._ship([item])
                 except DeliveryError:
                     self._pending.insert(0, item)  # accepted: it stays queued
                     self._update_room()
                     raise
-                self._note_flush(now)
+                self._note_flush(now, 1, weight)
                 self._update_room()
                 if self._errors:
                     raise self._take_error(accepted=True)
@@ -143,7 +152,7 @@ class Producer:
                     + (f" within {timeout} s" if block and timeout is not None else "")
                     + "; get() from it, raise maxsize, or put with a longer timeout"
                 )
-            self._pending.append(item)
+            self._pending.append(self._snapshot(item) if self._heavy else item)
             if len(self._pending) >= self._flush_at:
                 self._flush_locked()
             else:
@@ -192,7 +201,8 @@ class Producer:
         now = time.perf_counter()
         self._read_credit_if_due()
         pending = self._pending
-        take = min(len(pending), self._limit - self._next_seq)
+        take = max(0, min(len(pending), self._limit - self._next_seq))
+        weight = 0
         if take > 0:
             # One slice for the whole flush: deleting from a list's front moves what remains.
             chunk = pending[:take]
@@ -200,12 +210,12 @@ class Producer:
             size = self._batch_size
             for start in range(0, take, size):
                 try:
-                    self._ship(chunk[start : start + size] if take > size else chunk)
+                    weight += self._ship(chunk[start : start + size] if take > size else chunk)
                 except DeliveryError:
                     pending[:0] = chunk[start:]  # accepted records stay queued, in order
                     self._update_room()
                     raise
-        self._note_flush(now)
+        self._note_flush(now, take, weight)
         self._update_room()
 
     def _read_credit_if_due(self) -> None:
@@ -216,7 +226,13 @@ class Producer:
             self._apply(self._link.poll(0))
             self._next_look = next_seq + max(1, self._window // 8)
 
-    def _ship(self, batch: list[Any]) -> None:
+    def _snapshot(self, item: Any) -> Any:
+        """What a heavy producer queues for ``item`` (a link that copies payloads does it now,
+        so that a caller may reuse its buffer as soon as ``put`` returns)."""
+        return item
+
+    def _ship(self, batch: list[Any]) -> int:
+        """Send one batch; returns the bytes of its frame."""
         sent, nbytes, errors = self._link.send_batch(self.producer_id, self._next_seq, batch)
         self._next_seq += sent  # dropped records never took a sequence number
         self._sent += sent
@@ -225,17 +241,31 @@ class Producer:
         if errors:
             self._encode_errors += len(errors)
             self._errors.extend(errors)
+        return nbytes
 
-    def _note_flush(self, now: float) -> None:
-        """Adapt ``_flush_at``: batch while flushes come closer than ``BUSY_GAP``."""
-        gap = now - self._last_flush
-        if self._flush_at == 1:
+    def _note_flush(self, started: float, records: int, weight: int) -> None:
+        """Adapt ``_flush_at`` after a flush (begun at ``started``) of ``weight`` frame bytes."""
+        # The caller's own time since the previous flush ended: a put that copies a large
+        # payload is slow, yet its caller may be busy.
+        gap = started - self._last_flush
+        if not self._busy:
             if gap < BUSY_GAP and self._batch_size > 1:
-                self._flush_at = self._batch_size
+                self._busy = True
                 _runtime.ticker().add(self, self._flush_interval)
         elif gap > self._flush_interval:
-            self._flush_at = 1
-        self._last_flush = now
+            self._busy = False
+        side = self._side_bytes
+        if side is not None:  # payload bytes copied beside the frames since the last flush
+            now_side = side()
+            weight += now_side - self._side_seen
+            self._side_seen = now_side
+        if not self._busy:
+            self._flush_at, self._heavy = 1, False
+        elif records:
+            per_record = weight // records + 1
+            self._flush_at = max(1, min(self._batch_size, FLUSH_BYTES // per_record))
+            self._heavy = self._flush_at < self._batch_size
+        self._last_flush = time.perf_counter()
         self._flushes += 1
 
     def tick(self, now: float) -> float | None:
@@ -247,11 +277,11 @@ class Producer:
                 try:
                     if self._pending and not self._closed:
                         self._flush_locked()
-                        self._flush_at = 1
+                        self._busy, self._heavy, self._flush_at = False, False, 1
                         self._update_room()
                 finally:
                     self._lock.release()
-        elif self._flush_at == 1 and not self._pending:
+        elif not self._busy and not self._pending:
             return None  # idle again: puts flush at once, no ticks needed
         self._flushes_seen = self._flushes
         return self._flush_interval
@@ -300,7 +330,9 @@ class Producer:
         # put() appends without a lock while below this: room remains and no flush is due
         # (and no dropped record waits to be reported).
         self._fast_limit = (
-            -1 if self._errors else min(len(self._pending) + room, self._flush_at - 1)
+            -1
+            if self._errors or self._heavy
+            else min(len(self._pending) + room, self._flush_at - 1)
         )
 
     def _take_error(self, *, accepted: bool) -> EncodeError:

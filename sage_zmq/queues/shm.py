@@ -104,6 +104,10 @@ class ShmDealerLink(DealerLink):
         sender.poll_releases = self._read_releases
         codec.shm_encoder = sender.encode_array
 
+    def side_bytes(self) -> int:
+        """Payload bytes copied into the pool so far (they travel beside the frames)."""
+        return self.shm.placed_bytes
+
     def send_batch(self, producer: str, seq: int, records: list[Any]) -> tuple[int, int, list[str]]:
         if not self.shm.enabled:
             return super().send_batch(producer, seq, records)
@@ -220,6 +224,14 @@ class ShmProducer(Producer):
     """A producer that can lend pool memory to fill in place (:meth:`alloc`)."""
 
     shm: ShmSender
+
+    def _snapshot(self, item: Any) -> Any:
+        # A heavy producer batches large payloads, so it copies them into the pool at put
+        # time: the caller may reuse its array or buffer as soon as put returns.
+        if item.__class__ is np.ndarray:
+            ext = self.shm.encode_array(item)
+            return item if ext is None else ext
+        return self.shm.stage([item])[0]
 
     def alloc(
         self,

@@ -209,7 +209,7 @@ class ShmSender:
         self._segment_bytes = segment_bytes
         self._pool: SharedMemoryPool | None = None
         self._disabled = self.capacity <= 0
-        self._batch: list[tuple[int, _Loan | None]] | None = None
+        self._batch: list[tuple[int, _Loan | None, int]] | None = None
         self._starved = False
         self._closed = False
         self._last_warning = -1e9
@@ -318,11 +318,13 @@ class ShmSender:
         """The frame will not be sent: give back what it placed, un-send what it lent."""
         batch, self._batch = self._batch, None
         pool = self._pool
-        for slot_id, loan in batch or ():
+        for slot_id, loan, nbytes in batch or ():
             if loan is not None:
                 loan.sent = False
             elif pool is not None:
                 pool.release(slot_id)
+                self.placed -= 1  # counts payloads that went through the pool, not attempts
+                self.placed_bytes -= nbytes
 
     def commit(self) -> None:
         """The frame was sent: its slots belong to the consumer until it releases them."""
@@ -364,7 +366,7 @@ class ShmSender:
             self._pool.release(slot.id)  # type: ignore[union-attr]
             raise
         if self._batch is not None:
-            self._batch.append((slot.id, None))
+            self._batch.append((slot.id, None, nbytes))
         self.placed += 1
         self.placed_bytes += nbytes
         return pack_ref(slot.ref(), dtype, shape)
@@ -380,7 +382,7 @@ class ShmSender:
             return None
         loan.sent = True
         if self._batch is not None:
-            self._batch.append((slot.id, loan))
+            self._batch.append((slot.id, loan, nbytes))
         self.lent += 1
         return SlotRef(slot.segment, slot.offset + delta, nbytes, slot.id)
 
