@@ -187,6 +187,8 @@ class RayProducerLink:
     LOOKUP_MAX = 0.5
     STALL = 1.0
     WAIT_SLICE = 0.1
+    WATCH_GAP = 0.01
+    """Seconds between looks at the connection monitor while sending."""
 
     def __init__(
         self,
@@ -216,6 +218,7 @@ class RayProducerLink:
         self._gap = self.LOOKUP_MIN
         self._next_lookup = 0.0
         self._last_credit = time.monotonic()
+        self._next_watch = 0.0
         self._closed = False
         # The ticker thread resolves and follows the consumer while the producer is idle.
         self._lock = threading.RLock()
@@ -355,7 +358,12 @@ class RayProducerLink:
         with self._lock:
             inner = self._inner
             if inner is not None and self._monitor is not None:
-                self._watch()
+                now = time.monotonic()
+                if now >= self._next_watch:
+                    # Reading the monitor costs syscalls: on a busy link, a look per
+                    # WATCH_GAP finds a vanished consumer soon enough.
+                    self._next_watch = now + self.WATCH_GAP
+                    self._watch()
                 if self._suspect:
                     self._maybe_lookup(time.monotonic())
                     inner = self._inner
