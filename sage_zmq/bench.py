@@ -139,6 +139,24 @@ def _raw_echo(endpoint: str) -> None:
     ctx.term()
 
 
+def _raw_queue_echo(inbox: str, outbox: str) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(inbox)
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(outbox)
+    while True:
+        _peer, msg = router.recv_multipart()
+        if msg == b"stop":
+            break
+        dealer.send(msg)
+    router.close(linger=0)
+    dealer.close(linger=0)
+    ctx.term()
+
+
 # ------------------------------------------------------------------ measurements
 def _spawn() -> Any:
     return mp.get_context("spawn")
@@ -340,6 +358,43 @@ def bench_latency_raw(n: int) -> list[float]:
     return samples
 
 
+def bench_latency_raw_queues(n: int) -> list[float]:
+    """Ping-pong over two one-way DEALER->ROUTER links: the socket layout of two queues."""
+    import shutil
+
+    import zmq
+
+    tmp = tempfile.mkdtemp(prefix="szb-")
+    there, back = f"ipc://{tmp}/there.sock", f"ipc://{tmp}/back.sock"
+    zctx = zmq.Context()
+    inbox = zctx.socket(zmq.ROUTER)
+    inbox.bind(back)
+    proc = _spawn().Process(target=_raw_queue_echo, args=(there, back))
+    proc.start()
+    outbox = zctx.socket(zmq.DEALER)
+    outbox.connect(there)
+    samples: list[float] = []
+    try:
+        msg = b"x" * 100
+        for i in range(n + 200):
+            t0 = time.perf_counter()
+            outbox.send(msg)
+            inbox.recv_multipart()
+            if i >= 200:
+                samples.append(time.perf_counter() - t0)
+        outbox.send(b"stop")
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        outbox.close(linger=0)
+        inbox.close(linger=0)
+        zctx.term()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return samples
+
+
 def _pct(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
@@ -392,6 +447,7 @@ def run_core(quick: bool, progress: Callable[[str], None]) -> list[Row]:
     progress("idle round trip latency")
     m = 2000 if quick else 10000
     raw_lat = bench_latency_raw(m)
+    raw_queues_lat = bench_latency_raw_queues(m)
     ours_lat = bench_latency_sage(m)
     for label, q in (("p50", 0.5), ("p99", 0.99)):
         rows.append(
@@ -405,6 +461,17 @@ def run_core(quick: bool, progress: Callable[[str], None]) -> list[Row]:
                 target="p50 <= 1.2x raw" if label == "p50" else "",
             )
         )
+    # The same sockets as two queues (one one-way link each way): what the layout costs.
+    rows.append(
+        result_row(
+            "shm idle round trip p50",
+            _pct(ours_lat, 0.5) * 1e6,
+            "us",
+            "raw pyzmq ping-pong over two DEALER->ROUTER ipc links",
+            _pct(raw_queues_lat, 0.5) * 1e6,
+            higher_is_better=False,
+        )
+    )
     return rows
 
 
