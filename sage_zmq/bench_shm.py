@@ -160,6 +160,22 @@ def bench_memcpy(nbytes: int, reps: int) -> float:
     return nbytes / best
 
 
+def bench_memcpy_cold(nbytes: int, reps: int, span: int = 256 * MiB) -> float:
+    """Bytes/s of ``np.copyto`` into a different destination each time (``span`` in all).
+
+    A transfer between processes writes each payload to memory the other core then reads: the
+    destination is not in this core's cache, unlike the hot-loop memcpy above.
+    """
+    src = _payload(nbytes)
+    dsts = [np.empty_like(src) for _ in range(max(2, span // max(1, nbytes)))]
+    for d in dsts:
+        d[:] = 0  # fault the pages in outside the timing
+    t0 = time.perf_counter()
+    for i in range(reps):
+        np.copyto(dsts[i % len(dsts)], src)
+    return nbytes * reps / (time.perf_counter() - t0)
+
+
 def bench_sage_shm(
     nbytes: int, n: int, *, mode: str = "put", meta: dict[str, Any] | None = None
 ) -> float:
@@ -291,6 +307,7 @@ def run(quick: bool) -> list[Row]:
         n = n_quick if quick else n_full
         label = f"{nbytes // MiB} MiB"
         memcpy = bench_memcpy(nbytes, 5 if nbytes > MiB else 50) / 1e9
+        cold = bench_memcpy_cold(nbytes, 8 if nbytes > MiB else 512) / 1e9
         mpq = bench_mp_queue(nbytes, max(4, n // 4)) / 1e9
         raw = bench_raw_zmq(nbytes, n) / 1e9
         ours = bench_sage_shm(nbytes, n) / 1e9
@@ -299,6 +316,7 @@ def run(quick: bool) -> list[Row]:
         rows.append(_row(name, ours, gbs, "multiprocessing.Queue", mpq, ">= 10x"))
         rows.append(_row(name, ours, gbs, "raw pyzmq PUSH/PULL ipc copy=False", raw, ">= 2x"))
         rows.append(_row(name, ours, gbs, "numpy memcpy, same size", memcpy, ">= 0.5x"))
+        rows.append(_row(name, ours, gbs, "numpy memcpy to a cache-cold destination", cold))
         name = f"shm {label} numpy arrays, alloc + fill in place + put (no copy by the queue)"
         rows.append(_row(name, lent, gbs, "numpy memcpy, same size", memcpy, ">= 0.8x"))
     # Where the pool starts to pay: payloads/s through the pool vs inline over the ipc socket.
