@@ -300,6 +300,19 @@ def bench_local_threads(n: int) -> tuple[float, float]:
     return ours, base
 
 
+def _round_trips(send: Callable[[], Any], recv: Callable[[], Any], n: int) -> list[float]:
+    """Seconds per send-then-receive, ``n`` of them after 200 unmeasured warm-up ones."""
+    perf = time.perf_counter
+    samples: list[float] = []
+    for i in range(n + 200):
+        t0 = perf()
+        send()
+        recv()
+        if i >= 200:
+            samples.append(perf() - t0)
+    return samples
+
+
 def bench_latency_sage(n: int) -> list[float]:
     from sage_zmq import EndOfStream, QueueDescriptor
 
@@ -308,15 +321,9 @@ def bench_latency_sage(n: int) -> list[float]:
     pong = QueueDescriptor(queue_type="shm", metadata={"maxsize": 100})
     proc = ctx.Process(target=_sz_echo, args=(ping, pong))
     proc.start()
-    samples: list[float] = []
     try:
         msg = {"payload": "x" * 80}
-        for i in range(n + 200):
-            t0 = time.perf_counter()
-            ping.put(msg)
-            pong.get(timeout=30)
-            if i >= 200:
-                samples.append(time.perf_counter() - t0)
+        samples = _round_trips(lambda: ping.put(msg), lambda: pong.get(timeout=30), n)
         ping.put(EndOfStream())
     finally:
         proc.join(30)
@@ -338,15 +345,9 @@ def bench_latency_raw(n: int) -> list[float]:
     sock.bind(endpoint)
     proc = _spawn().Process(target=_raw_echo, args=(endpoint,))
     proc.start()
-    samples: list[float] = []
     try:
         msg = b"x" * 100
-        for i in range(n + 200):
-            t0 = time.perf_counter()
-            sock.send(msg)
-            sock.recv()
-            if i >= 200:
-                samples.append(time.perf_counter() - t0)
+        samples = _round_trips(lambda: sock.send(msg), sock.recv, n)
         sock.send(b"stop")
     finally:
         proc.join(30)
@@ -373,15 +374,9 @@ def bench_latency_raw_queues(n: int) -> list[float]:
     proc.start()
     outbox = zctx.socket(zmq.DEALER)
     outbox.connect(there)
-    samples: list[float] = []
     try:
         msg = b"x" * 100
-        for i in range(n + 200):
-            t0 = time.perf_counter()
-            outbox.send(msg)
-            inbox.recv_multipart()
-            if i >= 200:
-                samples.append(time.perf_counter() - t0)
+        samples = _round_trips(lambda: outbox.send(msg), inbox.recv_multipart, n)
         outbox.send(b"stop")
     finally:
         proc.join(30)
