@@ -24,7 +24,7 @@ import ipaddress
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import lz4.frame
 import msgpack
@@ -55,8 +55,7 @@ class DecodeLimits:
     max_records: int = 1_000_000
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
     """A decoded frame. ``fields`` depends on ``kind`` (see ``Codec.decode``)."""
 
     kind: Kind
