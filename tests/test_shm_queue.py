@@ -420,6 +420,34 @@ def _recv(conn: Connection) -> Any:
     return conn.recv()
 
 
+def _many_small_frames_then_close(conn: Connection, qd: QueueDescriptor, n: int) -> None:
+    for i in range(n):
+        qd.put(i, timeout=T)
+    t0 = time.monotonic()
+    qd.close(timeout=T)  # waits for the receipt of all n frames
+    conn.send(time.monotonic() - t0)
+
+
+def test_a_consumer_that_is_not_reading_still_confirms_a_closing_producer(make: Any) -> None:
+    # One frame per record and nobody in get(): the background read takes what has arrived
+    # in bursts, so the producer's close gets its receipt long before its timeout.
+    n = 2000
+    qd = make(maxsize=n, batch_size=1)
+    with contextlib.suppress(Empty):
+        qd.get_nowait()  # bind, then leave the reading to the background
+    proc, conn = _spawn(_many_small_frames_then_close, qd, n)
+    try:
+        waited = _recv(conn)
+        assert waited < T / 4, f"close waited {waited:.1f} s for its receipt"
+        proc.join(T)
+        assert proc.exitcode == 0
+        assert [qd.get(timeout=T) for _ in range(n)] == list(range(n))
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(T)
+
+
 def test_sigkill_of_the_producer_mid_transfer_leaves_nothing(make: Any) -> None:
     qd = make(maxsize=8)
     with contextlib.suppress(Empty):

@@ -985,7 +985,7 @@ class ReliableConsumer(Consumer):
         if self._lock.acquire(blocking=False):
             try:
                 if not self._closed:
-                    self._pump(0)
+                    self._read_arrived(self.ASSIST_MESSAGES)
                     self._ack_partial()
                     for up in list(self._ups.values()):
                         r: Any = up

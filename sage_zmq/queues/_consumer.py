@@ -170,11 +170,18 @@ class Consumer:
             log.debug("queue %s: producer %s is gone", self.queue_id, up.producer)
 
     # ------------------------------------------------------------------ intake
-    def _pump(self, timeout: float) -> None:
+    def _pump(self, timeout: float) -> int:
         inlets = self._inlets
         events = inlets[0].recv(timeout) if len(inlets) == 1 else self._recv_any(timeout)
         for event in events:
             self._on_event(event)
+        return len(events)
+
+    def _read_arrived(self, limit: int) -> None:
+        """Read up to ``limit`` messages that are already here (inlets return one per call)."""
+        for _ in range(limit):
+            if not self._pump(0):
+                return
 
     def _recv_any(self, timeout: float) -> list[tuple[Any, ...]]:
         # Several inlets (a promoted local queue): poll each briefly until one has something.
@@ -326,12 +333,15 @@ class Consumer:
         self.assist()
         return self.SERVICE_INTERVAL
 
+    ASSIST_MESSAGES = 64
+    """Messages one background read takes at most (credit bounds what can be waiting)."""
+
     def assist(self) -> None:
         """Read what has arrived without waiting (a producer in this process is waiting)."""
         if self._lock.acquire(blocking=False):
             try:
                 if not self._closed:
-                    self._pump(0)
+                    self._read_arrived(self.ASSIST_MESSAGES)
             finally:
                 self._lock.release()
 
@@ -392,7 +402,7 @@ class Consumer:
             _runtime.ticker().discard(self)
             try:
                 # Last receipts: producers closing right now learn that what they sent arrived.
-                self._pump(0)
+                self._read_arrived(4096)
                 for up in self._ups.values():
                     if not up.ended:
                         self._grant(up)
