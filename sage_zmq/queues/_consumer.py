@@ -30,6 +30,7 @@ _END = None  # records slot of an END marker in the batch queue
 MAX_PRODUCERS_PER_PEER = 16
 """Producer ids one connection may introduce (sage-zmq uses one per socket)."""
 _EMPTY_ITER: Iterator[Any] = iter(())
+_NOTHING: Any = object()  # what next() gives for an exhausted batch iterator
 _END_OF_STREAM = EndOfStream()  # what get() returns at the end; iteration stops on this object
 
 
@@ -91,10 +92,10 @@ class Consumer:
     # ---------------------------------------------------------------- hot path
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """The next record; :class:`EndOfStream` once every upstream has ended."""
-        try:
-            return next(self._current)
-        except StopIteration:
-            return self._get_slow(block, timeout)
+        item = next(self._current, _NOTHING)  # no StopIteration raised at each batch's end
+        if item is not _NOTHING:
+            return item
+        return self._get_slow(block, timeout)
 
     def get_nowait(self) -> Any:
         return self.get(block=False)
