@@ -339,8 +339,6 @@ def open_wal(settings: ReliabilitySettings, queue_id: str) -> WriteAheadLog:
 class ReliableProducer(Producer):
     """A producer that keeps, retransmits and (optionally) logs what it sends; see module doc."""
 
-    SEND_IDLE_AT_ONCE = False  # every record goes through _pending (the log) and the window cap
-
     def __init__(
         self,
         open_link: Callable[[], DealerLink],

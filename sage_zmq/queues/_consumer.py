@@ -259,11 +259,9 @@ class Consumer:
             _, inlet, peer, producer, seq, records, nbytes = event
             if not records:
                 return  # carries nothing; it must not move seqs either
-            up = self._ups.get(producer)
-            if up is None or up.peer != peer or up.inlet is not inlet:  # else: known, same peer
-                up = self._upstream(producer, inlet, peer, seq)
-                if up is None:
-                    return
+            up = self._upstream(producer, inlet, peer, seq)
+            if up is None:
+                return
             end = seq + len(records)
             if end <= up.received:
                 self._duplicates += len(records)

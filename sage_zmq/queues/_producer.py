@@ -44,10 +44,6 @@ def new_producer_id() -> str:
 class Producer:
     """One producer per queue per process; threads may share it (FIFO per thread)."""
 
-    SEND_IDLE_AT_ONCE = True
-    """Whether an idle put may skip ``_pending`` and ``_flush_locked`` (subclasses that hook
-    those turn this off)."""
-
     def __init__(
         self,
         link: ProducerLink,
@@ -120,28 +116,6 @@ class Producer:
             self._put_end(timeout)
             return
         with self._lock:
-            if (
-                self._flush_at == 1
-                and self._room > 0
-                and not self._pending
-                and not self._errors
-                and self.SEND_IDLE_AT_ONCE
-            ):
-                # Idle: ship this record now, past the batch machinery (an idle queue must
-                # add no latency, and every call on this path is a cold one).
-                now = time.perf_counter()
-                self._read_credit_if_due()
-                try:
-                    weight = self._ship([item])
-                except DeliveryError:
-                    self._pending.insert(0, item)  # accepted: it stays queued
-                    self._update_room()
-                    raise
-                self._note_flush(now, 1, weight)
-                self._update_room()
-                if self._errors:
-                    raise self._take_error(accepted=True)
-                return
             # A record dropped earlier (by the background flush) is reported after this one
             # is queued, so a caller who catches EncodeError and moves on loses nothing.
             self._update_room()

@@ -94,20 +94,15 @@ def _apply_common(sock: zmq.Socket[Any], opts: SocketOptions) -> None:
 
 
 _RCVTIMEO = int(zmq.RCVTIMEO)
-_rcvtimeo: dict[int, int] = {}  # socket id -> the RCVTIMEO last set (getsockopt costs µs)
 
 
-def _recv_within(sock: zmq.Socket[Any], timeout: float, *, multipart: bool) -> Any:
-    """One message within ``timeout`` seconds, or None."""
+def _wait_at_most(link: DealerLink | RouterInlet, timeout: float) -> None:
+    """Make the link's next blocking recv give up after ``timeout`` s (set only on change:
+    socket options cost microseconds)."""
     ms = max(1, int(timeout * 1000))
-    key = id(sock)
-    if _rcvtimeo.get(key) != ms:
-        sock.setsockopt(_RCVTIMEO, ms)
-        _rcvtimeo[key] = ms
-    try:
-        return sock.recv_multipart() if multipart else sock.recv()
-    except zmq.Again:
-        return None
+    if link._rcvtimeo != ms:
+        link.sock.setsockopt(_RCVTIMEO, ms)
+        link._rcvtimeo = ms
 
 
 class DealerLink:
@@ -128,6 +123,7 @@ class DealerLink:
         self.queue_id = queue_id
         self.released: list[int] = []
         self.errors = 0
+        self._rcvtimeo = -1  # libzmq's default
         sock = _runtime.context().socket(zmq.DEALER)
         _apply_common(sock, opts)
         sock.setsockopt(zmq.RECONNECT_IVL, opts.reconnect_ivl_ms)
@@ -197,8 +193,10 @@ class DealerLink:
         if not sock.get(_EVENTS) & _POLLIN:
             if timeout <= 0:
                 return []
-            first = _recv_within(sock, timeout, multipart=False)
-            if first is None:
+            _wait_at_most(self, timeout)
+            try:
+                first = sock.recv()
+            except zmq.Again:
                 return []
         credits: list[Credit] = []
         while first is not None or sock.get(_EVENTS) & _POLLIN:
@@ -231,7 +229,6 @@ class DealerLink:
         return credits
 
     def close(self) -> None:
-        _rcvtimeo.pop(id(self.sock), None)
         self.sock.close()
         _observe.link_closed("producer", self.endpoint, self.queue_id)
 
@@ -246,7 +243,7 @@ class RouterInlet:
         self.queue_id = queue_id
         self.rejected = 0
         self._last_warning: dict[bytes, float] = {}
-        self._rcvtimeo = -1  # libzmq's default; set only when it changes
+        self._rcvtimeo = -1  # libzmq's default
         sock = _runtime.context().socket(zmq.ROUTER)
         _apply_common(sock, opts)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -287,10 +284,7 @@ class RouterInlet:
             if timeout <= 0:
                 peer = sock.recv(_NOBLOCK)
             else:
-                ms = max(1, int(timeout * 1000))
-                if self._rcvtimeo != ms:
-                    sock.setsockopt(_RCVTIMEO, ms)
-                    self._rcvtimeo = ms
+                _wait_at_most(self, timeout)
                 peer = sock.recv()
         except zmq.Again:
             return []
@@ -375,7 +369,6 @@ class RouterInlet:
         return True
 
     def close(self) -> None:
-        _rcvtimeo.pop(id(self.sock), None)
         self.sock.close(linger=200)  # long enough for the last receipts to leave
         _observe.link_closed("consumer", self.endpoint, self.queue_id)
 
