@@ -190,6 +190,20 @@ def test_instance_without_traffic_keeps_its_estimate() -> None:
     assert 80.0 < tr.service_rate(0) == settled < 150.0
 
 
+def test_a_consumer_late_to_start_is_not_taken_for_slow() -> None:
+    # Two equal 1000/s consumers, reported every ms. Instance 1 is not scheduled for its first
+    # 20 ms (full, consuming nothing), then drains its 16 records. Its 20 ms of nothing must
+    # weigh as 20 ms, not as a whole half-life: once empty it is the better choice again.
+    tr = LoadTracker(half_life=0.25)
+    for ms in range(37):
+        now = ms / 1000
+        tr.observe(0, 8, now, ms)
+        tr.observe(1, 16 if ms <= 20 else 36 - ms, now, 0 if ms <= 20 else ms - 20)
+    assert tr.depth_estimate(1) == 0
+    assert tr.service_rate(1) > 300.0
+    assert tr.least_loaded([0, 1], 0.036) == 1
+
+
 def test_unknown_service_rate_uses_fleet_mean_then_default() -> None:
     tr = LoadTracker(default_service_rate=4.0)
     assert tr.service_rate(7) == 4.0

@@ -37,6 +37,7 @@ class _Stat:
         "t",
         "throughput",
         "util",
+        "weight",
     )
 
     def __init__(self) -> None:
@@ -52,6 +53,10 @@ class _Stat:
         self.util: float | None = None  # fraction of time with work (depth > 0)
         self.rate: float | None = None  # capacity, records/s; None: use the fleet's
         self.arrival: float | None = None  # records/s, all senders
+        # How much of arrival/throughput/util is data rather than their zero start: dividing by
+        # it weighs each sample by the time it covers, so a short first interval (a consumer
+        # not yet scheduled) does not stand for a whole half-life.
+        self.weight = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,26 +161,24 @@ class LoadTracker:
             if s.consumed is not None and consumed_total >= s.consumed:
                 done = (consumed_total - s.consumed) / dt
                 arrival = max(slope + done, 0.0)
-                s.arrival = (
-                    arrival if s.arrival is None else s.arrival + alpha * (arrival - s.arrival)
-                )
                 # Utilisation law: capacity = throughput / fraction of time busy. It holds
                 # when the instance is mostly idle too, so a lightly used instance is neither
                 # taken for slow (its throughput alone) nor for fast (the fleet's rate).
                 busy = ((s.depth > 0) + (depth > 0)) * 0.5
-                if s.throughput is None or s.util is None:
-                    s.throughput, s.util = done, busy
-                else:
-                    s.throughput += alpha * (done - s.throughput)
-                    s.util += alpha * (busy - s.util)
-                if s.util >= _MIN_UTIL:
-                    s.rate = s.throughput / s.util
+                if s.throughput is None or s.util is None or s.arrival is None:
+                    s.arrival = s.throughput = s.util = 0.0
+                s.arrival += alpha * (arrival - s.arrival)
+                s.throughput += alpha * (done - s.throughput)
+                s.util += alpha * (busy - s.util)
+                s.weight += alpha * (1.0 - s.weight)
+                if s.util >= _MIN_UTIL * s.weight:
+                    s.rate = s.throughput / s.util  # the weights cancel
                     self._refresh_fleet_rate()
                 elif s.throughput > 0:
                     # Consuming but hardly ever seen busy: fast, by at least this much. Only
                     # ever raise it here, so an instance that stops getting traffic keeps its
                     # estimate instead of decaying into starvation.
-                    floor = s.throughput / _MIN_UTIL
+                    floor = s.throughput / s.weight / _MIN_UTIL
                     if s.rate is None or floor > s.rate:
                         s.rate = floor
                         self._refresh_fleet_rate()
@@ -312,7 +315,7 @@ class LoadTracker:
             depth_estimate=s.depth + s.sent,
             predicted_depth=self.predicted_depth(instance, now),
             mean_depth=s.ewma_depth,
-            arrival_rate=s.arrival,
+            arrival_rate=None if s.arrival is None else s.arrival / s.weight,
             service_rate=s.rate,
             predicted_wait=self.predicted_wait(instance, now),
         )
