@@ -14,7 +14,8 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from itertools import chain
 from operator import length_hint
 from typing import Any
 
@@ -102,12 +103,16 @@ class Consumer:
 
     def __iter__(self) -> Iterator[Any]:
         """Records until every upstream has ended."""
+        # chain steps through each batch in C; the generator below wakes once per batch.
+        return chain.from_iterable(self._batches_until_end())
+
+    def _batches_until_end(self) -> Iterator[Iterable[Any]]:
         while True:
-            yield from self._current
+            yield self._current
             item = self._get_slow(True, None)
             if item is _END_OF_STREAM:
                 return
-            yield item
+            yield (item,)  # _get_slow took the new batch's first record; the rest follow
 
     # --------------------------------------------------------------- slow path
     def _get_slow(self, block: bool, timeout: float | None) -> Any:
