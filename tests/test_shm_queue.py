@@ -19,6 +19,7 @@ import pytest
 from sage_zmq import QueueDescriptor
 from sage_zmq.errors import DeliveryError, DescriptorError, Empty
 from sage_zmq.packet import Packet
+from sage_zmq.queues import _producer
 from sage_zmq.queues.shm import ShmQueueType
 from sage_zmq.shm import is_shared, list_segments, release
 from sage_zmq.wire.codec import Codec, Lz4Policy, compression_mode
@@ -143,6 +144,14 @@ def test_bytes_like_records_and_payloads_go_through_the_pool(make: Any) -> None:
     assert isinstance(records[5]["nested"][1]["deeper"], bytes)  # the caller's record untouched
 
 
+@pytest.fixture
+def always_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # "Busy" means the caller came back within BUSY_GAP (20 us) of the last flush; a loaded
+    # test machine cannot promise that, so these tests widen it to see the batching itself.
+    monkeypatch.setattr(_producer, "BUSY_GAP", 5.0)
+
+
+@pytest.mark.usefixtures("always_busy")
 def test_busy_large_puts_share_frames_yet_each_put_is_a_snapshot(make: Any) -> None:
     # Puts of large arrays back to back batch several pool references per frame; the copy
     # into the pool still happens inside put, so reusing the array right after is safe.
@@ -157,6 +166,36 @@ def test_busy_large_puts_share_frames_yet_each_put_is_a_snapshot(make: Any) -> N
     stats = producer_of(qd).statistics()
     assert stats.sent == n and stats.batches_sent < n, stats
     assert sender_stats(qd)["placed"] == n
+
+
+@pytest.mark.usefixtures("always_busy")
+def test_busy_puts_into_a_full_pool_are_still_snapshots_counted_once(make: Any) -> None:
+    # The pool is full (views held), so batched large payloads go inline: copied inside put
+    # all the same, and each counted once (not again when its batch leaves).
+    qd = make(maxsize=64, memory_pool_size=1, shm_wait=0.05, shm_threshold=64 * KiB)
+    held = []
+    for i in range(4):  # 4 x 256 KiB fill the 1 MiB pool
+        qd.put(np.full(32 * KiB, i, np.float64), timeout=T)
+        held.append(qd.get(timeout=T))
+    arr = np.zeros(32 * KiB)
+    buf = bytearray(256 * KiB)
+    for i in range(6):
+        arr[:] = 10 + i
+        buf[:] = bytes([i]) * len(buf)
+        qd.put(arr, timeout=T)
+        qd.put(buf, timeout=T)
+        qd.put(Packet(buf), timeout=T)
+    arr[:] = -1  # too late to matter: every put above took its copy
+    buf[:] = b"\xff" * len(buf)
+    got = [qd.get(timeout=T) for _ in range(18)]
+    for i in range(6):
+        a, b, p = got[3 * i : 3 * i + 3]
+        assert float(a[0]) == float(a[-1]) == 10.0 + i and not is_shared(a)
+        assert type(b) is bytes and b == bytes([i]) * len(buf)
+        assert p.payload == bytes([i]) * len(buf)
+    assert sender_stats(qd)["inline_fallbacks"] == 18
+    assert producer_of(qd).statistics().batches_sent < 4 + 18
+    del held
 
 
 def test_zero_copy_off_gives_private_copies_and_frees_at_once(make: Any) -> None:

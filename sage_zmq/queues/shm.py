@@ -224,14 +224,12 @@ class ShmProducer(Producer):
     """A producer that can lend pool memory to fill in place (:meth:`alloc`)."""
 
     shm: ShmSender
+    _link: ShmDealerLink
 
     def _snapshot(self, item: Any) -> Any:
-        # A heavy producer batches large payloads, so it copies them into the pool at put
-        # time: the caller may reuse its array or buffer as soon as put returns.
-        if item.__class__ is np.ndarray:
-            ext = self.shm.encode_array(item)
-            return item if ext is None else ext
-        return self.shm.stage([item])[0]
+        # A heavy producer batches large payloads, so it copies them at put time: the caller
+        # may reuse its array or buffer as soon as put returns.
+        return self.shm.snapshot(item, self._link.codec.inline_array)
 
     def alloc(
         self,

@@ -57,6 +57,13 @@ RELEASE_DELAY = 0.002
 """Seconds a release may wait for company before it is sent."""
 
 
+class InlineBytes(bytes):
+    """A copy of a large payload that travels inline, decided before the flush (the pool had
+    no room): ``stage`` and the deep scan pass it over, msgpack packs it as plain bytes."""
+
+    __slots__ = ()
+
+
 # --------------------------------------------------------------------------------------------
 # wire form of the reference
 
@@ -413,6 +420,32 @@ class ShmSender:
                 out[i] = new
         return records if out is None else out
 
+    def snapshot(self, record: Any, inline_array: Callable[[np.ndarray], Any]) -> Any:
+        """``record`` with its large top-level payload (array, bytes-like, Packet payload)
+        copied now, so its owner may reuse the buffer: into the pool, or, when the pool has
+        no room, into a private inline copy in its final form (``inline_array`` for arrays,
+        :class:`InlineBytes`) that the flush sends as it is, without a second try or count."""
+        cls = record.__class__
+        if cls is np.ndarray:
+            ext = self.encode_array(record)
+            if ext is not None:
+                return ext
+            big = record.nbytes >= self.threshold and not record.dtype.hasobject
+            return inline_array(record) if big else record
+        staged = self.stage([record])[0]
+        if staged is not record:
+            return staged
+        if cls in _BYTES_LIKE:
+            return self._inline_copy(record)
+        if cls is Packet and record.payload.__class__ in _BYTES_LIKE:
+            payload = self._inline_copy(record.payload)
+            return record if payload is record.payload else _with_payload(record, payload)
+        return record
+
+    def _inline_copy(self, data: bytes | bytearray | memoryview) -> Any:
+        nbytes = data.nbytes if isinstance(data, memoryview) else len(data)
+        return InlineBytes(data) if nbytes >= self.threshold else data
+
     def _scan(self, obj: Any, depth: int) -> Any:
         cls = obj.__class__
         if cls in _BYTES_LIKE:
@@ -675,6 +708,7 @@ def is_shared(obj: object) -> bool:
 
 __all__ = [
     "EXT_SHM_REF",
+    "InlineBytes",
     "ShmReceiver",
     "ShmSender",
     "dtype_from_wire",

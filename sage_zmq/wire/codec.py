@@ -186,7 +186,7 @@ class Codec:
                 ref = self.shm_encoder(obj)
                 if ref is not None:
                     return ref
-            return msgpack.ExtType(EXT_NDARRAY, self._pack_ndarray(obj))
+            return self.inline_array(obj)
         if isinstance(obj, np.generic):
             return obj.item()
         if cls is EndOfStream:
@@ -224,6 +224,10 @@ class Codec:
 
     def _pack_inner(self, value: Any) -> bytes:
         return msgpack.packb(value, default=self._default, use_bin_type=True, datetime=False)
+
+    def inline_array(self, arr: np.ndarray) -> msgpack.ExtType:
+        """``arr`` as an ext 2 value carried in the frame itself (a copy of its data)."""
+        return msgpack.ExtType(EXT_NDARRAY, self._pack_ndarray(arr))
 
     def _pack_ndarray(self, arr: np.ndarray) -> bytes:
         if arr.dtype.hasobject:
