@@ -194,11 +194,14 @@ class Producer:
 
     def _read_credit_if_due(self) -> None:
         # Each look costs syscalls inside libzmq, so look once per eighth of the window sent
-        # (the consumer grants about that often), or when less than a batch of credit is left.
+        # (the consumer grants about that often), or when the credit left is about to run
+        # short. "Short" is capped at an eighth of the window too: with a window of a batch or
+        # less, "less than a batch left" would be always, a look on every idle put.
         next_seq = self._next_seq
-        if next_seq >= self._next_look or self._limit - next_seq <= self._batch_size:
+        eighth = max(1, self._window // 8)
+        if next_seq >= self._next_look or self._limit - next_seq <= min(self._batch_size, eighth):
             self._apply(self._link.poll(0))
-            self._next_look = next_seq + max(1, self._window // 8)
+            self._next_look = next_seq + eighth
 
     def _snapshot(self, item: Any) -> Any:
         """What a heavy producer queues for ``item`` (a link that copies payloads does it now,
