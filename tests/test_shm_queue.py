@@ -185,16 +185,18 @@ def test_busy_puts_into_a_full_pool_are_still_snapshots_counted_once(make: Any) 
         qd.put(arr, timeout=T)
         qd.put(buf, timeout=T)
         qd.put(Packet(buf), timeout=T)
+        qd.put(Packet(arr), timeout=T)
     arr[:] = -1  # too late to matter: every put above took its copy
     buf[:] = b"\xff" * len(buf)
-    got = [qd.get(timeout=T) for _ in range(18)]
+    got = [qd.get(timeout=T) for _ in range(24)]
     for i in range(6):
-        a, b, p = got[3 * i : 3 * i + 3]
+        a, b, p, q = got[4 * i : 4 * i + 4]
         assert float(a[0]) == float(a[-1]) == 10.0 + i and not is_shared(a)
         assert type(b) is bytes and b == bytes([i]) * len(buf)
         assert p.payload == bytes([i]) * len(buf)
-    assert sender_stats(qd)["inline_fallbacks"] == 18
-    assert producer_of(qd).statistics().batches_sent < 4 + 18
+        assert float(q.payload[0]) == float(q.payload[-1]) == 10.0 + i
+    assert sender_stats(qd)["inline_fallbacks"] == 24
+    assert producer_of(qd).statistics().batches_sent < 4 + 24
     del held
 
 

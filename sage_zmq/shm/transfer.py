@@ -421,25 +421,26 @@ class ShmSender:
         return records if out is None else out
 
     def snapshot(self, record: Any, inline_array: Callable[[np.ndarray], Any]) -> Any:
-        """``record`` with its large top-level payload (array, bytes-like, Packet payload)
-        copied now, so its owner may reuse the buffer: into the pool, or, when the pool has
-        no room, into a private inline copy in its final form (``inline_array`` for arrays,
-        :class:`InlineBytes`) that the flush sends as it is, without a second try or count."""
+        """``record`` with its large top-level payload (array, bytes-like, or either as a
+        Packet's payload) copied now, so its owner may reuse the buffer: into the pool, or,
+        when the pool has no room, into a private inline copy in its final form
+        (``inline_array`` for arrays, :class:`InlineBytes`) that the flush sends as it is."""
         cls = record.__class__
+        if cls is Packet:
+            payload = record.payload
+            if payload.__class__ is np.ndarray or payload.__class__ in _BYTES_LIKE:
+                copied = self.snapshot(payload, inline_array)
+                return record if copied is payload else _with_payload(record, copied)
+            return record
         if cls is np.ndarray:
             ext = self.encode_array(record)
             if ext is not None:
                 return ext
             big = record.nbytes >= self.threshold and not record.dtype.hasobject
             return inline_array(record) if big else record
-        staged = self.stage([record])[0]
-        if staged is not record:
-            return staged
         if cls in _BYTES_LIKE:
-            return self._inline_copy(record)
-        if cls is Packet and record.payload.__class__ in _BYTES_LIKE:
-            payload = self._inline_copy(record.payload)
-            return record if payload is record.payload else _with_payload(record, payload)
+            ext = self.encode_bytes(record)
+            return ext if ext is not None else self._inline_copy(record)
         return record
 
     def _inline_copy(self, data: bytes | bytearray | memoryview) -> Any:
