@@ -18,11 +18,12 @@ import json
 import multiprocessing as mp
 import os
 import queue as stdlib_queue
+import shutil
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 RECORD = {
@@ -162,6 +163,31 @@ def _spawn() -> Any:
     return mp.get_context("spawn")
 
 
+@contextlib.contextmanager
+def _spawned(target: Callable[..., None], *args: Any, wait: float = 60.0) -> Iterator[None]:
+    """Run ``target(*args)`` in a spawned process for the block; then join it, or kill it
+    if it has not ended within ``wait`` seconds (a benchmark never leaves a process behind)."""
+    proc = _spawn().Process(target=target, args=args)
+    proc.start()
+    try:
+        yield
+    finally:
+        proc.join(wait)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+@contextlib.contextmanager
+def _scratch_dir() -> Iterator[str]:
+    """A private temporary directory (for ipc socket files), removed after the block."""
+    tmp = tempfile.mkdtemp(prefix="szb-")
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _timed_consume(start: Callable[[], None], consume: Callable[[], int], n: int) -> float:
     start()
     t0 = time.perf_counter()
@@ -175,28 +201,22 @@ def _timed_consume(start: Callable[[], None], consume: Callable[[], int], n: int
 def bench_sage_cross_process(queue_type: str, n: int) -> float:
     from sage_zmq import QueueDescriptor
 
-    ctx = _spawn()
     qd = QueueDescriptor(queue_type=queue_type, metadata={"maxsize": 10000})
-    ready = ctx.Event()
-    proc = ctx.Process(target=_sz_producer, args=(qd, n, ready))
-    proc.start()
+    ready = _spawn().Event()
+
+    def consume() -> int:
+        count = 0
+        for _ in qd:
+            count += 1
+        return count
+
     try:
-
-        def consume() -> int:
-            count = 0
-            for _ in qd:
-                count += 1
-            return count
-
-        # Bind before the producer starts so it never waits on reconnect back-off.
-        with contextlib.suppress(Exception):
-            qd.get(timeout=0.01)
-        rate = _timed_consume(ready.set, consume, n)
+        with _spawned(_sz_producer, qd, n, ready):
+            # Bind before the producer starts so it never waits on reconnect back-off.
+            with contextlib.suppress(Exception):
+                qd.get(timeout=0.01)
+            rate = _timed_consume(ready.set, consume, n)
     finally:
-        proc.join(60)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
         qd.close()
     return rate
 
@@ -205,19 +225,17 @@ def bench_mp_queue(n: int) -> float:
     ctx = _spawn()
     q = ctx.Queue()
     ready = ctx.Event()
-    proc = ctx.Process(target=_mpq_producer, args=(q, n, ready))
-    proc.start()
+
+    def consume() -> int:
+        count = 0
+        while q.get() is not None:
+            count += 1
+        return count
+
     try:
-
-        def consume() -> int:
-            count = 0
-            while q.get() is not None:
-                count += 1
-            return count
-
-        rate = _timed_consume(ready.set, consume, n)
+        with _spawned(_mpq_producer, q, n, ready):
+            rate = _timed_consume(ready.set, consume, n)
     finally:
-        proc.join(60)
         q.close()
         q.join_thread()
     return rate
@@ -227,22 +245,16 @@ def bench_raw_pyzmq(transport: str, n: int) -> float:
     import msgpack
     import zmq
 
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PULL)
-    tmp = None
-    if transport == "tcp":
-        port = sock.bind_to_random_port("tcp://127.0.0.1")
-        endpoint = f"tcp://127.0.0.1:{port}"
-    else:
-        tmp = tempfile.mkdtemp(prefix="szb-")
-        endpoint = f"ipc://{tmp}/raw.sock"
-        sock.bind(endpoint)
-    sctx = _spawn()
-    ready = sctx.Event()
-    proc = sctx.Process(target=_raw_producer, args=(endpoint, n, ready))
-    proc.start()
-    try:
-        unpack = msgpack.unpackb
+    unpack = msgpack.unpackb
+    ready = _spawn().Event()
+    with _scratch_dir() as tmp, zmq.Context() as ctx, ctx.socket(zmq.PULL) as sock:
+        sock.linger = 0
+        if transport == "tcp":
+            port = sock.bind_to_random_port("tcp://127.0.0.1")
+            endpoint = f"tcp://127.0.0.1:{port}"
+        else:
+            endpoint = f"ipc://{tmp}/raw.sock"
+            sock.bind(endpoint)
 
         def consume() -> int:
             count = 0
@@ -253,16 +265,8 @@ def bench_raw_pyzmq(transport: str, n: int) -> float:
                 for _ in unpack(frame):
                     count += 1
 
-        rate = _timed_consume(ready.set, consume, n)
-    finally:
-        proc.join(60)
-        sock.close(linger=0)
-        ctx.term()
-        if tmp:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    return rate
+        with _spawned(_raw_producer, endpoint, n, ready):
+            return _timed_consume(ready.set, consume, n)
 
 
 def bench_local_threads(n: int) -> tuple[float, float]:
@@ -316,20 +320,14 @@ def _round_trips(send: Callable[[], Any], recv: Callable[[], Any], n: int) -> li
 def bench_latency_sage(n: int) -> list[float]:
     from sage_zmq import EndOfStream, QueueDescriptor
 
-    ctx = _spawn()
     ping = QueueDescriptor(queue_type="shm", metadata={"maxsize": 100})
     pong = QueueDescriptor(queue_type="shm", metadata={"maxsize": 100})
-    proc = ctx.Process(target=_sz_echo, args=(ping, pong))
-    proc.start()
+    msg = {"payload": "x" * 80}
     try:
-        msg = {"payload": "x" * 80}
-        samples = _round_trips(lambda: ping.put(msg), lambda: pong.get(timeout=30), n)
-        ping.put(EndOfStream())
+        with _spawned(_sz_echo, ping, pong, wait=30):
+            samples = _round_trips(lambda: ping.put(msg), lambda: pong.get(timeout=30), n)
+            ping.put(EndOfStream())
     finally:
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
         ping.close()
         pong.close()
     return samples
@@ -338,55 +336,35 @@ def bench_latency_sage(n: int) -> list[float]:
 def bench_latency_raw(n: int) -> list[float]:
     import zmq
 
-    tmp = tempfile.mkdtemp(prefix="szb-")
-    endpoint = f"ipc://{tmp}/pair.sock"
-    zctx = zmq.Context()
-    sock = zctx.socket(zmq.PAIR)
-    sock.bind(endpoint)
-    proc = _spawn().Process(target=_raw_echo, args=(endpoint,))
-    proc.start()
-    try:
-        msg = b"x" * 100
-        samples = _round_trips(lambda: sock.send(msg), sock.recv, n)
-        sock.send(b"stop")
-    finally:
-        proc.join(30)
-        sock.close(linger=0)
-        zctx.term()
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    msg = b"x" * 100
+    with _scratch_dir() as tmp, zmq.Context() as zctx, zctx.socket(zmq.PAIR) as sock:
+        sock.linger = 0
+        endpoint = f"ipc://{tmp}/pair.sock"
+        sock.bind(endpoint)
+        with _spawned(_raw_echo, endpoint, wait=30):
+            samples = _round_trips(lambda: sock.send(msg), sock.recv, n)
+            sock.send(b"stop")
     return samples
 
 
 def bench_latency_raw_queues(n: int) -> list[float]:
     """Ping-pong over two one-way DEALER->ROUTER links: the socket layout of two queues."""
-    import shutil
-
     import zmq
 
-    tmp = tempfile.mkdtemp(prefix="szb-")
-    there, back = f"ipc://{tmp}/there.sock", f"ipc://{tmp}/back.sock"
-    zctx = zmq.Context()
-    inbox = zctx.socket(zmq.ROUTER)
-    inbox.bind(back)
-    proc = _spawn().Process(target=_raw_queue_echo, args=(there, back))
-    proc.start()
-    outbox = zctx.socket(zmq.DEALER)
-    outbox.connect(there)
-    try:
-        msg = b"x" * 100
-        samples = _round_trips(lambda: outbox.send(msg), inbox.recv_multipart, n)
-        outbox.send(b"stop")
-    finally:
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-        outbox.close(linger=0)
-        inbox.close(linger=0)
-        zctx.term()
-        shutil.rmtree(tmp, ignore_errors=True)
+    msg = b"x" * 100
+    with (
+        _scratch_dir() as tmp,
+        zmq.Context() as zctx,
+        zctx.socket(zmq.ROUTER) as inbox,
+        zctx.socket(zmq.DEALER) as outbox,
+    ):
+        inbox.linger = outbox.linger = 0
+        there, back = f"ipc://{tmp}/there.sock", f"ipc://{tmp}/back.sock"
+        inbox.bind(back)
+        with _spawned(_raw_queue_echo, there, back, wait=30):
+            outbox.connect(there)
+            samples = _round_trips(lambda: outbox.send(msg), inbox.recv_multipart, n)
+            outbox.send(b"stop")
     return samples
 
 
