@@ -4,7 +4,9 @@ Each downstream instance periodically reports its queue depth (records not yet c
 optionally, the total number of records it has consumed. Between two reports this sender adds
 what it has sent since (``note_sent``). From consecutive reports the tracker keeps EWMAs
 (half-life in seconds, irregular intervals allowed) of depth, depth slope, arrival rate, this
-sender's own send rate, throughput and utilisation (share of time with depth > 0). Capacity is
+sender's own send rate, throughput and utilisation (share of time with depth > 0); the rate
+EWMAs weigh each sample by the time it covers from the first one, so a few milliseconds of a
+slow start do not stand for a whole half-life. Capacity is
 throughput / utilisation (the utilisation law), which stays right for a mostly idle instance,
 where throughput alone would only measure the traffic it happened to get.
 
