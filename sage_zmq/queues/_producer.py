@@ -64,6 +64,7 @@ class Producer:
         self.epoch = epoch
         self._link = link
         self._window = window
+        self._look_every = max(1, window // 8)  # seqs between two reads of credit
         self._batch_size = batch_size
         self._flush_interval = flush_interval
         self._timeout = timeout
@@ -198,10 +199,10 @@ class Producer:
         # short. "Short" is capped at an eighth of the window too: with a window of a batch or
         # less, "less than a batch left" would be always, a look on every idle put.
         next_seq = self._next_seq
-        eighth = max(1, self._window // 8)
-        if next_seq >= self._next_look or self._limit - next_seq <= min(self._batch_size, eighth):
+        every = self._look_every
+        if next_seq >= self._next_look or self._limit - next_seq <= min(self._batch_size, every):
             self._apply(self._link.poll(0))
-            self._next_look = next_seq + eighth
+            self._next_look = next_seq + every
 
     def _snapshot(self, item: Any) -> Any:
         """What a heavy producer queues for ``item`` (a link that copies payloads does it now,

@@ -6,9 +6,9 @@ what it has sent since (``note_sent``). From consecutive reports the tracker kee
 (half-life in seconds, irregular intervals allowed) of depth, depth slope, arrival rate, this
 sender's own send rate, throughput and utilisation (share of time with depth > 0); the rate
 EWMAs weigh each sample by the time it covers from the first one, so a few milliseconds of a
-slow start do not stand for a whole half-life. Capacity is
-throughput / utilisation (the utilisation law), which stays right for a mostly idle instance,
-where throughput alone would only measure the traffic it happened to get.
+slow start do not stand for a whole half-life. Capacity is throughput / utilisation (the
+utilisation law), which stays right for a mostly idle instance, where throughput alone would
+only measure the traffic it happened to get.
 
 Time is always passed in (``now``, monotonic seconds); nothing here reads a clock.
 """
@@ -51,13 +51,11 @@ class _Stat:
         self.slope = 0.0  # d(depth)/dt, records/s, all senders
         self.own = 0.0  # our send rate, records/s
         self.rated = False  # slope and own hold a sample (else they start from it)
-        self.throughput: float | None = None  # consumed/s
-        self.util: float | None = None  # fraction of time with work (depth > 0)
         self.rate: float | None = None  # capacity, records/s; None: use the fleet's
-        self.arrival: float | None = None  # records/s, all senders
-        # How much of arrival/throughput/util is data rather than their zero start: dividing by
-        # it weighs each sample by the time it covers, so a short first interval (a consumer
-        # not yet scheduled) does not stand for a whole half-life.
+        # EWMAs from zero; divide by ``weight`` (how much of them is data, 0: none yet).
+        self.throughput = 0.0  # consumed/s
+        self.util = 0.0  # fraction of time with work (depth > 0)
+        self.arrival = 0.0  # records/s, all senders
         self.weight = 0.0
 
 
@@ -167,8 +165,6 @@ class LoadTracker:
                 # when the instance is mostly idle too, so a lightly used instance is neither
                 # taken for slow (its throughput alone) nor for fast (the fleet's rate).
                 busy = ((s.depth > 0) + (depth > 0)) * 0.5
-                if s.throughput is None or s.util is None or s.arrival is None:
-                    s.arrival = s.throughput = s.util = 0.0
                 s.arrival += alpha * (arrival - s.arrival)
                 s.throughput += alpha * (done - s.throughput)
                 s.util += alpha * (busy - s.util)
@@ -317,7 +313,7 @@ class LoadTracker:
             depth_estimate=s.depth + s.sent,
             predicted_depth=self.predicted_depth(instance, now),
             mean_depth=s.ewma_depth,
-            arrival_rate=None if s.arrival is None else s.arrival / s.weight,
+            arrival_rate=s.arrival / s.weight if s.weight else None,
             service_rate=s.rate,
             predicted_wait=self.predicted_wait(instance, now),
         )
