@@ -117,6 +117,15 @@ class Producer:
         self.qd.close()
         return n
 
+    def produce_via(self, tag: str, n: int) -> str:
+        """Produce like ``produce``; returns the endpoint the records went to."""
+        for i in range(n):
+            self.qd.put([tag, i], timeout=WAIT)
+        self.qd.put(EndOfStream())
+        extra = self.qd.statistics().extra or {}
+        self.qd.close()
+        return str(extra["endpoint"])
+
 
 @ray.remote(num_cpus=1)
 def produce_task(qd: QueueDescriptor, tag: str, n: int) -> int:
@@ -227,6 +236,44 @@ def test_actor_to_actor_across_two_nodes() -> None:
             ray.kill(actor)
 
 
+def test_a_producer_on_the_consumers_node_sends_over_ipc() -> None:
+    qd = QueueDescriptor("rq-ipc", "ray", {"maxsize": 500, "upstreams": 2})
+    consumer = Consumer.options(**ON_B).remote(qd)
+    near, far = Producer.options(**ON_B).remote(qd), Producer.options(**ON_A).remote(qd)
+    try:
+        ray.get(consumer.where.remote(), timeout=WAIT)  # bound and published
+        entry = lookup_consumer(qd)
+        # The abstract namespace: no socket file, so a killed consumer leaves none behind.
+        assert entry is not None and entry.local_endpoint.startswith("ipc://@")
+        via = [near.produce_via.remote("near", 3000), far.produce_via.remote("far", 3000)]
+        got = ray.get(consumer.drain.remote(), timeout=WAIT)  # closes the consumer
+        assert ray.get(via, timeout=WAIT) == [entry.local_endpoint, entry.endpoint]
+        assert _per_producer(got) == {"near": list(range(3000)), "far": list(range(3000))}
+    finally:
+        for actor in (consumer, near, far):
+            ray.kill(actor)
+
+
+def test_ipc_false_keeps_same_node_producers_on_tcp() -> None:
+    qd = QueueDescriptor("rq-no-ipc", "ray", {"maxsize": 500, "ipc": False})
+    consumer = Consumer.options(**ON_B).remote(qd)
+    near = Producer.options(**ON_B).remote(qd)
+    try:
+        ray.get(consumer.where.remote(), timeout=WAIT)
+        entry = lookup_consumer(qd)
+        assert entry is not None and entry.local_endpoint == ""
+        via = near.produce_via.remote("near", 1000)
+        got = ray.get(consumer.drain.remote(), timeout=WAIT)
+        assert ray.get(via, timeout=WAIT) == entry.endpoint
+        assert entry.endpoint.startswith("tcp://")
+        assert _per_producer(got) == {"near": list(range(1000))}
+    finally:
+        ray.kill(consumer)
+        ray.kill(near)
+    with pytest.raises(DescriptorError, match=r"metadata\['ipc'\].*true or false"):
+        QueueDescriptor("rq-bad-ipc", "ray", {"ipc": "yes"})
+
+
 def test_producer_before_consumer_and_backpressure_without_drops() -> None:
     qd = QueueDescriptor("rq-late", "ray", {"maxsize": 50})
     try:
@@ -258,17 +305,25 @@ def _close_quietly(qd: QueueDescriptor) -> None:
 
 
 # ----------------------------------------------------------------------------- restarts
-def _restart_run(qd: QueueDescriptor, n: int) -> tuple[list[Any], list[Any], Any, Any]:
-    """Produce n records from the driver while the consumer actor is killed and restarted."""
-    consumer = Consumer.options(**ON_B).remote(qd)
+def _restart_run(
+    qd: QueueDescriptor, n: int, placement: dict[str, Any] = ON_B
+) -> tuple[list[Any], list[Any], list[BaseException], list[str]]:
+    """Produce n records from the driver while the consumer actor is killed and restarted.
+
+    The driver runs on node a: a consumer there is reached over ipc, one on node b over tcp.
+    Returns what the consumer's two lives took, the producer's errors, and where it sent last.
+    """
+    consumer = Consumer.options(**placement).remote(qd)
     before = ray.get(consumer.where.remote())
     errors: list[BaseException] = []
+    via: list[str] = []
 
     def produce() -> None:
         try:
             for i in range(n):
                 qd.put(["driver", i], timeout=20)
             qd.put(EndOfStream(), timeout=20)
+            via.append((qd.statistics().extra or {})["endpoint"])
             qd.close(timeout=20)
         except BaseException as exc:
             errors.append(exc)
@@ -296,7 +351,7 @@ def _restart_run(qd: QueueDescriptor, n: int) -> tuple[list[Any], list[Any], Any
     finally:
         ray.kill(consumer)
         thread.join(WAIT)
-    return first, second, errors, after
+    return first, second, errors, via
 
 
 def test_consumer_restart_producers_follow(caplog: pytest.LogCaptureFixture) -> None:
@@ -321,13 +376,15 @@ def test_consumer_restart_producers_follow(caplog: pytest.LogCaptureFixture) -> 
         assert "ack" in warned[0] and "up to" in warned[0], warned
 
 
-def test_consumer_restart_with_ack_loses_nothing() -> None:
+@pytest.mark.parametrize("placement", [ON_B, ON_A], ids=["tcp", "ipc"])
+def test_consumer_restart_with_ack_loses_nothing(placement: dict[str, Any]) -> None:
     qd = QueueDescriptor("rq-restart-ack", "ray", {"maxsize": 200, "ack": True})
     try:
-        first, second, errors, _ = _restart_run(qd, 4000)
+        first, second, errors, via = _restart_run(qd, 4000, placement)
     finally:
         _close_quietly(qd)
     assert not errors, errors
+    assert via[0].startswith("ipc://@" if placement is ON_A else "tcp://"), via
     assert second[-1] == EndOfStream()
     seqs = [i for _, i in first + second[:-1]]
     assert set(seqs) == set(range(4000))  # nothing lost

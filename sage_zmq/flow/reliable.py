@@ -220,6 +220,10 @@ class _KeepingLink:
         self._inline(inner)
         self._watch()
 
+    @property
+    def endpoint(self) -> str:
+        return str(getattr(self.inner, "endpoint", ""))
+
     @staticmethod
     def _inline(inner: Any) -> None:
         # Kept frames must stand alone: a shared-memory reference in one would point at a
@@ -736,6 +740,7 @@ class ReliableProducer(Producer):
         stats = super().statistics()
         kept = self._keeping.kept
         extra: dict[str, Any] = {
+            **(stats.extra or {}),
             "producer_id": self.producer_id,
             "epoch": self.epoch,
             "session": self._session,
@@ -815,7 +820,6 @@ class ReliableConsumer(Consumer):
         if settings.persist is not None:
             _, path = persist_paths(settings.persist, queue_id)
             self._dedup = DedupState(path)
-        self._ipc_files = [f for f in map(_ipc_file, inlets) if f is not None]
         _runtime.ticker().add(self, settings.tick)
 
     # ----------------------------------------------------------------- intake
@@ -1009,37 +1013,12 @@ class ReliableConsumer(Consumer):
             super().close(timeout)
             if dedup is not None:
                 dedup.close()
-            for identity in self._ipc_files:
-                _unlink_if_same(identity)
 
     def statistics(self) -> QueueStatistics:
         stats = super().statistics()
         extra = dict(stats.extra or {})
         extra["persistent"] = self._dedup is not None
         return dataclasses.replace(stats, extra=extra)
-
-
-def _ipc_file(inlet: Any) -> tuple[str, int, int] | None:
-    endpoint = getattr(inlet, "endpoint", "")
-    if not isinstance(endpoint, str) or not endpoint.startswith("ipc://"):
-        return None
-    path = endpoint[len("ipc://") :]
-    try:
-        st = os.stat(path)
-    except OSError:  # abstract namespace, or already gone
-        return None
-    return path, st.st_dev, st.st_ino
-
-
-def _unlink_if_same(identity: tuple[str, int, int]) -> None:
-    # libzmq leaves the socket file behind; remove ours, never a newer consumer's.
-    path, dev, ino = identity
-    try:
-        st = os.stat(path)
-        if (st.st_dev, st.st_ino) == (dev, ino):
-            os.unlink(path)
-    except OSError:
-        pass
 
 
 # ------------------------------------------------------------------------------ factories

@@ -396,6 +396,8 @@ class Producer:
 
     def statistics(self) -> QueueStatistics:
         in_flight = self._next_seq - self._acked
+        # Where the records go: for a ray queue, the consumer's tcp or same-node ipc endpoint.
+        endpoint = getattr(self._link, "endpoint", None)
         return QueueStatistics(
             queue_id=self.queue_id,
             queue_type=self.queue_type,
@@ -409,4 +411,5 @@ class Producer:
             in_flight=in_flight,
             credit_waits=self._credit_waits,
             encode_errors=self._encode_errors,
+            extra={"endpoint": endpoint} if isinstance(endpoint, str) and endpoint else None,
         )

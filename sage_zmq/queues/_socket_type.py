@@ -108,10 +108,14 @@ class SocketQueueType(QueueType):
         paths = security.curve_paths(descriptor.metadata, cfg, default_on=not local)
         return None if paths is None else security.CurveSetup(paths)
 
-    def compress(self, descriptor: QueueDescriptor) -> bool | str:
-        """True, False or "auto" (compress on remote tcp links while it pays)."""
+    def compress(self, descriptor: QueueDescriptor, endpoint: str | None = None) -> bool | str:
+        """True, False or "auto" (compress on remote tcp links while it pays).
+
+        ``endpoint``: where the link actually connects, when the descriptor's endpoint is only
+        a name (``ray://``).
+        """
         setting = descriptor.metadata.get("compression", current_config().performance.compression)
-        return compression_mode(setting, descriptor.metadata.get("endpoint"))
+        return compression_mode(setting, endpoint or descriptor.metadata.get("endpoint"))
 
     def bind_endpoint(self, descriptor: QueueDescriptor) -> str:
         return str(descriptor.metadata.get("bind", descriptor.metadata["endpoint"]))

@@ -8,6 +8,8 @@ is in flight: HWMs count frames, not records, and libzmq drops an ipc tail at th
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os as _os
 import re
@@ -34,6 +36,7 @@ _POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
 _RCVMORE = int(zmq.RCVMORE)  # plain ints: pyzmq's enum wrappers cost microseconds per call
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")  # kept out of ipc file names
 _TCP = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_]+|\*):(\d{1,5}|\*)$")
 
 
@@ -66,6 +69,34 @@ def check_tcp_endpoint(endpoint: str) -> tuple[str, int | None]:
     if not 0 <= number <= 65535:
         raise DescriptorError(f"tcp endpoint {endpoint!r}: port must be 0-65535")
     return host, number
+
+
+def derive_ipc_endpoint(queue_id: str) -> str:
+    """A fresh ipc endpoint in the private runtime directory, within the ~107-byte limit."""
+    token = _os.urandom(4).hex()
+    base = _runtime.runtime_dir()
+    stem = _UNSAFE.sub("_", queue_id)[:40]
+    path = _os.path.join(base, f"{stem}-{token}.sock")
+    if len(path.encode()) > 100:
+        digest = hashlib.sha1(queue_id.encode()).hexdigest()[:16]
+        path = _os.path.join(base, f"{digest}-{token}.sock")
+    if len(path.encode()) > 100:
+        raise DescriptorError(
+            f"runtime directory {base!r} is too long for ipc socket paths; set "
+            "SAGE_ZMQ_RUNTIME_DIR to a short private directory"
+        )
+    return f"ipc://{path}"
+
+
+def derive_abstract_ipc_endpoint(queue_id: str) -> str:
+    """A fresh ipc endpoint in Linux's abstract socket namespace (``ipc://@name``).
+
+    No file: the name vanishes with the socket, also when its process is killed, so nothing is
+    left to sweep. Unlike a file in the 0700 runtime directory it has no permissions: any local
+    process in the same network namespace may connect, as it may to a tcp port.
+    """
+    stem = _UNSAFE.sub("_", queue_id)[:40]
+    return f"ipc://@sage-zmq-{_os.getuid()}-{stem}-{_os.urandom(6).hex()}"
 
 
 def check_ipc_endpoint(endpoint: str) -> str:
@@ -250,31 +281,47 @@ class RouterInlet:
         sock.setsockopt(zmq.MAXMSGSIZE, opts.max_message_size)
         if opts.curve is not None:
             opts.curve.apply_server(sock)
+        self.sock = sock
+        self._ipc_files: list[tuple[str, int, int]] = []
+        try:
+            self.endpoint: str = self.bind_also(endpoint)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        _observe.link_opened("consumer", self.endpoint, queue_id, codec)
+
+    def bind_also(self, endpoint: str) -> str:
+        """Bind the socket on ``endpoint`` (too); returns the endpoint as bound.
+
+        An ipc socket file is made private (0600) and removed again at :meth:`close`.
+        """
+        sock = self.sock
         try:
             # No retry on EADDRINUSE: right after a close, libzmq's old listener can still
             # accept a connection whose frames then die with it; a clear error is safer.
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
-            sock.close(linger=0)
             raise DescriptorError(
-                f"cannot bind queue {queue_id!r} on {endpoint}: {exc}; is another consumer "
+                f"cannot bind queue {self.queue_id!r} on {endpoint}: {exc}; is another consumer "
                 "already bound there? (a queue has one consumer)"
             ) from None
-        self.endpoint: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        ipc_path = self.endpoint[len("ipc://") :] if self.endpoint.startswith("ipc://") else ""
+        bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        ipc_path = bound[len("ipc://") :] if bound.startswith("ipc://") else ""
         if ipc_path and not ipc_path.startswith("@"):  # "@": abstract namespace, no file
-            # libzmq creates the socket file with the umask; only this user may connect.
             try:
+                # libzmq creates the socket file with the umask; only this user may connect.
                 _os.chmod(ipc_path, 0o600)
+                st = _os.stat(ipc_path)
             except OSError as exc:
-                sock.close(linger=0)
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.unbind(bound)
                 from sage_zmq.errors import SecurityError
 
                 raise SecurityError(
                     f"cannot make ipc socket file {ipc_path} private (0600): {exc}"
                 ) from None
-        self.sock = sock
-        _observe.link_opened("consumer", self.endpoint, queue_id, codec)
+            self._ipc_files.append((ipc_path, st.st_dev, st.st_ino))
+        return bound
 
     def recv(self, timeout: float) -> list[tuple[Any, ...]]:
         sock = self.sock
@@ -370,7 +417,19 @@ class RouterInlet:
 
     def close(self) -> None:
         self.sock.close(linger=200)  # long enough for the last receipts to leave
+        for identity in self._ipc_files:
+            unlink_if_same(identity)
         _observe.link_closed("consumer", self.endpoint, self.queue_id)
+
+
+def unlink_if_same(identity: tuple[str, int, int]) -> None:
+    """Remove an ipc socket file if it is still the one we bound (never a newer consumer's)."""
+    # libzmq 4.3 leaves the socket file behind when the socket closes.
+    path, dev, ino = identity
+    with contextlib.suppress(OSError):
+        st = _os.stat(path)
+        if (st.st_dev, st.st_ino) == (dev, ino):
+            _os.unlink(path)
 
 
 _prebound: dict[str, RouterInlet] = {}

@@ -20,23 +20,25 @@ ids are hashed so the path stays under the ~107-byte ipc limit.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import os
-import re
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
-from sage_zmq import _runtime
 from sage_zmq.config import current_config
 from sage_zmq.errors import DescriptorError, QueueClosed
 from sage_zmq.packet import Packet
 from sage_zmq.queues._producer import Producer
 from sage_zmq.queues._socket_type import SocketQueueType
-from sage_zmq.queues._zmq import DealerLink, RouterInlet, SocketOptions, check_ipc_endpoint
+from sage_zmq.queues._zmq import (
+    DealerLink,
+    RouterInlet,
+    SocketOptions,
+    check_ipc_endpoint,
+    derive_ipc_endpoint,
+)
 from sage_zmq.queues.base import (
     Capabilities,
     ConsumerInlet,
@@ -56,29 +58,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sage_zmq.queue")
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
-
 DEFAULT_SHM_WAIT = 2.0
 """Seconds a producer waits for a full pool to free room before sending a payload inline."""
 
 FRAME_CAP = 4 << 20
 """A batch whose frame comes out larger is split: big frames stall the consumer and memory."""
-
-
-def derive_ipc_endpoint(queue_id: str) -> str:
-    token = os.urandom(4).hex()
-    base = _runtime.runtime_dir()
-    stem = _UNSAFE.sub("_", queue_id)[:40]
-    path = os.path.join(base, f"{stem}-{token}.sock")
-    if len(path.encode()) > 100:
-        digest = hashlib.sha1(queue_id.encode()).hexdigest()[:16]
-        path = os.path.join(base, f"{digest}-{token}.sock")
-    if len(path.encode()) > 100:
-        raise DescriptorError(
-            f"runtime directory {base!r} is too long for ipc socket paths; set "
-            "SAGE_ZMQ_RUNTIME_DIR to a short private directory"
-        )
-    return f"ipc://{path}"
 
 
 # --------------------------------------------------------------------------------- producer
@@ -265,7 +249,6 @@ class ShmInlet(RouterInlet):
         super().__init__(endpoint, codec, opts, queue_id=queue_id)
         self.shm = ShmReceiver(codec, zero_copy=codec.zero_copy)
         codec.shm_decoder = self.shm.decode
-        self._ipc_file = _file_identity(self.endpoint)
 
     def recv(self, timeout: float) -> list[tuple[Any, ...]]:
         shm = self.shm
@@ -295,37 +278,12 @@ class ShmInlet(RouterInlet):
             super().close()
         finally:
             self.shm.close()
-            _unlink_if_same(self._ipc_file)
             # Segments of producers that were SIGKILLed: nobody else would remove them.
             for name in sweep_orphans():
                 log.info("removed orphaned shared-memory segment %s", name)
 
     def statistics(self) -> dict[str, Any]:
         return self.shm.statistics()
-
-
-def _file_identity(endpoint: str) -> tuple[str, int, int] | None:
-    if not endpoint.startswith("ipc://"):
-        return None
-    path = endpoint[len("ipc://") :]
-    if path.startswith("@"):
-        return None  # abstract namespace: no file
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return path, st.st_dev, st.st_ino
-
-
-def _unlink_if_same(identity: tuple[str, int, int] | None) -> None:
-    # libzmq 4.3 leaves the socket file behind; remove ours, never a newer consumer's.
-    if identity is None:
-        return
-    path, dev, ino = identity
-    with contextlib.suppress(OSError):
-        st = os.stat(path)
-        if (st.st_dev, st.st_ino) == (dev, ino):
-            os.unlink(path)
 
 
 # --------------------------------------------------------------------------------- the type
