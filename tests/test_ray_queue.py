@@ -98,7 +98,11 @@ class Consumer:
 
     def stats(self) -> dict[str, Any]:
         s = self.qd.statistics()
-        return {"received": s.received, "gaps": (s.extra or {}).get("gaps", 0)}
+        return {
+            "received": s.received,
+            "gaps": (s.extra or {}).get("gaps", 0),
+            "rejected": s.rejected,
+        }
 
 
 @ray.remote
@@ -348,6 +352,8 @@ def _restart_run(
         second = ray.get(consumer.take.remote(10 * n), timeout=WAIT)
         thread.join(WAIT)
         assert not thread.is_alive()
+        # The producer introduced itself to the new consumer with a HELLO it accepted.
+        assert ray.get(consumer.stats.remote(), timeout=WAIT)["rejected"] == 0
     finally:
         ray.kill(consumer)
         thread.join(WAIT)
