@@ -469,6 +469,18 @@ def test_consumer_to_producer_frames_from_a_producer_are_rejected(
     assert plain_queue.statistics().rejected == 3
 
 
+def test_a_message_of_several_frames_is_rejected_and_the_stream_goes_on(
+    plain_queue: QueueDescriptor, raw: RawPeer
+) -> None:
+    codec = raw.codec
+    raw.sock.send_multipart([codec.encode_batch("p", 0, [1])[0], b"extra", b"more"])
+    errors = raw.replies(1, Kind.ERROR)
+    assert "expected one frame per message, got 3" in errors[0]["message"]
+    raw.send(Kind.DATA, ("p", 0, ["after"]))
+    assert plain_queue.get(timeout=5) == "after"  # framing held: the next message is whole
+    assert plain_queue.statistics().rejected == 1
+
+
 def test_hello_for_another_queue_is_rejected(plain_queue: QueueDescriptor, raw: RawPeer) -> None:
     raw.send(Kind.HELLO, {"producer": "p", "epoch": 0, "queue": "other", "next_seq": 0})
     raw.send(Kind.HELLO, {"producer": "p", "epoch": 0, "next_seq": 1, "acked": 5})

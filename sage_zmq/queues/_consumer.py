@@ -38,7 +38,17 @@ _END_OF_STREAM = EndOfStream()  # what get() returns at the end; iteration stops
 class _Upstream:
     """What the consumer knows of one producer."""
 
-    __slots__ = ("acked", "closing", "ended", "granted", "inlet", "peer", "producer", "received")
+    __slots__ = (
+        "acked",
+        "closing",
+        "ended",
+        "grant_at",
+        "granted",
+        "inlet",
+        "peer",
+        "producer",
+        "received",
+    )
 
     def __init__(self, producer: str, inlet: ConsumerInlet, peer: Any, base: int) -> None:
         self.producer = producer
@@ -47,6 +57,7 @@ class _Upstream:
         self.received = base  # every seq below has arrived
         self.acked = base  # every seq below was consumed
         self.granted = 0  # the limit last granted
+        self.grant_at = 0  # grant again once ``acked`` reaches this
         self.closing = False
         self.ended = False
 
@@ -159,9 +170,7 @@ class Consumer:
         self._cur_upstream = None
         self._current = _EMPTY_ITER
         up.acked = self._cur_end
-        share = self._share()
-        # Grant once an eighth of the share was consumed: routers read live load from credits.
-        if up.granted - up.acked <= share - max(1, share // 8):
+        if up.acked >= up.grant_at:
             self._grant(up)
 
     def _share(self) -> int:
@@ -169,8 +178,13 @@ class Consumer:
         return max(1, self._maxsize // active)
 
     def _grant(self, up: _Upstream) -> None:
-        limit = max(up.granted, up.acked + self._share())
+        share = self._share()
+        limit = max(up.granted, up.acked + share)
         up.granted = limit
+        # The next grant once an eighth of the share was consumed: routers read live load
+        # from credits. (Kept per upstream: counting the active producers at every batch
+        # cost more than the rest of a batch's bookkeeping.)
+        up.grant_at = limit - share + max(1, share // 8)
         credit = Credit(self.session, up.received, up.acked, limit)
         if not up.inlet.send_credit(up.peer, credit):
             log.debug("queue %s: producer %s is gone", self.queue_id, up.producer)
@@ -264,9 +278,11 @@ class Consumer:
             _, inlet, peer, producer, seq, records, nbytes = event
             if not records:
                 return  # carries nothing; it must not move seqs either
-            up = self._upstream(producer, inlet, peer, seq)
-            if up is None:
-                return
+            up = self._ups.get(producer)
+            if up is None or up.peer != peer or up.inlet is not inlet:  # else: its own link
+                up = self._upstream(producer, inlet, peer, seq)
+                if up is None:
+                    return
             end = seq + len(records)
             if end <= up.received:
                 self._duplicates += len(records)

@@ -14,6 +14,7 @@ import logging
 import os as _os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +34,11 @@ MAX_BATCH_FRAME = 4 * 1024 * 1024
 
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
-_NOBLOCK = int(zmq.NOBLOCK)
-_RCVMORE = int(zmq.RCVMORE)  # plain ints: pyzmq's enum wrappers cost microseconds per call
+_NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq enum wrappers cost time on every call
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")  # kept out of ipc file names
+# pyzmq's Python-level Socket.send only adds DRAFT options (routing_id, group) to this one.
+_send: Callable[..., Any] = zmq.backend.Socket.send
 _TCP = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_]+|\*):(\d{1,5}|\*)$")
 
 
@@ -169,7 +171,7 @@ class DealerLink:
 
     def _send_frame(self, frame: bytes) -> None:
         try:
-            self.sock.send(frame, copy=len(frame) < 65536)
+            _send(self.sock, frame, 0, len(frame) < 65536)
         except zmq.Again:
             # A DEALER blocks only when it has no connection object at all, e.g. every
             # handshake fails (CURVE refused this producer's key): report it, never hang.
@@ -335,14 +337,16 @@ class RouterInlet:
                 peer = sock.recv()
         except zmq.Again:
             return []
-        frame = sock.recv()  # the parts of one message arrive together
-        if sock.get(_RCVMORE):
+        # The parts of one message arrive together. A Frame tells whether more follow for
+        # less than a RCVMORE getsockopt, which builds a pyzmq enum on every call.
+        part = sock.recv(copy=False)
+        if part.more:
             extra = 1
-            while sock.get(_RCVMORE):
-                sock.recv()
+            while sock.recv(copy=False).more:
                 extra += 1
             self._reject(peer, f"expected one frame per message, got {1 + extra}")
             return []
+        frame = part.bytes
         self.codec.shm_origin = peer  # whom a shm slot in this frame is released to
         try:
             msg = self.codec.decode(frame)
