@@ -343,6 +343,28 @@ def test_alloc_fills_in_place_and_puts_without_a_copy(make: Any) -> None:
     assert producer.alloc(0).shape == (0,)
 
 
+def test_a_producer_filling_alloc_buffers_back_to_back_batches(
+    make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "Busy" is judged by when the caller came back for more: for alloc, at the alloc, however
+    # long filling the buffer then takes (20 ms here, against a busy gap widened to 5 ms).
+    # Judged at the put instead, such a producer sent one frame per payload.
+    monkeypatch.setattr(_producer, "BUSY_GAP", 0.005)
+    qd = make(maxsize=64, shm_threshold=64 * KiB, flush_interval=0.3)
+    producer = producer_of(qd)
+    n = 12
+    for i in range(n):
+        buf = producer.alloc(32 * KiB, np.float64)
+        time.sleep(0.02)  # a slow fill (a stand-in for real work, not a wait for anything)
+        buf[:] = i
+        qd.put(buf, timeout=T)
+    got = [float(qd.get(timeout=T)[-1]) for _ in range(n)]
+    assert got == [float(i) for i in range(n)]
+    stats = producer.statistics()
+    assert stats.sent == n and stats.batches_sent <= n // 2, stats
+    assert sender_stats(qd)["lent"] == n  # and each went by reference, no copy
+
+
 def test_alloc_falls_back_to_ordinary_memory(make: Any) -> None:
     qd = make(memory_pool_size=0)
     buf = producer_of(qd).alloc(100 * KiB)

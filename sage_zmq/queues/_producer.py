@@ -87,6 +87,7 @@ class Producer:
         self._errors: list[str] = []
         self._closed = False
         self._last_flush = 0.0
+        self._back_at = 0.0  # when the caller came back for more (see ShmProducer.alloc)
         self._flushes = 0
         self._flushes_seen = -1
         self._sent = 0
@@ -224,8 +225,11 @@ class Producer:
     def _note_flush(self, started: float, records: int, weight: int) -> None:
         """Adapt ``_flush_at`` after a flush (begun at ``started``) of ``weight`` frame bytes."""
         # The caller's own time since the previous flush ended: a put that copies a large
-        # payload is slow, yet its caller may be busy.
-        gap = started - self._last_flush
+        # payload is slow, yet its caller may be busy. A caller that came back earlier for a
+        # buffer to fill (alloc) was back then, however long the filling took.
+        last = self._last_flush
+        back = self._back_at
+        gap = (back if back > last else started) - last
         if not self._busy:
             if gap < BUSY_GAP and self._batch_size > 1:
                 self._busy = True

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -230,6 +231,10 @@ class ShmProducer(Producer):
         if self._closed:
             raise QueueClosed(f"queue {self.queue_id!r} was closed in this process")
         with self._lock:
+            if self._back_at <= self._last_flush:
+                # The first request since the last flush: the caller is back for more now,
+                # which tells a busy producer (batch) from an idle one (flush at once).
+                self._back_at = time.perf_counter()
             return self.shm.alloc(shape, dtype, timeout)
 
     def statistics(self) -> QueueStatistics:

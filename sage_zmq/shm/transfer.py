@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import threading
 import time
@@ -154,11 +155,13 @@ class _Loan:
     """Owner of a buffer handed out by :meth:`ShmSender.alloc`: every array over it has this in
     its ``.base`` chain, so the slot goes back to the pool when the last one dies unsent."""
 
-    __slots__ = ("__weakref__", "_base", "address", "flag", "sender", "slot")
+    __slots__ = ("__array_interface__", "__weakref__", "_base", "address", "flag", "sender", "slot")
 
     def __init__(self, sender: ShmSender, slot: Slot) -> None:
         self._base = np.frombuffer(slot.buffer, np.uint8)
-        self.address: int = self._base.__array_interface__["data"][0]
+        # numpy builds this dict on every read: read it once, for the address and for arrays.
+        self.__array_interface__: dict[str, Any] = self._base.__array_interface__
+        self.address: int = self.__array_interface__["data"][0]
         self.sender = sender
         self.slot = slot
         self.flag = [False]  # [sent]; shared with the finalizer, which must not hold the loan
@@ -170,10 +173,6 @@ class _Loan:
     @sent.setter
     def sent(self, value: bool) -> None:
         self.flag[0] = value
-
-    @property
-    def __array_interface__(self) -> dict[str, Any]:
-        return self._base.__array_interface__
 
 
 def _find_loan(obj: object) -> _Loan | None:
@@ -491,7 +490,7 @@ class ShmSender:
         shp = (int(shape),) if isinstance(shape, int | np.integer) else tuple(int(n) for n in shape)
         if any(n < 0 for n in shp):
             raise ValueError(f"shape {shp} must not have negative dimensions")
-        nbytes = int(np.prod(shp, dtype=np.int64)) * dt.itemsize
+        nbytes = math.prod(shp) * dt.itemsize
         if nbytes == 0 or not self.enabled:
             return np.empty(shp, dt)
         slot = self._slot(nbytes, wait=timeout)
