@@ -559,6 +559,85 @@ def test_sigkill_of_the_consumer_mid_transfer_leaves_nothing(make: Any) -> None:
     assert not ours(os.getpid())
 
 
+def _greeted_holding_consumer(conn: Connection, qd: QueueDescriptor, n: int) -> None:
+    conn.send(qd.get(timeout=T))  # connected: what follows does not race the reconnect
+    _holding_consumer(conn, qd, n)
+
+
+def test_a_new_consumer_gets_back_the_pool_room_a_killed_one_held(make: Any) -> None:
+    # A 1 MiB pool holds four 256 KiB payloads. The first consumer takes three, holds their
+    # views and is SIGKILLed: it will never release them. Its successor's first CREDIT says
+    # where its life started, so the producer takes those three slots back (the old process
+    # is gone) and the next four payloads all go through the pool, none inline.
+    qd = make(maxsize=100, shm_threshold=64 * KiB, memory_pool_size=1, shm_wait=T)
+    path = str(qd.endpoint)[len("ipc://") :]
+    payload = np.zeros(256 * KiB // 8)
+    first, conn = _spawn(_holding_consumer, qd, 3)
+    second: Any = None
+    try:
+        for i in range(3):
+            qd.put(np.full_like(payload, i), timeout=T)
+        assert _recv(conn) == [0.0, 1.0, 2.0]
+        pool = producer_of(qd).shm.pool
+        assert pool.slots_in_use == 3
+        first.kill()
+        first.join(T)
+        second, conn = _spawn(_greeted_holding_consumer, qd, 4)
+        qd.put("hello", timeout=T)
+        assert _recv(conn) == "hello"
+        for i in range(4):
+            qd.put(np.full_like(payload, 10 + i), timeout=T)
+        assert _recv(conn) == [10.0, 11.0, 12.0, 13.0]
+        stats = sender_stats(qd)
+        assert stats["reclaimed"] == 3, stats
+        assert stats["inline_fallbacks"] == 0 and stats["placed"] == 7, stats
+        assert stats["waits"] <= 1, stats  # at most one short wait, for that CREDIT
+        assert pool.slots_in_use == 4  # the four the living consumer holds
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.is_alive():
+                proc.kill()
+                proc.join(T)
+        with contextlib.suppress(DeliveryError):
+            qd.close(timeout=0.5)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # the killed consumer's socket file
+    assert not ours(os.getpid())
+
+
+def _reopening_consumer(conn: Connection, qd: QueueDescriptor) -> None:
+    held = qd.get(timeout=T)
+    qd.close()  # this consumer ends; its process, and the view, live on
+    conn.send("closed")
+    second = qd.get(timeout=T)  # a new consumer session in the same process
+    third = qd.get(timeout=T)
+    conn.send([float(held[0]), float(held[-1]), float(second[0]), float(third[0])])
+    conn.recv()
+
+
+def test_a_consumer_reopened_in_a_living_process_keeps_its_views(make: Any) -> None:
+    # A new consumer session from the same process: the old session's views may still be in
+    # use (here one is), so the producer must not take their slots back. The pool holds two
+    # 512 KiB payloads; with both held, the third goes inline after shm_wait.
+    qd = make(maxsize=100, shm_threshold=64 * KiB, memory_pool_size=1, shm_wait=1.0)
+    payload = np.zeros(512 * KiB // 8)
+    proc, conn = _spawn(_reopening_consumer, qd)
+    try:
+        qd.put(np.full_like(payload, 1.0), timeout=T)
+        assert _recv(conn) == "closed"
+        qd.put(np.full_like(payload, 2.0), timeout=T)
+        qd.put(np.full_like(payload, 3.0), timeout=T)
+        assert _recv(conn) == [1.0, 1.0, 2.0, 3.0]  # the held view was never overwritten
+        stats = sender_stats(qd)
+        assert stats["reclaimed"] == 0 and stats["inline_fallbacks"] == 1, stats
+        conn.send("done")
+        proc.join(T)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(T)
+
+
 # ------------------------------------------------------------------------ lz4 decisions
 
 

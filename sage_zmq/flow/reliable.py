@@ -757,11 +757,10 @@ class ReliableProducer(Producer):
 
 # ------------------------------------------------------------------------------ consumer
 class _RUpstream(_Upstream):
-    __slots__ = ("base", "epoch", "frames", "last_end", "persist", "reported", "reported_at")
+    __slots__ = ("epoch", "frames", "last_end", "persist", "reported", "reported_at")
 
     def __init__(self, producer: str, inlet: ConsumerInlet, peer: Any, base: int) -> None:
         super().__init__(producer, inlet, peer, base)
-        self.base = base  # where this consumer's life started for this producer
         self.epoch = 0
         self.last_end = -1  # the seq of the last END counted
         self.persist = False

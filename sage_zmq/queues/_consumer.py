@@ -40,6 +40,7 @@ class _Upstream:
 
     __slots__ = (
         "acked",
+        "base",
         "closing",
         "ended",
         "grant_at",
@@ -54,6 +55,7 @@ class _Upstream:
         self.producer = producer
         self.inlet = inlet
         self.peer = peer
+        self.base = base  # where this consumer's life started for this producer
         self.received = base  # every seq below has arrived
         self.acked = base  # every seq below was consumed
         self.granted = 0  # the limit last granted
@@ -77,6 +79,7 @@ class Consumer:
         self.queue_id = queue_id
         self.queue_type = queue_type
         self.session = os.urandom(6).hex()
+        self._pid = os.getpid()
         self._inlets = inlets
         self._maxsize = maxsize
         self._upstreams = upstreams
@@ -185,7 +188,7 @@ class Consumer:
         # from credits. (Kept per upstream: counting the active producers at every batch
         # cost more than the rest of a batch's bookkeeping.)
         up.grant_at = limit - share + max(1, share // 8)
-        credit = Credit(self.session, up.received, up.acked, limit)
+        credit = Credit(self.session, up.received, up.acked, limit, up.base, self._pid)
         if not up.inlet.send_credit(up.peer, credit):
             log.debug("queue %s: producer %s is gone", self.queue_id, up.producer)
 

@@ -245,7 +245,16 @@ class DealerLink:
                 continue
             if msg.kind is Kind.CREDIT:
                 f = msg.fields
-                credits.append(Credit(f["session"], f["received"], f["acked"], f["limit"]))
+                credits.append(
+                    Credit(
+                        f["session"],
+                        f["received"],
+                        f["acked"],
+                        f["limit"],
+                        f.get("base"),
+                        f.get("pid"),
+                    )
+                )
             elif msg.kind is Kind.RELEASE:
                 self.released.extend(msg.fields[1])
             elif msg.kind is Kind.ERROR:
@@ -268,6 +277,9 @@ class DealerLink:
 
 class RouterInlet:
     """The consumer's socket: a ROUTER bound on the queue's endpoint."""
+
+    SAME_HOST = False
+    """Whether every producer is on this host (then CREDITs name this process)."""
 
     def __init__(
         self, endpoint: str, codec: Codec, opts: SocketOptions, *, queue_id: str = ""
@@ -403,6 +415,10 @@ class RouterInlet:
             "acked": credit.acked,
             "limit": credit.limit,
         }
+        if credit.base is not None:
+            body["base"] = credit.base
+        if credit.pid is not None and self.SAME_HOST:
+            body["pid"] = credit.pid
         try:
             self.sock.send_multipart(
                 [peer, self.codec.encode_control(Kind.CREDIT, body)], zmq.NOBLOCK

@@ -37,12 +37,17 @@ class Credit:
 
     All records with ``seq < received`` arrived; ``seq < acked`` were consumed; the producer may
     send records with ``seq < limit``. ``session`` changes when the consumer restarts.
+    ``base``: the first seq this session took from the producer; ``pid``: the consumer's process
+    (sent on one host only). With both, a producer can tell which shared-memory slots went to a
+    consumer that is gone (PROTOCOL.md §6).
     """
 
     session: str
     received: int
     acked: int
     limit: int
+    base: int | None = None
+    pid: int | None = None
 
 
 class ProducerLink(Protocol):

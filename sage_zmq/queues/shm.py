@@ -9,6 +9,11 @@ when that view is garbage-collected or handed to :func:`sage_zmq.shm.release`.
 ``ShmProducer.alloc`` lends a writable buffer in the pool, so a producer can fill it in place
 and ``put`` it without any copy.
 
+Lifetime: the producer unlinks its segments when it closes; a later process sweeps those of a
+producer that was killed. Slots held by a consumer that was killed come back when the next
+consumer's first CREDIT says where its stream started (``base``) and the old consumer's
+process (``pid``) is gone; a consumer re-opened in a living process keeps its views.
+
 Metadata (over ``performance.*`` config): ``shm_threshold`` (bytes), ``memory_pool_size``
 (MiB; 0 sends everything inline), ``zero_copy``, ``shm_wait`` (seconds a producer waits for
 room in a full pool before sending a payload inline; default 2).
@@ -48,7 +53,7 @@ from sage_zmq.queues.base import (
     QueueStatistics,
     producer_options,
 )
-from sage_zmq.shm.sweep import sweep_orphans
+from sage_zmq.shm.sweep import pid_alive, sweep_orphans
 from sage_zmq.shm.transfer import ShmReceiver, ShmSender
 from sage_zmq.wire.codec import Codec
 
@@ -86,6 +91,7 @@ class ShmDealerLink(DealerLink):
         self.shm = sender
         self.frame_cap = FRAME_CAP
         self._stash: list[Credit] = []  # credits read while waiting for releases
+        self._consumer: tuple[str, int | None] | None = None  # (session, pid) last seen
         sender.poll_releases = self._read_releases
         codec.shm_encoder = sender.encode_array
 
@@ -134,7 +140,7 @@ class ShmDealerLink(DealerLink):
         except BaseException:
             shm.abort()
             raise
-        shm.commit()
+        shm.commit(seq, staged)
         return len(sent), len(frame), errors
 
     def _send_split(
@@ -155,6 +161,7 @@ class ShmDealerLink(DealerLink):
         stash = self._stash
         credits = super().poll(0 if stash else timeout)
         self._apply_released()
+        self._follow_consumer(credits)
         if stash:
             credits, self._stash = stash + credits, []
         return credits
@@ -162,10 +169,40 @@ class ShmDealerLink(DealerLink):
     def _read_releases(self, timeout: float) -> None:
         # Called while a full pool waits: keep the credits for the producer's next poll().
         credits = DealerLink.poll(self, timeout)
+        self._apply_released()
         if credits:
+            self._follow_consumer(credits)
             self._stash.extend(credits)
             del self._stash[:-64]  # cumulative values: the latest ones say everything
-        self._apply_released()
+
+    def _follow_consumer(self, credits: list[Credit]) -> None:
+        """On a new consumer session, take back the slots its dead predecessor held.
+
+        A dead consumer never releases what it held. Its successor's CREDIT says where its
+        life started (``base``): frames before that went to the predecessor (or were lost with
+        it). Only a predecessor whose process is gone is counted out: a consumer re-opened in
+        a living process may still hold views of those slots.
+        """
+        for credit in credits:
+            known = self._consumer
+            if known is not None and known[0] == credit.session:
+                continue
+            if credit.limit == 0:
+                continue  # "who are you?" from a reliable consumer: no state in it
+            self._consumer = (credit.session, credit.pid)
+            if known is None or known[1] is None or credit.base is None:
+                continue
+            if known[1] == credit.pid or pid_alive(known[1]):
+                continue
+            taken = self.shm.reclaim_sent_before(credit.base)
+            if taken:
+                log.info(
+                    "queue %s: the consumer changed and the old one (pid %d) is gone; "
+                    "took back %d shared-memory slots it held",
+                    self.queue_id,
+                    known[1],
+                    taken,
+                )
 
     def _apply_released(self) -> None:
         if self.released:
@@ -247,6 +284,8 @@ class ShmProducer(Producer):
 
 class ShmInlet(RouterInlet):
     """A ROUTER that maps shared-memory references and sends RELEASE for dropped views."""
+
+    SAME_HOST = True
 
     def __init__(
         self, endpoint: str, codec: Codec, opts: SocketOptions, *, queue_id: str = ""

@@ -216,6 +216,10 @@ class ShmSender:
         self._pool: SharedMemoryPool | None = None
         self._disabled = self.capacity <= 0
         self._batch: list[tuple[int, _Loan | None, int]] | None = None
+        # Slots sent and not yet released -> the first seq of the frame that carried them:
+        # what a consumer that died held is told apart from what its successor may hold.
+        self._sent_at: dict[int, int] = {}
+        self._early: dict[Any, int] = {}  # ext 4 value placed at put -> its slot, until sent
         self._starved = False
         self._closed = False
         self._last_warning = -1e9
@@ -226,6 +230,7 @@ class ShmSender:
         self.lent = 0
         self.inline_fallbacks = 0
         self.released = 0
+        self.reclaimed = 0
         self.waits = 0
 
     # -- state ------------------------------------------------------------------------------
@@ -332,9 +337,32 @@ class ShmSender:
                 self.placed -= 1  # counts payloads that went through the pool, not attempts
                 self.placed_bytes -= nbytes
 
-    def commit(self) -> None:
-        """The frame was sent: its slots belong to the consumer until it releases them."""
-        self._batch = None
+    def commit(self, seq: int, records: list[Any]) -> None:
+        """The frame of ``records`` (first seq ``seq``) was sent: its slots belong to the
+        consumer until it releases them."""
+        batch, self._batch = self._batch, None
+        sent_at = self._sent_at
+        for slot_id, _, _ in batch or ():
+            sent_at[slot_id] = seq
+        early = self._early
+        if early:  # snapshots taken at put: top-level payloads, or a Packet's
+            for record in records:
+                ext = record.payload if record.__class__ is Packet else record
+                if ext.__class__ is msgpack.ExtType:
+                    slot_id = early.pop(ext, -1)
+                    if slot_id >= 0:
+                        sent_at[slot_id] = seq
+
+    def reclaim_sent_before(self, seq: int) -> int:
+        """Take back the slots of frames before ``seq``: their consumer is gone (it died), and
+        the one after it started at ``seq``. Returns how many were taken back."""
+        pool = self._pool
+        gone = [slot_id for slot_id, at in self._sent_at.items() if at < seq]
+        for slot_id in gone:
+            del self._sent_at[slot_id]
+            if pool is not None and pool.release(slot_id):
+                self.reclaimed += 1
+        return len(gone)
 
     def encode_array(self, arr: np.ndarray) -> Any:
         """Codec hook for numpy arrays: ext 4 if it goes through the pool, else None."""
@@ -362,7 +390,9 @@ class ShmSender:
         if loan is not None and loan.sender is self and not loan.sent:
             ref = self._lent_ref(loan, data, nbytes)
             if ref is not None:
-                return pack_ref(ref, dtype, shape)
+                ext = pack_ref(ref, dtype, shape)
+                self._track(ref.slot_id, loan, nbytes, ext)
+                return ext
         slot = self._slot(nbytes)
         if slot is None:
             return None
@@ -371,11 +401,17 @@ class ShmSender:
         except BaseException:
             self._pool.release(slot.id)  # type: ignore[union-attr]
             raise
-        if self._batch is not None:
-            self._batch.append((slot.id, None, nbytes))
         self.placed += 1
         self.placed_bytes += nbytes
-        return pack_ref(slot.ref(), dtype, shape)
+        ext = pack_ref(slot.ref(), dtype, shape)
+        self._track(slot.id, None, nbytes, ext)
+        return ext
+
+    def _track(self, slot_id: int, loan: _Loan | None, nbytes: int, ext: Any) -> None:
+        if self._batch is not None:  # placed while a frame is encoded: it goes with the frame
+            self._batch.append((slot_id, loan, nbytes))
+        else:  # placed at put (a snapshot): it goes with whichever frame carries ``ext``
+            self._early[ext] = slot_id
 
     def _lent_ref(self, loan: _Loan, data: Any, nbytes: int) -> SlotRef | None:
         # Any C-contiguous part of a lent buffer goes by reference (no copy at all).
@@ -387,8 +423,6 @@ class ShmSender:
         if delta < 0 or delta + nbytes > slot.nbytes or self._pool is None or self._pool.closed:
             return None
         loan.sent = True
-        if self._batch is not None:
-            self._batch.append((slot.id, loan, nbytes))
         self.lent += 1
         return SlotRef(slot.segment, slot.offset + delta, nbytes, slot.id)
 
@@ -514,7 +548,9 @@ class ShmSender:
         pool = self._pool
         if pool is None:
             return
+        sent_at = self._sent_at
         for slot_id in slot_ids:
+            sent_at.pop(slot_id, None)
             if pool.release(slot_id):
                 self.released += 1
         self._starved = False
@@ -535,6 +571,7 @@ class ShmSender:
             "placed_bytes": self.placed_bytes,
             "lent": self.lent,
             "released": self.released,
+            "reclaimed": self.reclaimed,
             "inline_fallbacks": self.inline_fallbacks,
             "waits": self.waits,
             "in_use_bytes": stats.used if stats else 0,

@@ -482,7 +482,14 @@ _MAP_SCHEMAS: dict[Kind, dict[str, type | tuple[type, ...]]] = {
         "acked": int,
         "window": int,
     },
-    Kind.CREDIT: {"session": str, "received": int, "acked": int, "limit": int},
+    Kind.CREDIT: {
+        "session": str,
+        "received": int,
+        "acked": int,
+        "limit": int,
+        "base": int,
+        "pid": int,
+    },
     Kind.ERROR: {"code": str, "message": str},
 }
 _REQUIRED: dict[Kind, tuple[str, ...]] = {
