@@ -3,7 +3,8 @@
 * Records between two Ray actors: a ``ray`` queue (per-record ``put``/``get``) vs
   ``ray.util.queue.Queue`` per item and batched (100 records per item).
 * Round-trip latency between two actors through two ``ray`` queues vs a plain actor method
-  call round trip (``ray.get(actor.echo.remote(x))`` from another actor), p50 and p99.
+  call round trip (``ray.get(actor.echo.remote(x))`` from another actor), p50 and p99,
+  measured in alternating blocks.
 
 Rates are timed from the producer's start to the consumer's end (wall clock, one host).
 """
@@ -84,17 +85,20 @@ def _actors(ray: Any) -> tuple[Any, Any]:
             inbox.close()
             return count
 
-        def ping(self, outbox: QueueDescriptor, inbox: QueueDescriptor, n: int) -> list[float]:
-            consume_here(inbox)
+        def ping(
+            self, outbox: QueueDescriptor, inbox: QueueDescriptor, n: int, last: bool
+        ) -> list[float]:
+            consume_here(inbox)  # once: later calls find this process's consumer
             lat: list[float] = []
             for i in range(n):
                 t = time.perf_counter()
                 outbox.put(i)
                 inbox.get()
                 lat.append(time.perf_counter() - t)
-            outbox.put(EndOfStream())
-            outbox.close()
-            inbox.close()
+            if last:
+                outbox.put(EndOfStream())
+                outbox.close()
+                inbox.close()
             return lat
 
         def echo(self, x: Any) -> Any:
@@ -168,9 +172,15 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         q2 = qd_cls(queue_type="ray", metadata={"maxsize": 1000})
         ray.get(b.bind.remote(q1))
         echo = b.echo_loop.remote(q1, q2)
-        lat = ray.get(a.ping.remote(q1, q2, pings + 50))[50:]
+        # Alternate blocks of the two, so that a machine that drifts (a VM's neighbours)
+        # weighs on both alike; the first 50 of each are warm-up.
+        lat = ray.get(a.ping.remote(q1, q2, 50, False))[50:]
+        call = ray.get(a.call_rtt.remote(c, 50))[50:]
+        blocks = 6
+        for k in range(blocks):
+            lat += ray.get(a.ping.remote(q1, q2, pings // blocks, k == blocks - 1))
+            call += ray.get(a.call_rtt.remote(c, pings // blocks))
         ray.get(echo)
-        call = ray.get(a.call_rtt.remote(c, pings + 50))[50:]
     finally:
         for actor in (a, b, c):
             ray.kill(actor)
