@@ -358,11 +358,13 @@ class ShmSender:
         the one after it started at ``seq``. Returns how many were taken back."""
         pool = self._pool
         gone = [slot_id for slot_id, at in self._sent_at.items() if at < seq]
+        taken = 0
         for slot_id in gone:
             del self._sent_at[slot_id]
             if pool is not None and pool.release(slot_id):
-                self.reclaimed += 1
-        return len(gone)
+                taken += 1
+        self.reclaimed += taken
+        return taken
 
     def encode_array(self, arr: np.ndarray) -> Any:
         """Codec hook for numpy arrays: ext 4 if it goes through the pool, else None."""
