@@ -350,7 +350,7 @@ def test_a_producer_filling_alloc_buffers_back_to_back_batches(
     # long filling the buffer then takes (20 ms here, against a busy gap widened to 5 ms).
     # Judged at the put instead, such a producer sent one frame per payload.
     monkeypatch.setattr(_producer, "BUSY_GAP", 0.005)
-    qd = make(maxsize=64, shm_threshold=64 * KiB, flush_interval=0.3)
+    qd = make(maxsize=64, shm_threshold=64 * KiB, flush_interval=1.0)
     producer = producer_of(qd)
     n = 12
     for i in range(n):
@@ -559,9 +559,38 @@ def test_sigkill_of_the_consumer_mid_transfer_leaves_nothing(make: Any) -> None:
     assert not ours(os.getpid())
 
 
+# A consumer that replaces another one starts with a handshake: until the producer's socket
+# has reconnected, what it sends may still go to the old connection and be lost with it (no
+# ack on plain queues), so the producer greets until the new consumer answers.
+GREETING = "hello"
+
+
+def _greet(qd: QueueDescriptor, conn: Connection) -> None:
+    for _ in range(int(T / 0.25)):
+        qd.put(GREETING, timeout=T)
+        if conn.poll(0.25):
+            assert conn.recv() == "greeted"
+            return
+    raise AssertionError("the new consumer never got a greeting")
+
+
+def _take_greeted(qd: QueueDescriptor, conn: Connection, n: int) -> list[Any]:
+    """The next ``n`` records after the greeting (later copies of it skipped)."""
+    while qd.get(timeout=T) != GREETING:
+        pass
+    conn.send("greeted")
+    taken: list[Any] = []
+    while len(taken) < n:
+        item = qd.get(timeout=T)
+        if not isinstance(item, str):
+            taken.append(item)
+    return taken
+
+
 def _greeted_holding_consumer(conn: Connection, qd: QueueDescriptor, n: int) -> None:
-    conn.send(qd.get(timeout=T))  # connected: what follows does not race the reconnect
-    _holding_consumer(conn, qd, n)
+    held = _take_greeted(qd, conn, n)
+    conn.send([float(a[0]) for a in held])
+    conn.recv()  # hold the views until killed
 
 
 def test_a_new_consumer_gets_back_the_pool_room_a_killed_one_held(make: Any) -> None:
@@ -583,8 +612,7 @@ def test_a_new_consumer_gets_back_the_pool_room_a_killed_one_held(make: Any) -> 
         first.kill()
         first.join(T)
         second, conn = _spawn(_greeted_holding_consumer, qd, 4)
-        qd.put("hello", timeout=T)
-        assert _recv(conn) == "hello"
+        _greet(qd, conn)
         for i in range(4):
             qd.put(np.full_like(payload, 10 + i), timeout=T)
         assert _recv(conn) == [10.0, 11.0, 12.0, 13.0]
@@ -608,9 +636,7 @@ def test_a_new_consumer_gets_back_the_pool_room_a_killed_one_held(make: Any) -> 
 def _reopening_consumer(conn: Connection, qd: QueueDescriptor) -> None:
     held = qd.get(timeout=T)
     qd.close()  # this consumer ends; its process, and the view, live on
-    conn.send("closed")
-    second = qd.get(timeout=T)  # a new consumer session in the same process
-    third = qd.get(timeout=T)
+    second, third = _take_greeted(qd, conn, 2)  # a new consumer session, same process
     conn.send([float(held[0]), float(held[-1]), float(second[0]), float(third[0])])
     conn.recv()
 
@@ -624,7 +650,7 @@ def test_a_consumer_reopened_in_a_living_process_keeps_its_views(make: Any) -> N
     proc, conn = _spawn(_reopening_consumer, qd)
     try:
         qd.put(np.full_like(payload, 1.0), timeout=T)
-        assert _recv(conn) == "closed"
+        _greet(qd, conn)
         qd.put(np.full_like(payload, 2.0), timeout=T)
         qd.put(np.full_like(payload, 3.0), timeout=T)
         assert _recv(conn) == [1.0, 1.0, 2.0, 3.0]  # the held view was never overwritten
