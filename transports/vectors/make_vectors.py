@@ -24,7 +24,7 @@ import numpy as np
 
 from sage_zmq.errors import DecodeError
 from sage_zmq.packet import EndOfStream, Packet
-from sage_zmq.wire.codec import Codec
+from sage_zmq.wire.codec import _MAP_SCHEMAS, Codec
 from sage_zmq.wire.frame import Kind
 
 HERE = Path(__file__).resolve().parent
@@ -198,6 +198,19 @@ def _control() -> list[tuple[str, Kind, Any, str]]:
             Kind.CREDIT,
             {"session": "a1b2c3d4e5f6", "received": 0, "acked": 0, "limit": 500},
             "the answer to HELLO with 2 producers on maxsize 1000",
+        ),
+        (
+            "credit_shm_base_pid",
+            Kind.CREDIT,
+            {
+                "session": "0f1e2d3c4b5a",
+                "received": 42,
+                "acked": 40,
+                "limit": 140,
+                "base": 30,
+                "pid": 4242,
+            },
+            "an shm consumer whose stream from this producer started at seq 30 (section 6)",
         ),
         ("end", Kind.END, [PRODUCER, 250], "end of stream of one upstream; takes seq 250"),
         ("close", Kind.CLOSE, [PRODUCER, 251], "producer leaves after seq 250; wants a receipt"),
@@ -397,11 +410,7 @@ def _entry(
         "hex": frame.hex(),
     }
     if kind in (Kind.HELLO, Kind.CREDIT, Kind.ERROR):
-        known = {
-            Kind.HELLO: {"producer", "epoch", "queue", "next_seq", "acked", "window"},
-            Kind.CREDIT: {"session", "received", "acked", "limit"},
-            Kind.ERROR: {"code", "message"},
-        }[kind]
+        known = _MAP_SCHEMAS[kind]  # the keys the codec reads; any other one is ignored
         ignored = [k for k in body if k not in known]
         if ignored:
             entry["ignored_keys"] = ignored

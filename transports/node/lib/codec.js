@@ -511,7 +511,7 @@ const SCHEMAS = {
     required: ["producer", "epoch", "next_seq"],
   },
   [Kind.CREDIT]: {
-    types: { session: "str", received: "int", acked: "int", limit: "int" },
+    types: { session: "str", received: "int", acked: "int", limit: "int", base: "int", pid: "int" },
     required: ["session", "received", "acked", "limit"],
   },
   [Kind.ERROR]: { types: { code: "str", message: "str" }, required: ["code", "message"] },
