@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from sage_zmq.errors import DecodeError
 from sage_zmq.packet import EndOfStream, Packet
 from sage_zmq.testing import assert_same_record
-from sage_zmq.wire.codec import Codec, DecodeLimits
+from sage_zmq.wire.codec import PLAIN_DATA_HEADER, Codec, DecodeLimits
 from sage_zmq.wire.frame import HEADER_SIZE, KNOWN_FLAGS, Kind, header
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -28,6 +28,9 @@ CODEC = Codec(limits=DecodeLimits(max_frame_bytes=1 << 20, max_decompressed_byte
 def _decode_or_reject(frame: bytes) -> None:
     with contextlib.suppress(DecodeError):  # anything else escapes and fails the property
         CODEC.decode(frame)
+    if frame[:HEADER_SIZE] == PLAIN_DATA_HEADER:  # the inlets' shortcut for such frames
+        with contextlib.suppress(DecodeError):
+            CODEC.decode_plain_data(frame)
 
 
 # ------------------------------------------------------------------------ hostile input
@@ -95,9 +98,15 @@ def test_any_msgpack_body_only_raises_decode_error(kind: Kind, value: Any) -> No
 def test_data_shaped_bodies_validate_fields(producer: Any, seq: Any, records: Any) -> None:
     frame = header(Kind.DATA) + msgpack.packb([producer, seq, records])
     try:
+        shortcut: Any = CODEC.decode_plain_data(frame)
+    except DecodeError as exc:
+        shortcut = exc
+    try:
         msg = CODEC.decode(frame)
     except DecodeError:
+        assert isinstance(shortcut, DecodeError)  # both paths refuse the same frames
         return
+    assert repr(shortcut) == repr(msg.fields)  # repr: NaN records are equal there
     got_producer, got_seq, got_records = msg.fields
     assert isinstance(got_producer, str) and 1 <= len(got_producer) <= 128
     assert type(got_seq) is int and 0 <= got_seq < 2**63

@@ -455,6 +455,9 @@ class ReliableProducer(Producer):
         if self._wal is not None:
             self._fast_limit = 0  # every put goes through the log before it returns
 
+    def _ship_alone(self, item: Any) -> bool:
+        return False  # every send goes through the in-flight window (and the log, if any)
+
     def _window_limit(self) -> int:
         """The seq ``reliability.max_in_flight`` lets the producer send up to."""
         if self._session is None or not self._live.alive:

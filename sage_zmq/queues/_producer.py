@@ -118,6 +118,9 @@ class Producer:
             self._put_end(timeout)
             return
         with self._lock:
+            idle = not self._busy and not self._pending and not self._errors
+            if idle and self._room > 0 and self._ship_alone(item):
+                return
             # A record dropped earlier (by the background flush) is reported after this one
             # is queued, so a caller who catches EncodeError and moves on loses nothing.
             self._update_room()
@@ -135,6 +138,34 @@ class Producer:
                 self._update_room()
             if self._errors:
                 raise self._take_error(accepted=True)
+
+    def _ship_alone(self, item: Any) -> bool:
+        """The idle path: send ``item`` in a frame of its own now, skipping the list and the
+        flush bookkeeping; False (nothing done) if this put would make the producer busy.
+
+        Runs under the lock, with nothing pending, room for one and no error to report.
+        """
+        started = time.perf_counter()
+        last = self._last_flush
+        back = self._back_at
+        if (back if back > last else started) - last < BUSY_GAP:
+            return False  # the caller came straight back: the general path starts batching
+        self._read_credit_if_due()
+        try:
+            self._ship([item])
+        except DeliveryError:
+            self._pending.append(item)  # accepted: it stays queued, as in _flush_locked
+            self._update_room()
+            raise
+        side = self._side_bytes
+        if side is not None:
+            self._side_seen = side()
+        self._last_flush = time.perf_counter()
+        self._flushes += 1
+        self._update_room()
+        if self._errors:
+            raise self._take_error(accepted=True)
+        return True
 
     def _wait_for_room(self, block: bool, timeout: float | None) -> bool:
         self._apply(self._link.poll(0))

@@ -24,8 +24,8 @@ from sage_zmq import _runtime
 from sage_zmq import observe as _observe
 from sage_zmq.errors import DecodeError, DeliveryError, DescriptorError
 from sage_zmq.queues.base import Credit
-from sage_zmq.wire.codec import Codec
-from sage_zmq.wire.frame import Kind
+from sage_zmq.wire.codec import PLAIN_DATA_HEADER, Codec
+from sage_zmq.wire.frame import HEADER_SIZE, Kind
 
 log = logging.getLogger("sage_zmq.queue")
 
@@ -359,9 +359,13 @@ class RouterInlet:
             self._reject(peer, f"expected one frame per message, got {1 + extra}")
             return []
         frame = part.bytes
-        self.codec.shm_origin = peer  # whom a shm slot in this frame is released to
+        codec = self.codec
+        codec.shm_origin = peer  # whom a shm slot in this frame is released to
         try:
-            msg = self.codec.decode(frame)
+            if frame[:HEADER_SIZE] == PLAIN_DATA_HEADER:  # most frames: no Message built
+                producer, seq, records = codec.decode_plain_data(frame)
+                return [("data", self, peer, producer, seq, records, len(frame))]
+            msg = codec.decode(frame)
         except DecodeError as exc:
             self._reject(peer, str(exc))
             return []

@@ -296,15 +296,16 @@ class ShmInlet(RouterInlet):
 
     def recv(self, timeout: float) -> list[tuple[Any, ...]]:
         shm = self.shm
-        # The socket's owner is here: safe to send. Releases go in batches (RELEASE_BATCH, or
-        # after RELEASE_DELAY): one frame each way per payload would cost more than the copy
-        # saves. A wait is cut short so that queued releases still leave on time.
-        shm.flush(self.send_release, force=False)
-        if timeout > 0:
-            due = shm.due_in()
-            if due is not None:
-                timeout = min(timeout, max(due, 0.0005))
-        events = super().recv(timeout)
+        if shm.unsent_releases:
+            # The socket's owner is here: safe to send. Releases go in batches (RELEASE_BATCH,
+            # or after RELEASE_DELAY): one frame each way per payload would cost more than the
+            # copy saves. A wait is cut short so that queued releases still leave on time.
+            shm.flush(self.send_release, force=False)
+            if timeout > 0:
+                due = shm.due_in()
+                if due is not None:
+                    timeout = min(timeout, max(due, 0.0005))
+        events = RouterInlet.recv(self, timeout)
         producers = shm.producers
         for event in events:
             peer = event[2]

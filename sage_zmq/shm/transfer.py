@@ -627,7 +627,8 @@ class ShmReceiver:
         self._codec = codec
         self.cache = SegmentCache()
         self.producers: dict[Any, str] = {}  # routing id -> producer id (for RELEASE bodies)
-        self._pending: deque[tuple[Any, int]] = deque()
+        # (peer, slot id) of views dropped whose RELEASE has not gone out yet.
+        self.unsent_releases: deque[tuple[Any, int]] = deque()
         self._callbacks: dict[Any, Callable[[int], None]] = {}
         self._mapped = 0
         self._last_flush = 0.0
@@ -663,15 +664,15 @@ class ShmReceiver:
     def _released(self, peer: Any, slot_id: int) -> None:
         # Any thread, possibly inside the garbage collector: only a deque append.
         if not self._closed:
-            self._pending.append((peer, slot_id))
+            self.unsent_releases.append((peer, slot_id))
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self.unsent_releases)
 
     def due_in(self) -> float | None:
         """Seconds until the queued releases must be sent (None: none queued)."""
-        if not self._pending:
+        if not self.unsent_releases:
             return None
         return max(0.0, self._last_flush + RELEASE_DELAY - time.monotonic())
 
@@ -681,7 +682,7 @@ class ShmReceiver:
         Unless ``force``, a few releases wait (up to ``RELEASE_BATCH`` ids or
         ``RELEASE_DELAY`` s) so that small payloads do not cost a frame each way.
         """
-        pending = self._pending
+        pending = self.unsent_releases
         if not pending:
             return
         now = time.monotonic()
@@ -712,14 +713,14 @@ class ShmReceiver:
             "copies": self.copies,
             "live_views": self.cache.live_views,
             "mapped_segments": len(self.cache.mapped),
-            "releases_pending": len(self._pending),
+            "releases_pending": len(self.unsent_releases),
             "release_frames": self.releases_sent,
         }
 
     def close(self) -> None:
         """Stop queuing releases; unmap segments no view uses (the rest when their views go)."""
         self._closed = True
-        self._pending.clear()
+        self.unsent_releases.clear()
         self.cache.close()
 
 

@@ -35,6 +35,9 @@ from sage_zmq.observe import tracing as _tracing
 from sage_zmq.packet import EndOfStream, Packet
 from sage_zmq.wire.frame import FLAG_LZ4, FLAG_PICKLE, HEADER_SIZE, Kind, header, parse_header
 
+PLAIN_DATA_HEADER = header(Kind.DATA)
+"""The header of a DATA frame without flags (no lz4, no pickle): see ``decode_plain_data``."""
+
 EXT_PACKET = 1
 EXT_NDARRAY = 2
 EXT_END_OF_STREAM = 3
@@ -326,6 +329,24 @@ class Codec:
             raise DecodeError(f"malformed {kind.name} body: {exc}") from None
         return Message(kind, _VALIDATORS[kind](value, self.limits), nbytes)
 
+    def decode_plain_data(self, frame: bytes) -> tuple[str, int, list[Any]]:
+        """``(producer, seq, records)`` of a DATA frame without flags (``frame[:8]`` is
+        :data:`PLAIN_DATA_HEADER`): the idle path's frame, decoded without ``Message``."""
+        nbytes = len(frame)
+        if nbytes > self.limits.max_frame_bytes:
+            raise DecodeError(f"frame of {nbytes} bytes exceeds the limit")
+        # A small body is cheaper to copy than to wrap in a memoryview; a large one is not.
+        body = frame[HEADER_SIZE:] if nbytes <= 65536 else memoryview(frame)[HEADER_SIZE:]
+        try:
+            value = msgpack.unpackb(
+                body, ext_hook=self._ext_hook, raw=False, strict_map_key=False, use_list=True
+            )
+        except DecodeError:
+            raise
+        except Exception as exc:
+            raise DecodeError(f"malformed DATA body: {exc}") from None
+        return _check_data(value, self.limits)
+
     def _decompress(self, body: memoryview) -> bytes:
         limit = self.limits.max_decompressed_bytes
         try:
@@ -444,21 +465,30 @@ def _producer_id(value: Any) -> str:
     return value
 
 
+_SEQ_END = 2**63
+
+
 def _seq(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < _SEQ_END:
         raise DecodeError("sequence numbers must be integers in [0, 2^63)")
     return value
 
 
 def _check_data(value: Any, limits: DecodeLimits) -> tuple[str, int, list[Any]]:
-    if not isinstance(value, list) or len(value) != 3:
+    if value.__class__ is not list or len(value) != 3:
         raise DecodeError("DATA body must be [producer, seq, records]")
     producer, seq, records = value
-    if not isinstance(records, list):
+    if records.__class__ is not list:
         raise DecodeError("DATA records must be an array")
     if len(records) > limits.max_records:
         raise DecodeError(f"DATA batch of {len(records)} records exceeds the limit")
-    return _producer_id(producer), _seq(seq), records
+    # The checks of _producer_id and _seq, inline: this runs once per frame on the idle path.
+    # (msgpack gives exact str/int/list; the class test also keeps bool out of seq.)
+    if producer.__class__ is not str or not 0 < len(producer) <= MAX_PRODUCER_ID:
+        _producer_id(producer)
+    if seq.__class__ is not int or not 0 <= seq < _SEQ_END:
+        _seq(seq)
+    return producer, seq, records
 
 
 def _check_seq_msg(value: Any, limits: DecodeLimits) -> tuple[str, int]:
