@@ -368,6 +368,73 @@ def bench_latency_raw_queues(n: int) -> list[float]:
     return samples
 
 
+def bench_hop_work(n: int) -> tuple[float, float]:
+    """Seconds of one thread's work per hop (put, then get) with no thread to wake: ``(shm
+    queue ends, raw pyzmq)``, both over inproc, where a send hands the message straight to the
+    reader. The ``shm`` ends run their own code unchanged (framing, credit, shm staging); only
+    the endpoint is inproc, and batching is off so that every put is an idle put.
+    """
+    import msgpack
+    import zmq
+
+    from sage_zmq import QueueDescriptor, _runtime
+    from sage_zmq.queues._consumer import Consumer
+    from sage_zmq.queues.base import consumer_options, producer_options
+    from sage_zmq.queues.shm import ShmDealerLink, ShmInlet, ShmProducer, ShmQueueType
+    from sage_zmq.shm.transfer import ShmSender
+
+    msg = {"payload": "x" * 80}
+    perf = time.perf_counter
+
+    def best_of(hop: Callable[[], Any]) -> float:
+        for _ in range(1000):
+            hop()
+        best = float("inf")
+        for _ in range(5):
+            t0 = perf()
+            for _ in range(n):
+                hop()
+            best = min(best, (perf() - t0) / n)
+        return best
+
+    qd = QueueDescriptor(queue_type="shm", metadata={"maxsize": 100})
+    qtype = ShmQueueType()
+    endpoint = f"inproc://bench-hop-{qd.queue_id}"
+    inlet = ShmInlet(endpoint, qtype.codec(qd), qtype.socket_options(qd), queue_id=qd.queue_id)
+    consumer = Consumer([inlet], **consumer_options(qd))
+    threshold, capacity, wait = qtype._shm_settings(qd.metadata)
+    sender = ShmSender(threshold=threshold, capacity=capacity, wait=wait, queue_id=qd.queue_id)
+    link = ShmDealerLink(
+        endpoint, qtype.codec(qd), qtype.socket_options(qd), sender=sender, queue_id=qd.queue_id
+    )
+    producer = ShmProducer(link, **{**producer_options(qd), "batch_size": 1})
+    producer.shm = sender
+    put, get = producer.put, consumer.get
+    try:
+        ours = best_of(lambda: (put(msg), get()))
+    finally:
+        producer.close(timeout=5)
+        consumer.close()
+
+    packb, unpackb = msgpack.packb, msgpack.unpackb
+    producer_id = producer.producer_id
+    with (
+        _runtime.context().socket(zmq.ROUTER) as inbox,
+        _runtime.context().socket(zmq.DEALER) as outbox,
+    ):
+        inbox.linger = outbox.linger = 0
+        inbox.bind(f"{endpoint}-raw")
+        outbox.connect(f"{endpoint}-raw")
+
+        def raw_hop() -> None:
+            outbox.send(packb([producer_id, 0, [msg]]))
+            inbox.recv()
+            unpackb(inbox.recv())
+
+        raw = best_of(raw_hop)
+    return ours, raw
+
+
 def _pct(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
@@ -442,6 +509,19 @@ def run_core(quick: bool, progress: Callable[[str], None]) -> list[Row]:
             "us",
             "raw pyzmq ping-pong over two DEALER->ROUTER ipc links",
             _pct(raw_queues_lat, 0.5) * 1e6,
+            higher_is_better=False,
+        )
+    )
+    # What a round trip's hops cost in CPU alone, without the wake-ups (docs/architecture.md).
+    progress("work per idle hop")
+    hop_ours, hop_raw = bench_hop_work(20_000 if quick else 100_000)
+    rows.append(
+        result_row(
+            "work per idle hop (put + get, one thread, inproc)",
+            hop_ours * 1e6,
+            "us",
+            "raw pyzmq send + recv + msgpack",
+            hop_raw * 1e6,
             higher_is_better=False,
         )
     )
