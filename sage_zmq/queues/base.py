@@ -78,9 +78,11 @@ class ConsumerInlet(Protocol):
     def recv(self, timeout: float) -> list[tuple[Any, ...]]:
         """Events that arrived, waiting up to ``timeout`` seconds for the first (0 = no wait).
 
-        Events: ``("hello", peer, fields)``, ``("data", peer, producer, seq, records, nbytes)``,
-        ``("end", peer, producer, seq)``, ``("close", peer, producer, seq)``,
-        ``("heartbeat", peer, producer)``, ``("release", peer, producer, slots)``.
+        Events (``inlet`` is the inlet itself, ``peer`` whom to answer through it):
+        ``("hello", inlet, peer, fields)``,
+        ``("data", inlet, peer, producer, seq, records, nbytes)``,
+        ``("end", inlet, peer, producer, seq)``, ``("close", inlet, peer, producer, seq)``,
+        ``("heartbeat", inlet, peer, producer)``.
         """
         ...
 
