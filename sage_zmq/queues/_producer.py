@@ -145,10 +145,7 @@ class Producer:
 
         Runs under the lock, with nothing pending, room for one and no error to report.
         """
-        started = time.perf_counter()
-        last = self._last_flush
-        back = self._back_at
-        if (back if back > last else started) - last < BUSY_GAP:
+        if self._caller_gap(time.perf_counter()) < BUSY_GAP:
             return False  # the caller came straight back: the general path starts batching
         self._read_credit_if_due()
         try:
@@ -253,14 +250,20 @@ class Producer:
             self._errors.extend(errors)
         return nbytes
 
-    def _note_flush(self, started: float, records: int, weight: int) -> None:
-        """Adapt ``_flush_at`` after a flush (begun at ``started``) of ``weight`` frame bytes."""
-        # The caller's own time since the previous flush ended: a put that copies a large
-        # payload is slow, yet its caller may be busy. A caller that came back earlier for a
-        # buffer to fill (alloc) was back then, however long the filling took.
+    def _caller_gap(self, now: float) -> float:
+        """The caller's own time between the previous flush's end and ``now``.
+
+        A put that copies a large payload is slow, yet its caller may be busy: a caller that
+        came back earlier for a buffer to fill (alloc) was back then, however long the
+        filling took.
+        """
         last = self._last_flush
         back = self._back_at
-        gap = (back if back > last else started) - last
+        return (back if back > last else now) - last
+
+    def _note_flush(self, started: float, records: int, weight: int) -> None:
+        """Adapt ``_flush_at`` after a flush (begun at ``started``) of ``weight`` frame bytes."""
+        gap = self._caller_gap(started)
         if not self._busy:
             if gap < BUSY_GAP and self._batch_size > 1:
                 self._busy = True

@@ -315,18 +315,7 @@ class Codec:
             body = self._decompress(body)
         if flags & FLAG_PICKLE and not self.allow_pickle:
             raise DecodeError("frame is marked as carrying pickle, but pickle is not enabled")
-        try:
-            value = msgpack.unpackb(
-                body,
-                ext_hook=self._ext_hook,
-                raw=False,
-                strict_map_key=False,
-                use_list=True,
-            )
-        except DecodeError:
-            raise
-        except Exception as exc:
-            raise DecodeError(f"malformed {kind.name} body: {exc}") from None
+        value = self._unpack_body(body, kind)
         return Message(kind, _VALIDATORS[kind](value, self.limits), nbytes)
 
     def decode_plain_data(self, frame: bytes) -> tuple[str, int, list[Any]]:
@@ -337,15 +326,17 @@ class Codec:
             raise DecodeError(f"frame of {nbytes} bytes exceeds the limit")
         # A small body is cheaper to copy than to wrap in a memoryview; a large one is not.
         body = frame[HEADER_SIZE:] if nbytes <= 65536 else memoryview(frame)[HEADER_SIZE:]
+        return _check_data(self._unpack_body(body, Kind.DATA), self.limits)
+
+    def _unpack_body(self, body: bytes | memoryview, kind: Kind) -> Any:
         try:
-            value = msgpack.unpackb(
+            return msgpack.unpackb(
                 body, ext_hook=self._ext_hook, raw=False, strict_map_key=False, use_list=True
             )
         except DecodeError:
             raise
         except Exception as exc:
-            raise DecodeError(f"malformed DATA body: {exc}") from None
-        return _check_data(value, self.limits)
+            raise DecodeError(f"malformed {kind.name} body: {exc}") from None
 
     def _decompress(self, body: memoryview) -> bytes:
         limit = self.limits.max_decompressed_bytes
