@@ -13,8 +13,11 @@ from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sage_zmq.errors import DecodeError, Full, QueueClosed
 from sage_zmq.shm import (
@@ -28,6 +31,7 @@ from sage_zmq.shm import (
     list_segments,
     sweep_orphans,
 )
+from sage_zmq.shm.transfer import pack_ref, unpack_ref
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -527,6 +531,68 @@ def test_bad_refs_are_decode_errors() -> None:
         with pytest.raises(DecodeError, match="already viewed"):
             cache.view(slot.ref(), never)
         del ok
+
+
+_name = st.sampled_from(["sagezmq-1-ab-0", "ok_name.1", "../x", ".h", "", b"sagezmq-1-ab-0", 3])
+_number = st.sampled_from([0, 1, -1, 64, 2**64, True, False, 1.0, None, "1"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.one_of(
+        st.tuples(_name, _number, _number, _number).map(list),
+        st.lists(st.one_of(_name, _number), max_size=5),
+        st.one_of(_name, _number),
+    )
+)
+def test_fast_ref_parse_accepts_exactly_what_the_field_checks_accept(obj: Any) -> None:
+    # parse() takes a shortcut for the lists msgpack makes; it must agree with the checks
+    # that name the wrong field, on every input.
+    try:
+        expected: SlotRef | None = SlotRef._parse_checked(obj)
+    except DecodeError:
+        expected = None
+    if expected is None:
+        with pytest.raises(DecodeError):
+            SlotRef.parse(obj)
+    else:
+        assert SlotRef.parse(obj) == expected
+
+
+def test_unpack_ref_checks_every_body_and_remembers_only_good_dtypes() -> None:
+    ref = SlotRef("sagezmq-1-ab-0", 64, 48, 7)
+    for _ in range(2):  # the second time through the dtype cache
+        got, dt, shape = unpack_ref(pack_ref(ref, np.dtype("<f8"), (2, 3)).data)
+        assert (got, dt, shape) == (ref, np.dtype("<f8"), (2, 3))
+        with pytest.raises(DecodeError, match="Python objects"):
+            unpack_ref(pack_ref(ref, np.dtype("O"), (6,)).data)
+        with pytest.raises(DecodeError, match="needs 40"):
+            unpack_ref(pack_ref(ref, np.dtype("<f8"), (5,)).data)
+        with pytest.raises(DecodeError, match="non-negative"):
+            unpack_ref(msgpack.packb(["sagezmq-1-ab-0", 64, 48, 7, "<f8", [True, 6]]))
+        with pytest.raises(DecodeError, match="invalid segment"):
+            unpack_ref(msgpack.packb(["../etc", 64, 48, 7, "<f8", [6]]))
+
+
+def test_exact_array_is_a_read_only_zero_copy_view_that_releases_once() -> None:
+    with SharedMemoryPool(64 * KiB) as pool, SegmentCache() as cache, SegmentCache() as other:
+        fired: list[int] = []
+        slot = pool.alloc(6 * 8)
+        slot.write(np.arange(6, dtype="<f8"))
+        arr = cache.exact_array(slot.ref(), np.dtype("<f8"), (2, 3), fired.append)
+        assert arr.tolist() == [[0, 1, 2], [3, 4, 5]] and not arr.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            arr[0, 0] = 9
+        slot.write(np.full(6, 7.0))
+        assert arr[1, 2] == 7.0  # a view of the slot, not a copy
+        with pytest.raises(ValueError, match="returned by this SegmentCache"):
+            other.release(arr)
+        scalar = cache.exact_array(pool.alloc(8).ref(), np.dtype("<i8"), (), fired.append)
+        assert scalar.shape == ()
+        assert cache.release(arr[1]) is True and cache.release(arr) is False
+        del arr, scalar
+        gc.collect()
+        assert sorted(fired) == [slot.id, slot.id + 1] and cache.live_views == 0
 
 
 # -- bandwidth (informational) ---------------------------------------------------------------

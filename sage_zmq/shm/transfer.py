@@ -118,13 +118,16 @@ def pack_ref(slot: SlotRef, dtype: np.dtype[Any] | None, shape: Sequence[int] | 
     return msgpack.ExtType(EXT_SHM_REF, msgpack.packb(body, use_bin_type=True))
 
 
+_WIRE_DTYPES: dict[str, np.dtype[Any]] = {}  # dtype strings seen on the wire, checked once
+
+
 def unpack_ref(data: bytes) -> tuple[SlotRef, np.dtype[Any] | None, tuple[int, ...] | None]:
     """Validate an ext 4 body; the layout must fill exactly ``nbytes``."""
     try:
         fields = msgpack.unpackb(data, raw=False, use_list=True)
     except Exception as exc:
         raise DecodeError(f"malformed shm ref: {exc}") from None
-    if not isinstance(fields, list) or len(fields) != 6:
+    if fields.__class__ is not list or len(fields) != 6:
         raise DecodeError("shm ref must be [segment, offset, nbytes, slot, dtype, shape]")
     ref = SlotRef.parse(fields[:4])
     spec, shape = fields[4], fields[5]
@@ -132,13 +135,17 @@ def unpack_ref(data: bytes) -> tuple[SlotRef, np.dtype[Any] | None, tuple[int, .
         if shape is not None:
             raise DecodeError("shm ref of raw bytes (nil dtype) must have a nil shape")
         return ref, None, None
-    dt = dtype_from_wire(spec)
-    if not isinstance(shape, list) or not all(
-        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
-    ):
+    dt = _WIRE_DTYPES.get(spec) if spec.__class__ is str else None
+    if dt is None:
+        dt = dtype_from_wire(spec)
+        if spec.__class__ is str and len(_WIRE_DTYPES) < 256:
+            _WIRE_DTYPES[spec] = dt
+    if shape.__class__ is not list:
         raise DecodeError("shm ref shape must be a list of non-negative ints")
     count = 1
     for n in shape:
+        if n.__class__ is not int or n < 0:  # msgpack decodes ints as int, never bool
+            raise DecodeError("shm ref shape must be a list of non-negative ints")
         count *= n
     if count * dt.itemsize != ref.nbytes:
         raise DecodeError(
@@ -651,7 +658,7 @@ class ShmReceiver:
         if dt is None:
             return cache.view(ref, on_release)
         assert shape is not None
-        return cache.array(ref, dt, shape, on_release=on_release)
+        return cache.exact_array(ref, dt, shape, on_release)
 
     def _callback(self, peer: Any) -> Callable[[int], None]:
         cb = self._callbacks.get(peer)
@@ -732,13 +739,12 @@ def release(view: np.ndarray | memoryview) -> bool:
     Raises ValueError for an object that is not a view of a shared-memory slot.
     """
     lease = _find_lease(view)
-    if lease is None or lease.finalizer is None:
+    if lease is None:
         raise ValueError(
             "release() needs an array or memoryview received from an shm queue "
             f"(got {type(view).__name__} not backed by a shared-memory slot)"
         )
-    fin = lease.finalizer
-    return bool(fin.alive and fin() is None)
+    return lease.release()
 
 
 def is_shared(obj: object) -> bool:
