@@ -593,6 +593,15 @@ def test_exact_array_is_a_read_only_zero_copy_view_that_releases_once() -> None:
         del arr, scalar
         gc.collect()
         assert sorted(fired) == [slot.id, slot.id + 1] and cache.live_views == 0
+        # A view whose last reference dies in a garbage cycle still gives its slot back.
+        third = pool.alloc(8)
+        cycle: dict[str, Any] = {
+            "view": cache.exact_array(third.ref(), np.dtype("u1"), (8,), fired.append)
+        }
+        cycle["self"] = cycle
+        del cycle
+        gc.collect()
+        assert fired[-1] == third.id and cache.live_views == 0
 
 
 # -- bandwidth (informational) ---------------------------------------------------------------

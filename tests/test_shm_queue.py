@@ -339,6 +339,13 @@ def test_alloc_fills_in_place_and_puts_without_a_copy(make: Any) -> None:
     del unused
     gc.collect()
     assert pool.slots_in_use == before
+    # Also when the last reference dies in a garbage cycle.
+    cycle: dict[str, Any] = {"buf": producer.alloc(100 * KiB)}
+    cycle["self"] = cycle
+    assert pool.slots_in_use == before + 1
+    del cycle
+    gc.collect()
+    assert pool.slots_in_use == before
     # Small or empty requests are ordinary arrays.
     assert producer.alloc(0).shape == (0,)
 

@@ -147,6 +147,8 @@ class Slot:
     offset: int
     nbytes: int
     buffer: memoryview
+    address: int = 0
+    """Where the slot starts in this process's memory (for zero-copy array interfaces)."""
 
     def ref(self) -> SlotRef:
         """The small serializable reference to send instead of the payload."""
@@ -208,13 +210,14 @@ class PoolStatistics:
 class _Segment:
     """One mapped segment and its first-fit free list (sorted, coalesced)."""
 
-    __slots__ = ("free_len", "free_off", "live", "mm", "name", "size", "view")
+    __slots__ = ("address", "free_len", "free_off", "live", "mm", "name", "size", "view")
 
     def __init__(self, name: str, size: int, mm: mmap.mmap) -> None:
         self.name = name
         self.size = size
         self.mm = mm
         self.view = memoryview(mm)
+        self.address = address_of(mm)
         self.free_off: list[int] = [0]
         self.free_len: list[int] = [size]
         self.live = 0
@@ -253,6 +256,11 @@ class _Segment:
 
     def free_runs(self) -> list[tuple[int, int]]:
         return list(zip(self.free_off, self.free_len, strict=True))
+
+
+def address_of(buffer: Any) -> int:
+    """The address of a buffer's first byte (the temporary export ends before returning)."""
+    return int(np.frombuffer(buffer, np.uint8).__array_interface__["data"][0])
 
 
 def _create_segment(name: str, size: int, prefault: bool) -> mmap.mmap:
@@ -406,7 +414,8 @@ class SharedMemoryPool:
                 placed = self._wait_for_room(nbytes, need, removed, grow, timeout)
             seg, off = placed
             slot_id = next(self._ids)
-            slot = Slot(slot_id, seg.name, off, nbytes, seg.view[off : off + nbytes])
+            view = seg.view[off : off + nbytes]
+            slot = Slot(slot_id, seg.name, off, nbytes, view, seg.address + off)
             self._slots[slot_id] = (seg, slot, need)
             seg.live += 1
             self._used += need
@@ -646,7 +655,7 @@ class _Mapping:
         # One export per mapping, shared by its leases: while any lease holds it the mmap
         # cannot be closed under a view; forget() drops it, and the last lease unmaps.
         self.export: np.ndarray | None = np.frombuffer(mm, np.uint8)
-        self.address: int = self.export.__array_interface__["data"][0]
+        self.address = address_of(self.export)
 
 
 def _find_lease(obj: object) -> _Lease | None:

@@ -162,24 +162,48 @@ class _Loan:
     """Owner of a buffer handed out by :meth:`ShmSender.alloc`: every array over it has this in
     its ``.base`` chain, so the slot goes back to the pool when the last one dies unsent."""
 
-    __slots__ = ("__array_interface__", "__weakref__", "_base", "address", "flag", "sender", "slot")
+    __slots__ = (
+        "__array_interface__",
+        "__weakref__",
+        "_export",
+        "address",
+        "sender",
+        "slot",
+        "watch",
+    )
+
+    watch: _LoanWatch  # set by ShmSender.alloc, which keeps the watch reachable
 
     def __init__(self, sender: ShmSender, slot: Slot) -> None:
-        self._base = np.frombuffer(slot.buffer, np.uint8)
-        # numpy builds this dict on every read: read it once, for the address and for arrays.
-        self.__array_interface__: dict[str, Any] = self._base.__array_interface__
-        self.address: int = self.__array_interface__["data"][0]
+        # While this export lives the pool cannot release the slot's buffer under an array.
+        self._export = np.frombuffer(slot.buffer, np.uint8)
+        self.address = slot.address
+        self.__array_interface__ = {
+            "version": 3,
+            "shape": (slot.nbytes,),
+            "typestr": "|u1",
+            "data": (slot.address, False),
+        }
         self.sender = sender
         self.slot = slot
-        self.flag = [False]  # [sent]; shared with the finalizer, which must not hold the loan
 
     @property
     def sent(self) -> bool:
-        return self.flag[0]
+        return self.watch.sent
 
     @sent.setter
     def sent(self, value: bool) -> None:
-        self.flag[0] = value
+        self.watch.sent = value
+
+
+class _LoanWatch(weakref.ref[_Loan]):
+    """Calls :func:`_loan_collected` when its loan dies; it outlives the loan, so it carries
+    what the callback needs (a weakref.finalize would cost microseconds per buffer)."""
+
+    __slots__ = ("sender", "sent", "slot_id")
+    sender: weakref.ref[ShmSender]
+    sent: bool
+    slot_id: int
 
 
 def _find_loan(obj: object) -> _Loan | None:
@@ -232,6 +256,8 @@ class ShmSender:
         self._last_warning = -1e9
         self._last_trim = time.monotonic()
         self._lock = threading.Lock()  # guards pool creation and close against GC callbacks
+        self._weak_self = weakref.ref(self)
+        self._loans: dict[int, _LoanWatch] = {}  # slot id -> watch of its buffer's owner
         self.placed = 0
         self.placed_bytes = 0
         self.lent = 0
@@ -530,8 +556,8 @@ class ShmSender:
         dt = np.dtype(dtype)
         if dt.hasobject:
             raise TypeError(f"cannot allocate dtype {dt} in shared memory: it holds objects")
-        shp = (int(shape),) if isinstance(shape, int | np.integer) else tuple(int(n) for n in shape)
-        if any(n < 0 for n in shp):
+        shp = (int(shape),) if isinstance(shape, int | np.integer) else tuple(map(int, shape))
+        if shp and min(shp) < 0:
             raise ValueError(f"shape {shp} must not have negative dimensions")
         nbytes = math.prod(shp) * dt.itemsize
         if nbytes == 0 or not self.enabled:
@@ -539,8 +565,13 @@ class ShmSender:
         slot = self._slot(nbytes, wait=timeout)
         if slot is None:
             return np.empty(shp, dt)
+        # The watch must stay reachable from here: a weakref that dies in the same garbage
+        # cycle as its loan would never call back, and the slot would stay taken.
         loan = _Loan(self, slot)
-        weakref.finalize(loan, _loan_ended, weakref.ref(self), slot.id, loan.flag)
+        watch = _LoanWatch(loan, _loan_collected)
+        watch.sender, watch.sent, watch.slot_id = self._weak_self, False, slot.id
+        loan.watch = watch
+        self._loans[slot.id] = watch
         self.placed += 1
         self.placed_bytes += nbytes
         return np.asarray(loan).view(dt).reshape(shp)
@@ -598,12 +629,15 @@ class ShmSender:
             pool.close()
 
 
-def _loan_ended(sender_ref: weakref.ref[ShmSender], slot_id: int, flag: list[bool]) -> None:
+def _loan_collected(watch: _LoanWatch) -> None:
     # Any thread (GC): an unsent buffer's slot goes back to the pool; a sent one is the
     # consumer's to release.
-    sender = sender_ref()
-    if sender is not None and not flag[0]:
-        sender._loan_dropped(slot_id)
+    sender = watch.sender()
+    if sender is None:
+        return
+    sender._loans.pop(watch.slot_id, None)
+    if not watch.sent:
+        sender._loan_dropped(watch.slot_id)
 
 
 def _with_payload(packet: Packet, payload: Any) -> Packet:
