@@ -15,12 +15,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sage_zmq import QueueDescriptor
 from sage_zmq.errors import DeliveryError, DescriptorError, Empty
 from sage_zmq.packet import Packet
 from sage_zmq.queues import _producer
-from sage_zmq.queues.shm import ShmQueueType
+from sage_zmq.queues.shm import ShmQueueType, _has_nested_bytes
 from sage_zmq.shm import is_shared, list_segments, release
 from sage_zmq.wire.codec import Codec, Lz4Policy, compression_mode
 from sage_zmq.wire.frame import FLAG_LZ4
@@ -716,3 +718,73 @@ def test_auto_compression_follows_what_pays() -> None:
     small.compression_min_bytes = 1 << 20
     frame, _, _ = small.encode_batch("p", 0, text, compress=True)
     assert not frame[4] & FLAG_LZ4  # below compression_min_bytes: not worth a try
+
+
+# ------------------------------------------------------------------------ nested payload scan
+
+_SCAN_AT = 16  # bytes of at least this size count as a nested payload below
+
+
+def _nested_reference(records: list[Any]) -> bool:
+    # The rule, one container at a time: a bytes-like of _SCAN_AT bytes 1 to 8 containers
+    # below a record; a Packet is a container, except that a record's own Packet is the record.
+    def walk(obj: Any, level: int) -> bool:
+        if isinstance(obj, bytes | bytearray):
+            return level > 0 and len(obj) >= _SCAN_AT
+        if isinstance(obj, memoryview):
+            return level > 0 and obj.nbytes >= _SCAN_AT
+        if level >= 8:
+            return False
+        if isinstance(obj, dict):
+            return any(walk(v, level + 1) for v in obj.values())
+        if isinstance(obj, list | tuple):
+            return any(walk(v, level + 1) for v in obj)
+        if isinstance(obj, Packet):
+            return walk(obj.payload, level + 1 if level else 0)
+        return False
+
+    return any(walk(r, 0) for r in records)
+
+
+_leaf = st.one_of(
+    st.integers(),
+    st.text(max_size=20),
+    st.floats(allow_nan=False),
+    st.booleans(),
+    st.none(),
+    st.binary(max_size=2 * _SCAN_AT),
+    st.binary(max_size=2 * _SCAN_AT).map(bytearray),
+    st.binary(max_size=2 * _SCAN_AT).map(memoryview),
+)
+_record = st.recursive(
+    _leaf,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.lists(inner, max_size=4).map(tuple),
+        st.dictionaries(st.text(max_size=3), inner, max_size=4),
+        inner.map(Packet),
+    ),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_record, max_size=5))
+def test_the_nested_payload_scan_finds_exactly_what_the_rule_names(records: list[Any]) -> None:
+    assert _has_nested_bytes(records, _SCAN_AT) is _nested_reference(records)
+
+
+def test_the_nested_payload_scan_stops_eight_containers_down() -> None:
+    payload = bytes(_SCAN_AT)
+    deep: Any = payload
+    for _ in range(8):
+        deep = [deep]
+    assert _has_nested_bytes([deep], _SCAN_AT)  # eight lists down: found
+    assert not _has_nested_bytes([[deep]], _SCAN_AT)  # nine: past the scan
+    boxed: Any = Packet(payload)  # a Packet inside a record is a container like the others
+    for _ in range(7):
+        boxed = [boxed]
+    assert _has_nested_bytes([boxed], _SCAN_AT)
+    assert not _has_nested_bytes([[boxed]], _SCAN_AT)
+    assert not _has_nested_bytes([payload, Packet(payload)], _SCAN_AT)  # records of their own
+    assert _has_nested_bytes([Packet({"image": payload})], _SCAN_AT)
