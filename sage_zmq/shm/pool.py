@@ -747,7 +747,9 @@ class SegmentCache:
     def _lease_collected(self, watch: _LeaseRef) -> None:
         self._end(watch.key)
 
-    def _end(self, key: tuple[str, int]) -> bool:
+    def _end(
+        self, key: tuple[str, int], _finalizing: Callable[[], bool] = sys.is_finalizing
+    ) -> bool:
         """End a lease once, from whichever comes first: its last view dying or a release."""
         with self._lock:
             entry = self._leases.pop(key, None)
@@ -756,7 +758,7 @@ class SegmentCache:
             m = self._maps.get(key[0])
             if m is not None:
                 m.leases -= 1
-        if sys.is_finalizing():
+        if _finalizing():  # bound at definition: module globals may be gone by then
             return True  # at exit the control channel is gone; nothing to tell
         _watch, slot_id, on_release = entry
         try:
