@@ -269,22 +269,14 @@ def _text_records(nbytes: int, count: int) -> list[bytes]:
 
 def bench_tcp(records: list[bytes], n: int, compression: bool) -> tuple[float, float]:
     """(payload bytes/s, wire bytes / payload bytes) for records over tcp loopback."""
-    from sage_zmq import QueueDescriptor
     from sage_zmq.wire.codec import Codec
 
-    qd = QueueDescriptor(None, "tcp", {"maxsize": 1000, "compression": compression})
-    nbytes = len(records[0])
-    proc, conn = _spawn(_records_producer, qd, records, n)
-    try:
-        seconds = _timed(conn, lambda: qd.get(timeout=120), n)
-        _finish(proc, conn)
-    finally:
-        qd.close(timeout=5)
+    rate = bench_records("tcp", records, n, {"compression": compression})
     codec = Codec()
     batch = records[:16]
     frame, _, _ = codec.encode_batch("p", 0, batch, compress=compression)
     ratio = len(frame) / sum(len(r) for r in batch)
-    return nbytes * n / seconds, ratio
+    return len(records[0]) * rate, ratio
 
 
 def _documents(nbytes: int, count: int) -> list[dict[str, Any]]:
@@ -301,11 +293,13 @@ def _documents(nbytes: int, count: int) -> list[dict[str, Any]]:
     ]
 
 
-def bench_records(queue_type: str, records: list[Any], n: int) -> float:
+def bench_records(
+    queue_type: str, records: list[Any], n: int, meta: dict[str, Any] | None = None
+) -> float:
     """Records/s from another process through a queue of ``queue_type`` (records cycled)."""
     from sage_zmq import QueueDescriptor
 
-    qd = QueueDescriptor(None, queue_type, {"maxsize": 1000})
+    qd = QueueDescriptor(None, queue_type, {"maxsize": 1000, **(meta or {})})
     proc, conn = _spawn(_records_producer, qd, records, n)
     try:
         seconds = _timed(conn, lambda: qd.get(timeout=120), n)
