@@ -31,7 +31,7 @@ from sage_zmq.shm import (
     list_segments,
     sweep_orphans,
 )
-from sage_zmq.shm.transfer import pack_ref, unpack_ref
+from sage_zmq.shm.transfer import GROW_AFTER, ShmSender, pack_ref, unpack_ref
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -602,6 +602,41 @@ def test_exact_array_is_a_read_only_zero_copy_view_that_releases_once() -> None:
         del cycle
         gc.collect()
         assert fired[-1] == third.id and cache.live_views == 0
+
+
+def test_a_full_pool_takes_releases_that_come_soon_over_a_new_segment() -> None:
+    # A new segment stalls the producer while it is pre-faulted (tens of ms for 64 MiB) and
+    # spreads copies over colder memory: a consumer a moment behind gets GROW_AFTER to release.
+    sender = ShmSender(threshold=1, capacity=4 * MiB, wait=1.0, segment_bytes=MiB)
+    try:
+        held = [sender._slot(256 * KiB) for _ in range(4)]  # the first segment, full
+        assert all(held) and sender.pool is not None
+        looks: list[float] = []
+
+        def consumer_a_moment_behind(timeout: float) -> None:
+            looks.append(timeout)
+            if len(looks) == 2:
+                sender.apply_releases([held.pop().id])  # type: ignore[union-attr]
+
+        sender.poll_releases = consumer_a_moment_behind
+        assert sender._slot(256 * KiB) is not None
+        assert len(sender.pool.statistics().segments) == 1 and len(looks) == 2
+
+        sender.poll_releases = lambda timeout: None  # nothing comes back: grow, after the grace
+        t0 = time.monotonic()
+        assert sender._slot(256 * KiB) is not None
+        assert time.monotonic() - t0 >= GROW_AFTER
+        assert len(sender.pool.statistics().segments) == 2
+
+        # A caller that will not wait (timeout 0) gets a new segment without waiting.
+        for _ in range(3):
+            sender._slot(256 * KiB)  # fill the second segment
+        looks.clear()
+        sender.poll_releases = looks.append
+        assert sender._slot(256 * KiB, wait=0) is not None
+        assert looks == [0.0] and len(sender.pool.statistics().segments) == 3
+    finally:
+        sender.close()
 
 
 # -- bandwidth (informational) ---------------------------------------------------------------

@@ -56,6 +56,8 @@ RELEASE_BATCH = 16
 """Releases a consumer collects before it sends them (unless RELEASE_DELAY passed)."""
 RELEASE_DELAY = 0.002
 """Seconds a release may wait for company before it is sent."""
+GROW_AFTER = 2 * RELEASE_DELAY
+"""Seconds a full pool waits for releases before it adds a segment."""
 
 
 class InlineBytes(bytes):
@@ -276,11 +278,6 @@ class ShmSender:
     def pool(self) -> SharedMemoryPool | None:
         return self._pool
 
-    def busy(self) -> bool:
-        """Whether more than half the pool is in flight (worth reading releases first)."""
-        pool = self._pool
-        return pool is not None and pool.statistics().used * 2 > pool.capacity
-
     def _get_pool(self) -> SharedMemoryPool | None:
         pool = self._pool
         if pool is not None or self._disabled or self._closed:
@@ -326,16 +323,30 @@ class ShmSender:
             return None
         except Full:
             pass
-        # Releases that already arrived are cheaper than a new segment: read them first.
+        bound = self.wait if wait is None else wait
+        # Releases are cheaper than a new segment, which takes tens of ms to pre-fault and
+        # spreads the copies over more memory, colder in cache. Read those that arrived, and
+        # give a consumer that is merely behind a moment to send more (it sends what it
+        # dropped at least every RELEASE_DELAY) before growing.
         if pool.slots_in_use:
-            self.poll_releases(0)
+            starved = self._starved and wait is None  # no release came lately: do not wait
+            grace = time.monotonic() + (0.0 if starved else min(GROW_AFTER, bound))
+            while True:
+                self.poll_releases(max(0.0, grace - time.monotonic()))
+                try:
+                    return pool.alloc(nbytes, timeout=0, grow=False)
+                except PoolClosed:
+                    return None
+                except Full:
+                    pass
+                if time.monotonic() >= grace:
+                    break
         try:
             return pool.alloc(nbytes, timeout=0)
         except (Full, PoolClosed):
             pass
         # Full: what frees room is a RELEASE from the consumer, read from our own socket.
         self.waits += 1
-        bound = self.wait if wait is None else wait
         deadline = time.monotonic() + (0.0 if self._starved and wait is None else bound)
         while True:
             remaining = deadline - time.monotonic()
