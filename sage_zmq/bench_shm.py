@@ -51,13 +51,12 @@ def _payload(nbytes: int) -> np.ndarray:
 
 def _sage_producer(conn: Connection, qd: Any, nbytes: int, n: int, mode: str) -> None:
     src = _payload(nbytes)
-    producer = qd._handle().producer(qd)
     qd.put(src, timeout=60)  # warm-up: the pool is created and pre-faulted here
     conn.send("ready")
     conn.recv()
     if mode == "alloc":
         for _ in range(n):
-            buf = producer.alloc(src.shape, src.dtype)
+            buf = qd.alloc(src.shape, src.dtype)
             np.copyto(buf, src)  # the producer writes its payload straight into the pool
             qd.put(buf, timeout=60)
             del buf
