@@ -263,6 +263,12 @@ def address_of(buffer: Any) -> int:
     return int(np.frombuffer(buffer, np.uint8).__array_interface__["data"][0])
 
 
+def byte_interface(address: int, nbytes: int, readonly: bool) -> dict[str, Any]:
+    """An ``__array_interface__`` for ``nbytes`` bytes at ``address``: built once per owner,
+    where numpy would build a new dict on every read of an array's."""
+    return {"version": 3, "shape": (nbytes,), "typestr": "|u1", "data": (address, readonly)}
+
+
 def _create_segment(name: str, size: int, prefault: bool) -> mmap.mmap:
     path = os.path.join(SHM_DIR, name)
     flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -627,12 +633,7 @@ class _Lease:
         self._export = m.export
         self.cache = cache
         self.key = key
-        self.__array_interface__ = {
-            "version": 3,
-            "shape": (nbytes,),
-            "typestr": "|u1",
-            "data": (m.address + offset, m.readonly),
-        }
+        self.__array_interface__ = byte_interface(m.address + offset, nbytes, m.readonly)
 
     def release(self) -> bool:
         """End the lease now (fires ``on_release``); False if it had already ended."""

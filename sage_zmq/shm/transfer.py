@@ -38,6 +38,7 @@ from sage_zmq.shm.pool import (
     Slot,
     SlotRef,
     _find_lease,
+    byte_interface,
 )
 from sage_zmq.shm.sweep import SHM_DIR
 from sage_zmq.wire.codec import EXT_SHM_REF
@@ -164,28 +165,14 @@ class _Loan:
     """Owner of a buffer handed out by :meth:`ShmSender.alloc`: every array over it has this in
     its ``.base`` chain, so the slot goes back to the pool when the last one dies unsent."""
 
-    __slots__ = (
-        "__array_interface__",
-        "__weakref__",
-        "_export",
-        "address",
-        "sender",
-        "slot",
-        "watch",
-    )
+    __slots__ = ("__array_interface__", "__weakref__", "_export", "sender", "slot", "watch")
 
     watch: _LoanWatch  # set by ShmSender.alloc, which keeps the watch reachable
 
     def __init__(self, sender: ShmSender, slot: Slot) -> None:
         # While this export lives the pool cannot release the slot's buffer under an array.
         self._export = np.frombuffer(slot.buffer, np.uint8)
-        self.address = slot.address
-        self.__array_interface__ = {
-            "version": 3,
-            "shape": (slot.nbytes,),
-            "typestr": "|u1",
-            "data": (slot.address, False),
-        }
+        self.__array_interface__ = byte_interface(slot.address, slot.nbytes, False)
         self.sender = sender
         self.slot = slot
 
@@ -464,8 +451,8 @@ class ShmSender:
         view = data if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
         if not view.flags.c_contiguous:
             return None
-        delta = view.__array_interface__["data"][0] - loan.address
         slot = loan.slot
+        delta = view.__array_interface__["data"][0] - slot.address
         if delta < 0 or delta + nbytes > slot.nbytes or self._pool is None or self._pool.closed:
             return None
         loan.sent = True
