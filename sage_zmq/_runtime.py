@@ -25,6 +25,9 @@ _lock = threading.RLock()
 _context: zmq.Context[Any] | None = None
 _handles: dict[tuple[str, str], Any] = {}
 _ticker: _Ticker | None = None
+# Producers in batching mode, by id: their partial batches leave when the thread that fills
+# them is about to wait for input (see Consumer._get_slow), or on the ticker's next pass.
+_batching: dict[int, Any] = {}
 
 
 def context() -> zmq.Context[Any]:
@@ -82,6 +85,22 @@ def shutdown(linger: float = 0.0) -> None:
         security.stop_authenticator()
     if ctx is not None:
         ctx.destroy(linger=int(linger * 1000))
+
+
+def batching(producer: Any, on: bool) -> None:
+    """Note that ``producer`` entered (``on``) or left batching mode."""
+    if on:
+        _batching[id(producer)] = producer
+    else:
+        _batching.pop(id(producer), None)
+
+
+def batching_in_this_thread() -> list[Any]:
+    """The producers in batching mode whose batches the calling thread fills."""
+    if not _batching:
+        return []
+    me = threading.get_ident()
+    return [p for p in list(_batching.values()) if p.putter == me]  # list(): one C call
 
 
 def runtime_dir() -> str:

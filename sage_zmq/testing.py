@@ -58,6 +58,7 @@ __all__ = [
     "check_spawned_consumer",
     "check_timeouts",
     "check_unencodable_record",
+    "check_waiting_stage_ships_its_tail",
     "close_quietly",
     "consume_worker",
     "descriptor_factory",
@@ -445,6 +446,37 @@ def check_process_producers(
         with contextlib.suppress(Empty):
             extra = qd.get(timeout=0.05)
             raise AssertionError(f"a record arrived twice or from nowhere: {extra!r}")
+
+
+def check_waiting_stage_ships_its_tail(make_descriptor: DescriptorFactory, n: int = 50) -> None:
+    """A thread about to wait for input sends what it put and has not sent yet, at once: a
+    pipeline stage that ran dry does not hold the tail of its burst for ``flush_interval``."""
+    inbox = make_descriptor(maxsize=100)
+    out = make_descriptor(maxsize=1000, flush_interval=60.0)  # the background flush: a minute
+    got: list[Any] = []
+
+    def downstream() -> None:  # another thread: its waits must not be what sends the tail
+        for _ in range(n):
+            try:
+                got.append(out.get(timeout=GET_TIMEOUT))
+            except Empty:
+                return
+
+    with _closing(inbox, out):
+        with contextlib.suppress(Empty):
+            inbox.get_nowait()  # consumer ends open before the producers
+        with contextlib.suppress(Empty):
+            out.get_nowait()
+        reader = threading.Thread(target=downstream, name="conf-downstream")
+        for i in range(n):
+            out.put(i, timeout=GET_TIMEOUT)  # a burst: the producer batches its tail
+        reader.start()
+        try:
+            with contextlib.suppress(Empty):
+                inbox.get(timeout=0.2)  # this stage now waits for input
+        finally:
+            reader.join(GET_TIMEOUT + 5)
+        assert got == list(range(n)), f"{len(got)} of {n} records left a stage that went idle"
 
 
 def check_timeouts(make_descriptor: DescriptorFactory, timeout: float = 0.2) -> None:

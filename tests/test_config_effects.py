@@ -363,7 +363,7 @@ def test_flush_interval_bounds_the_wait_of_a_partial_batch(
     done = time.monotonic()
     raw.pump(5, lambda: any(199 in r for _, r in _data_frames(raw)))
     tail_at = max(at for at, _, f in raw.of(Kind.DATA) if 199 in f[2])
-    assert interval * 0.8 <= tail_at - done <= 2 * interval + 0.3
+    assert interval * 0.8 <= tail_at - done <= interval * 1.25 + 0.3
 
 
 def test_max_message_size_rejects_bigger_frames(use: Use, queues: Any) -> None:

@@ -17,6 +17,10 @@ def test_timeouts_raise_on_time(make_descriptor: DescriptorFactory) -> None:
     conf.check_timeouts(make_descriptor)
 
 
+def test_a_stage_that_waits_for_input_ships_its_tail(make_descriptor: DescriptorFactory) -> None:
+    conf.check_waiting_stage_ships_its_tail(make_descriptor)
+
+
 def test_maxsize_backpressure(make_descriptor: DescriptorFactory) -> None:
     conf.check_backpressure(make_descriptor)
 

@@ -19,6 +19,7 @@ from itertools import chain
 from operator import length_hint
 from typing import Any
 
+from sage_zmq import _runtime
 from sage_zmq import observe as _observe
 from sage_zmq.errors import Empty, QueueClosed
 from sage_zmq.observe.metrics import LatencySamples
@@ -100,8 +101,6 @@ class Consumer:
         self._rejected = 0  # frames refused here (inlets count their own)
         self._per_peer: dict[tuple[int, Any], int] = {}  # (inlet, peer) -> producer ids it owns
         self._latencies: LatencySamples = _observe.new_latency_window(2048)
-        from sage_zmq import _runtime
-
         _runtime.ticker().add(self, self.SERVICE_INTERVAL)
 
     # ---------------------------------------------------------------- hot path
@@ -144,7 +143,17 @@ class Consumer:
                     wait = 0.0
                     if block and self._ended < self._upstreams:
                         wait = 0.5 if deadline is None else max(0.0, deadline - time.monotonic())
-                    self._pump(min(wait, 0.5))
+                        mine = _runtime.batching_in_this_thread()
+                        if mine:
+                            # This thread is about to wait for input with partial batches of
+                            # its own pending (a stage that ran dry): ship them now rather
+                            # than a flush_interval later; unless input already arrived.
+                            self._pump(0)
+                            if not self._batches:
+                                for producer in mine:
+                                    producer.ship_partial()
+                    if not self._batches:
+                        self._pump(min(wait, 0.5))
                 while self._batches:
                     up, end_seq, records = self._batches.popleft()
                     if records is _END:
@@ -420,8 +429,6 @@ class Consumer:
         with self._lock:
             if self._closed:
                 return
-            from sage_zmq import _runtime
-
             _runtime.ticker().discard(self)
             try:
                 # Last receipts: producers closing right now learn that what they sent arrived.

@@ -15,6 +15,7 @@ never more than its window (``maxsize``) ahead of what the consumer has consumed
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -72,6 +73,7 @@ class Producer:
         self._lock = threading.RLock()
         self._flush_at = 1
         self._busy = False
+        self.putter = 0  # the thread that last filled a batch (see Consumer._get_slow)
         self._heavy = False  # busy with large records: each put takes its own look
         # Bytes a link moves beside its frames (shm payloads), for the flush size.
         self._side_bytes: Any = getattr(link, "side_bytes", None)
@@ -88,8 +90,6 @@ class Producer:
         self._closed = False
         self._last_flush = 0.0
         self._back_at = 0.0  # when the caller came back for more (see ShmProducer.alloc)
-        self._flushes = 0
-        self._flushes_seen = -1
         self._sent = 0
         self._bytes = 0
         self._batches = 0
@@ -118,6 +118,7 @@ class Producer:
             self._put_end(timeout)
             return
         with self._lock:
+            self.putter = threading.get_ident()
             idle = not self._busy and not self._pending and not self._errors
             if idle and self._room > 0 and self._ship_alone(item):
                 return
@@ -158,7 +159,6 @@ class Producer:
         if side is not None:
             self._side_seen = side()
         self._last_flush = time.perf_counter()
-        self._flushes += 1
         self._update_room()
         if self._errors:
             raise self._take_error(accepted=True)
@@ -267,9 +267,11 @@ class Producer:
         if not self._busy:
             if gap < BUSY_GAP and self._batch_size > 1:
                 self._busy = True
+                _runtime.batching(self, True)
                 _runtime.ticker().add(self, self._flush_interval)
         elif gap > self._flush_interval:
             self._busy = False
+            _runtime.batching(self, False)
         side = self._side_bytes
         if side is not None:  # payload bytes copied beside the frames since the last flush
             now_side = side()
@@ -282,25 +284,39 @@ class Producer:
             self._flush_at = max(1, min(self._batch_size, FLUSH_BYTES // per_record))
             self._heavy = self._flush_at < self._batch_size
         self._last_flush = time.perf_counter()
-        self._flushes += 1
 
     def tick(self, now: float) -> float | None:
-        """Background tick: ship a partial batch that did not move since the last tick."""
+        """Background tick: ship a partial batch whose oldest record has waited
+        ``flush_interval`` (it came after the last flush); then tick when the next one will."""
         if self._closed:
             return None
-        if self._flushes == self._flushes_seen and self._pending:
-            if self._lock.acquire(blocking=False):
-                try:
-                    if self._pending and not self._closed:
-                        self._flush_locked()
-                        self._busy, self._heavy, self._flush_at = False, False, 1
-                        self._update_room()
-                finally:
-                    self._lock.release()
-        elif not self._busy and not self._pending:
-            return None  # idle again: puts flush at once, no ticks needed
-        self._flushes_seen = self._flushes
+        if not self._pending:
+            return self._flush_interval if self._busy else None  # idle: puts flush at once
+        waited = time.perf_counter() - self._last_flush
+        if waited < self._flush_interval:
+            return self._flush_interval - waited
+        self._ship_partial()
         return self._flush_interval
+
+    def ship_partial(self) -> None:
+        """The thread filling this producer's batch is about to wait for input: send what is
+        pending now. A link that fails leaves the records queued for the next put, flush or
+        tick to send or report."""
+        with contextlib.suppress(DeliveryError):
+            self._ship_partial()
+
+    def _ship_partial(self) -> None:
+        # Ship a partial batch and leave batching mode: nobody is putting right now. Skipped
+        # when another thread holds the lock (it is putting, or shipping already).
+        if self._pending and self._lock.acquire(blocking=False):
+            try:
+                if self._pending and not self._closed:
+                    self._flush_locked()
+                    self._busy, self._heavy, self._flush_at = False, False, 1
+                    _runtime.batching(self, False)
+                    self._update_room()
+            finally:
+                self._lock.release()
 
     def flush(self, timeout: float | None = None) -> None:
         """Send everything pending now, waiting for credit up to ``timeout`` seconds."""
@@ -374,6 +390,7 @@ class Producer:
             if self._closed:
                 return
             _runtime.ticker().discard(self)
+            _runtime.batching(self, False)
             deadline = time.monotonic() + timeout
             try:
                 self._drain(timeout)
