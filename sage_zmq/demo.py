@@ -18,7 +18,9 @@ from typing import Any
 from sage_zmq import EndOfStream, Packet, QueueDescriptor
 
 
-def _source(worker_queues: list[QueueDescriptor], records: int, sensors: int) -> None:
+def _source(
+    worker_queues: list[QueueDescriptor], records: int, sensors: int, rate: float | None = None
+) -> None:
     from sage_zmq.router import Connection, HashRouter
 
     router = HashRouter()
@@ -31,7 +33,13 @@ def _source(worker_queues: list[QueueDescriptor], records: int, sensors: int) ->
                 target_handle=qd,
             )
         )
+    start = time.perf_counter()
     for seq in range(records):
+        if rate:
+            # Paced: keep to the schedule (a pause, not a wait for anything).
+            ahead = start + seq / rate - time.perf_counter()
+            if ahead > 0:
+                time.sleep(ahead)
         sensor = f"sensor-{seq % sensors:04d}"
         reading = {"seq": seq, "sensor": sensor, "celsius": 20.0 + (seq % 100) / 10}
         router.route(Packet(reading, partition_key=sensor))
@@ -81,8 +89,13 @@ def run(
     interval: float = 0.5,
     queue_type: str = "shm",
     out: Any = None,
+    rate: float | None = None,
 ) -> dict[str, Any]:
-    """Run the demo topology; returns the summary (also printed)."""
+    """Run the demo topology; returns the summary (also printed).
+
+    ``rate`` paces the source (records/s); unpaced, it runs as fast as the pipeline takes
+    records, so the queues fill and latency is mostly the wait in them.
+    """
     out = out or sys.stdout
     ctx = mp.get_context("spawn")
     sink = QueueDescriptor(
@@ -94,9 +107,15 @@ def run(
         )
         for i in range(2)
     ]
+    pace = (
+        f"paced at {rate:,.0f} rec/s"
+        if rate
+        else "unpaced: the queues (maxsize 5,000) fill, so latency is mostly the wait in them; "
+        "--rate N paces the source"
+    )
     print(
         f"sage-zmq demo: source -> 2 workers (hash by sensor) -> sink, {records:,} records "
-        f"over '{queue_type}' queues",
+        f"over '{queue_type}' queues ({pace})",
         file=out,
         flush=True,
     )
@@ -104,7 +123,9 @@ def run(
         ctx.Process(target=_worker, args=(i, q, sink), name=f"demo-worker-{i}")
         for i, q in enumerate(workers_in)
     ]
-    source = ctx.Process(target=_source, args=(workers_in, records, sensors), name="demo-source")
+    source = ctx.Process(
+        target=_source, args=(workers_in, records, sensors, rate), name="demo-source"
+    )
     for proc in (*workers, source):
         proc.start()
     report = _Report(records)
@@ -193,11 +214,21 @@ def main(argv: list[str] | None = None) -> int:
         help="queue type between the stages",
     )
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between reports")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="records/s the source sends (default: as fast as the pipeline takes them)",
+    )
     args = parser.parse_args(argv)
     if args.records < 1:
         parser.error("--records must be at least 1")
+    if args.rate is not None and not args.rate > 0:
+        parser.error(f"--rate must be a positive number of records/s, got {args.rate}")
     records = 50_000 if args.quick else args.records
-    summary = run(records=records, interval=args.interval, queue_type=args.queue_type)
+    summary = run(
+        records=records, interval=args.interval, queue_type=args.queue_type, rate=args.rate
+    )
     return 0 if summary["ok"] else 1
 
 

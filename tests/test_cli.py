@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,13 @@ def test_demo_quick(capsys: pytest.CaptureFixture[str]) -> None:
         assert "'demo' is not available" in capsys.readouterr().err
         pytest.skip("sage_zmq.demo is not there yet")
     assert main(["demo", "--quick"]) == 0
+
+
+def test_demo_paced(capsys: pytest.CaptureFixture[str]) -> None:
+    t0 = time.monotonic()
+    assert main(["demo", "--records", "3000", "--rate", "20000"]) == 0
+    assert time.monotonic() - t0 >= 3000 / 20000  # the source kept to its schedule
+    out = capsys.readouterr().out
+    assert "paced at 20,000 rec/s" in out and "3,000 of 3,000 records" in out
+    assert main(["demo", "--rate", "0"]) == 2  # argparse's usage error
+    assert "--rate must be a positive number" in capsys.readouterr().err
