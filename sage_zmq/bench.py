@@ -533,6 +533,7 @@ SECTIONS: dict[str, str] = {
     "routing": "sage_zmq.bench_routing:run",
     "shm": "sage_zmq.bench_shm:run",
     "sage": "sage_zmq.bench_sage:run",
+    "pipeline": "sage_zmq.bench_pipeline:run",
     "ray": "sage_zmq.bench_ray:run",
 }
 
