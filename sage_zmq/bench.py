@@ -440,6 +440,32 @@ def _pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
+def percentile_rows(
+    name: str,
+    ours: list[float],
+    competitor: str,
+    theirs: list[float],
+    *,
+    scale: float,
+    unit: str,
+    p50_target: str = "",
+) -> list[Row]:
+    """p50 and p99 rows of two latency samples (seconds, shown times ``scale``); ``name`` has
+    a ``{}`` for "p50"/"p99"."""
+    return [
+        result_row(
+            name.format(label),
+            _pct(ours, q) * scale,
+            unit,
+            competitor,
+            _pct(theirs, q) * scale,
+            higher_is_better=False,
+            target=p50_target if label == "p50" else "",
+        )
+        for label, q in (("p50", 0.5), ("p99", 0.99))
+    ]
+
+
 def run_core(quick: bool, progress: Callable[[str], None]) -> list[Row]:
     n = 100_000 if quick else 1_000_000
     rows: list[Row] = []
@@ -489,18 +515,15 @@ def run_core(quick: bool, progress: Callable[[str], None]) -> list[Row]:
     raw_lat = bench_latency_raw(m)
     raw_queues_lat = bench_latency_raw_queues(m)
     ours_lat = bench_latency_sage(m)
-    for label, q in (("p50", 0.5), ("p99", 0.99)):
-        rows.append(
-            result_row(
-                f"shm idle round trip {label}",
-                _pct(ours_lat, q) * 1e6,
-                "us",
-                "raw pyzmq PAIR ipc ping-pong",
-                _pct(raw_lat, q) * 1e6,
-                higher_is_better=False,
-                target="p50 <= 1.2x raw" if label == "p50" else "",
-            )
-        )
+    rows += percentile_rows(
+        "shm idle round trip {}",
+        ours_lat,
+        "raw pyzmq PAIR ipc ping-pong",
+        raw_lat,
+        scale=1e6,
+        unit="us",
+        p50_target="p50 <= 1.2x raw",
+    )
     # The same sockets as two queues (one one-way link each way): what the layout costs.
     rows.append(
         result_row(

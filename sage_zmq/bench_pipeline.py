@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sage_zmq.bench import _pct, _spawn, _spawned, result_row
+from sage_zmq.bench import _spawn, _spawned, percentile_rows
 
 Row = dict[str, Any]
 
@@ -116,16 +116,11 @@ def run(quick: bool = False) -> list[Row]:
     if len(ours) != bursts * BURST or len(theirs) != bursts * BURST:
         raise RuntimeError(f"pipeline bench lost records: {len(ours)} / {len(theirs)}")
     what = f"bursts of {BURST} every {GAP * 1e3:g} ms, source -> worker -> sink"
-    rows = []
-    for q in (0.5, 0.99):
-        rows.append(
-            result_row(
-                f"latency p{q * 100:g}, {what}, shm queues",
-                _pct(ours, q) * 1e3,
-                "ms",
-                "multiprocessing.Queue",
-                _pct(theirs, q) * 1e3,
-                higher_is_better=False,
-            )
-        )
-    return rows
+    return percentile_rows(
+        f"latency {{}}, {what}, shm queues",
+        ours,
+        "multiprocessing.Queue",
+        theirs,
+        scale=1e3,
+        unit="ms",
+    )
