@@ -366,6 +366,21 @@ def test_flush_interval_bounds_the_wait_of_a_partial_batch(
     assert interval * 0.8 <= tail_at - done <= interval * 1.25 + 0.3
 
 
+def test_a_producer_idle_for_flush_interval_sends_its_next_put_at_once(queues: Any) -> None:
+    qd = queues(None, "shm", {"flush_interval": 0.3, "batch_size": 10})
+    qd.qsize()  # the consumer is here
+    for i in range(20):  # a burst: the producer batches
+        qd.put(i)
+    qd.flush()  # ... and nothing is left pending (as when a burst ends on a batch boundary)
+    producer = qd._handle().producer(qd)
+    assert producer._busy and not producer._pending
+    # The ticker, flush_interval after the last flush with nothing put since, ends batching.
+    wait_until(lambda: not producer._busy, timeout=10, what="the producer to leave batching")
+    qd.put(20)
+    assert not producer._pending  # sent by the put itself, not left for a tick
+    assert [qd.get(timeout=5) for _ in range(21)] == list(range(21))
+
+
 def test_max_message_size_rejects_bigger_frames(use: Use, queues: Any) -> None:
     use(**{"performance.max_message_size": 4096})
     qd = queues(None, "tcp")

@@ -288,13 +288,13 @@ class Producer:
     def tick(self, now: float) -> float | None:
         """Background tick: ship a partial batch whose oldest record has waited
         ``flush_interval`` (it came after the last flush); then tick when the next one will."""
-        if self._closed:
-            return None
-        if not self._pending:
-            return self._flush_interval if self._busy else None  # idle: puts flush at once
+        if self._closed or not (self._busy or self._pending):
+            return None  # idle: puts flush at once, no ticks needed
         waited = time.perf_counter() - self._last_flush
         if waited < self._flush_interval:
             return self._flush_interval - waited
+        # Nothing put for flush_interval (empty), or a partial batch that long: either way
+        # the caller paused, and its next put goes out at once.
         self._ship_partial()
         return self._flush_interval
 
@@ -306,12 +306,13 @@ class Producer:
             self._ship_partial()
 
     def _ship_partial(self) -> None:
-        # Ship a partial batch and leave batching mode: nobody is putting right now. Skipped
+        # Ship what is pending and leave batching mode: nobody is putting right now. Skipped
         # when another thread holds the lock (it is putting, or shipping already).
-        if self._pending and self._lock.acquire(blocking=False):
+        if self._lock.acquire(blocking=False):
             try:
-                if self._pending and not self._closed:
-                    self._flush_locked()
+                if not self._closed:
+                    if self._pending:
+                        self._flush_locked()
                     self._busy, self._heavy, self._flush_at = False, False, 1
                     _runtime.batching(self, False)
                     self._update_room()
