@@ -199,6 +199,7 @@ def _after_fork_in_child() -> None:
     _context = None
     _ticker = None
     _handles.clear()
+    _batching.clear()  # the parent's producers: their sockets are not ours to use
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

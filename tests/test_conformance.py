@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+
 import pytest
 
 from sage_zmq import QueueDescriptor, _runtime
@@ -160,3 +163,32 @@ def test_ipc_file_removed_on_close() -> None:
 def _open_socket_count() -> int:
     ctx = _runtime._context
     return 0 if ctx is None else sum(1 for s in list(ctx._sockets) if not s.closed)
+
+
+def test_a_forked_child_forgets_the_parents_batching_producers() -> None:
+    # The forking thread and the child's main thread share an ident: without the reset, a
+    # child's get() would ship a parent producer's batch on the parent's socket.
+    class Batching:
+        putter = threading.get_ident()
+
+        def ship_partial(self) -> None:
+            raise AssertionError("not in a child")
+
+    parents = Batching()
+    _runtime.batching(parents, True)
+    try:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: answer and leave at once, no cleanup of the parent's state
+            os.write(write, b"forgot" if not _runtime.batching_in_this_thread() else b"kept")
+            os._exit(0)
+        os.close(write)
+        try:
+            answer = os.read(read, 16)
+        finally:
+            os.close(read)
+            os.waitpid(pid, 0)
+        assert answer == b"forgot"
+        assert _runtime.batching_in_this_thread() == [parents]  # the parent still has it
+    finally:
+        _runtime.batching(parents, False)
