@@ -78,6 +78,7 @@ class _Snapshot:
     sockets: int
     handles: frozenset[Any]
     prebound: frozenset[str]
+    batching: frozenset[int]
 
 
 def _open_sockets() -> int:
@@ -109,7 +110,8 @@ def _snapshot() -> _Snapshot:
         if not (k[0] == "local-channel" and "local channels" in KNOWN_CORE_LEAKS)
     )
     prebound = frozenset(_zmq._prebound)
-    return _Snapshot(_our_segments(), ipc, threads, _open_sockets(), handles, prebound)
+    batching = frozenset(_runtime._batching)
+    return _Snapshot(_our_segments(), ipc, threads, _open_sockets(), handles, prebound, batching)
 
 
 def _leaks(before: _Snapshot) -> dict[str, Any]:
@@ -122,6 +124,10 @@ def _leaks(before: _Snapshot) -> dict[str, Any]:
         "child processes": [p.name for p in multiprocessing.active_children()],
         # tcp descriptors that bound on creation and were never consumed nor released
         "unused tcp sockets": sorted(now.prebound - before.prebound),
+        # producers still registered for early flushes (closed ones must leave)
+        "batching producers": sorted(
+            repr(_runtime._batching.get(k)) for k in now.batching - before.batching
+        ),
     }
     if now.sockets > before.sockets:
         found["zmq sockets"] = now.sockets - before.sockets
@@ -144,6 +150,8 @@ def _clean_up(before: _Snapshot, leaks: dict[str, Any]) -> None:
         inlet = _zmq.claim_prebound(endpoint)
         if inlet is not None:
             inlet.close()
+    for key in set(_runtime._batching) - before.batching:
+        _runtime._batching.pop(key, None)
     rdir = _runtime.runtime_dir()
     for name in leaks.get("ipc files", []):
         with contextlib.suppress(OSError):

@@ -189,6 +189,6 @@ def test_a_forked_child_forgets_the_parents_batching_producers() -> None:
             os.close(read)
             os.waitpid(pid, 0)
         assert answer == b"forgot"
-        assert _runtime.batching_in_this_thread() == [parents]  # the parent still has it
+        assert parents in _runtime.batching_in_this_thread()  # the parent still has it
     finally:
         _runtime.batching(parents, False)

@@ -618,6 +618,13 @@ def test_a_new_consumer_gets_back_the_pool_room_a_killed_one_held(make: Any) -> 
         assert _recv(conn) == [0.0, 1.0, 2.0]
         pool = producer_of(qd).shm.pool
         assert pool.slots_in_use == 3
+        # The producer knows this consumer (a long-lived one always has heard from it; here its
+        # first CREDIT may still be unread, and a connection's unread messages die with it).
+        producer = producer_of(qd)
+        wait_until(
+            lambda: (producer.poll_credit(), producer._session)[1] is not None,
+            "the first consumer's credit",
+        )
         first.kill()
         first.join(T)
         second, conn = _spawn(_greeted_holding_consumer, qd, 4)

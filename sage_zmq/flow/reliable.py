@@ -702,7 +702,7 @@ class ReliableProducer(Producer):
         with self._lock:
             if self._closed:
                 return
-            _runtime.ticker().discard(self)
+            self._leave_runtime()
             deadline = time.monotonic() + timeout
             try:
                 self._drain(timeout)
@@ -724,7 +724,7 @@ class ReliableProducer(Producer):
             finally:
                 self._closed = True
                 self._update_room()
-                _runtime.ticker().discard(self)
+                self._leave_runtime()
                 self._keeping.close()
                 if self._wal is not None:
                     self._wal.close()

@@ -319,6 +319,11 @@ class Producer:
             finally:
                 self._lock.release()
 
+    def _leave_runtime(self) -> None:
+        """No more background work on this producer: no ticks, no early flushes."""
+        _runtime.ticker().discard(self)
+        _runtime.batching(self, False)
+
     def flush(self, timeout: float | None = None) -> None:
         """Send everything pending now, waiting for credit up to ``timeout`` seconds."""
         with self._lock:
@@ -390,8 +395,7 @@ class Producer:
         with self._lock:
             if self._closed:
                 return
-            _runtime.ticker().discard(self)
-            _runtime.batching(self, False)
+            self._leave_runtime()
             deadline = time.monotonic() + timeout
             try:
                 self._drain(timeout)
@@ -399,6 +403,7 @@ class Producer:
             except DeliveryError as exc:
                 undelivered = len(self._pending) + max(0, self._next_seq - self._received)
                 self._closed = True
+                self._leave_runtime()  # the drain's flushes may have entered batching again
                 self._update_room()
                 self._link.close()
                 raise DeliveryError(
@@ -415,6 +420,7 @@ class Producer:
                 self._apply(self._link.poll(min(wait, 0.5)))
             undelivered = unsent + max(0, self._next_seq - self._received)
             self._closed = True
+            self._leave_runtime()
             self._update_room()
             self._link.close()
             errors, self._errors = self._errors, []
