@@ -17,6 +17,9 @@ from typing import Any
 
 from sage_zmq import EndOfStream, Packet, QueueDescriptor
 
+QUEUE_SIZE = 5000
+"""maxsize of the demo's queues."""
+
 
 def _source(
     worker_queues: list[QueueDescriptor], records: int, sensors: int, rate: float | None = None
@@ -99,19 +102,21 @@ def run(
     out = out or sys.stdout
     ctx = mp.get_context("spawn")
     sink = QueueDescriptor(
-        queue_id="demo-sink", queue_type=queue_type, metadata={"upstreams": 2, "maxsize": 5000}
+        queue_id="demo-sink",
+        queue_type=queue_type,
+        metadata={"upstreams": 2, "maxsize": QUEUE_SIZE},
     )
     workers_in = [
         QueueDescriptor(
-            queue_id=f"demo-worker-{i}", queue_type=queue_type, metadata={"maxsize": 5000}
+            queue_id=f"demo-worker-{i}", queue_type=queue_type, metadata={"maxsize": QUEUE_SIZE}
         )
         for i in range(2)
     ]
     pace = (
         f"paced at {rate:,.0f} rec/s"
         if rate
-        else "unpaced: the queues (maxsize 5,000) fill, so latency is mostly the wait in them; "
-        "--rate N paces the source"
+        else f"unpaced: the queues (maxsize {QUEUE_SIZE:,}) fill, so latency is mostly the "
+        "wait in them; --rate N paces the source"
     )
     print(
         f"sage-zmq demo: source -> 2 workers (hash by sensor) -> sink, {records:,} records "

@@ -54,7 +54,7 @@ from sage_zmq.queues.base import (
     producer_options,
 )
 from sage_zmq.shm.sweep import pid_alive, sweep_orphans
-from sage_zmq.shm.transfer import ShmReceiver, ShmSender
+from sage_zmq.shm.transfer import SCAN_DEPTH, ShmReceiver, ShmSender
 from sage_zmq.wire.codec import Codec
 
 if TYPE_CHECKING:
@@ -216,8 +216,6 @@ class ShmDealerLink(DealerLink):
             self.shm.close()
 
 
-_NESTED_DEPTH = 8
-"""How many container levels below a record :func:`_has_nested_bytes` looks."""
 _LEAVES = frozenset({str, int, float, bool, type(None)})
 
 
@@ -229,13 +227,13 @@ def _worth_deep_scan(frame_bytes: int, records: int, threshold: int) -> bool:
 
 def _has_nested_bytes(records: list[Any], threshold: int) -> bool:
     """Whether a bytes-like of ``threshold`` bytes sits inside a container of a record, at
-    most ``_NESTED_DEPTH`` levels down (a record that is itself bytes, or a Packet whose payload
+    most ``SCAN_DEPTH`` levels down (a record that is itself bytes, or a Packet whose payload
     is, is staged without this scan; such a Packet's payload counts as the record)."""
     # Level by level, each level a list the next one extends in C: a recursive walk with a
     # generator per container cost 3.4 us for a five-field record, more than encoding it.
     level: list[Any] = []
     for rec in records:
-        for _ in range(_NESTED_DEPTH):
+        for _ in range(SCAN_DEPTH):
             if rec.__class__ is not Packet:
                 break
             rec = rec.payload
@@ -244,7 +242,7 @@ def _has_nested_bytes(records: list[Any], threshold: int) -> bool:
             level.extend(rec.values())
         elif cls is list or cls is tuple:
             level.extend(rec)
-    for _ in range(_NESTED_DEPTH):
+    for _ in range(SCAN_DEPTH):
         if not level:
             return False
         below: list[Any] = []

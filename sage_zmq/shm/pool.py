@@ -147,7 +147,7 @@ class Slot:
     offset: int
     nbytes: int
     buffer: memoryview
-    address: int = 0
+    address: int
     """Where the slot starts in this process's memory (for zero-copy array interfaces)."""
 
     def ref(self) -> SlotRef:

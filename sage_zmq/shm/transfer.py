@@ -48,7 +48,8 @@ log = logging.getLogger("sage_zmq.shm")
 
 _BYTES_LIKE = (bytes, bytearray, memoryview)
 _STAGED_TYPES = frozenset({bytes, bytearray, memoryview, Packet})
-_SCAN_DEPTH = 8
+SCAN_DEPTH = 8
+"""How many container levels below a record payloads nested in it are looked for."""
 _WARN_EVERY = 10.0
 _TRIM_EVERY = 10.0
 _RELEASE_CHUNK = 4096
@@ -471,7 +472,7 @@ class ShmSender:
         for i, rec in enumerate(records):
             cls = rec.__class__
             if deep:
-                new = self._scan(rec, _SCAN_DEPTH)
+                new = self._scan(rec, SCAN_DEPTH)
             elif cls is bytes or cls is bytearray or cls is memoryview:
                 ext = self.encode_bytes(rec)
                 new = rec if ext is None else ext
