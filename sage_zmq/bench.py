@@ -6,7 +6,9 @@ ratio between them; nothing here is a pass/fail test. Sections:
 - ``core``: cross-process record dicts through ``shm``/``tcp`` (per-record put/get) vs
   ``multiprocessing.Queue`` and raw pyzmq PUSH/PULL with hand-batched msgpack (100 per frame);
   ``local`` vs ``queue.Queue`` between two threads; idle round-trip latency over ``shm`` vs a
-  raw pyzmq PAIR ping-pong over ipc.
+  raw pyzmq PAIR ping-pong over ipc. The throughput rows are steady state: every producer
+  delivers a warm-up record before the clock starts (see ``_timed_consume``), and the full run
+  takes the best of three rounds in which the competitors take turns.
 - ``routing``, ``shm``, ``sage``, ``ray`` (``--ray``): contributed by their modules.
 """
 
@@ -73,9 +75,10 @@ def result_row(
 def _sz_producer(qd: Any, n: int, ready: Any) -> None:
     from sage_zmq import EndOfStream
 
-    ready.wait()
     put = qd.put
     rec = RECORD
+    put(rec)  # the warm-up record (see _timed_consume)
+    ready.wait()
     for _ in range(n):
         put(rec)
     put(EndOfStream())
@@ -83,24 +86,26 @@ def _sz_producer(qd: Any, n: int, ready: Any) -> None:
 
 
 def _mpq_producer(q: Any, n: int, ready: Any) -> None:
-    ready.wait()
     rec = RECORD
+    q.put(rec)  # the warm-up record (see _timed_consume)
+    ready.wait()
     for _ in range(n):
         q.put(rec)
     q.put(None)
 
 
-def _raw_producer(endpoint: str, n: int, ready: Any) -> None:
+def _raw_producer(endpoint: str, n: int, ready: Any, done: Any) -> None:
     import msgpack
     import zmq
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.connect(endpoint)
-    ready.wait()
     pack = msgpack.packb
     batch: list[Any] = []
     rec = RECORD
+    sock.send(pack([rec]))  # the warm-up record (see _timed_consume)
+    ready.wait()
     for _ in range(n):
         batch.append(rec)
         if len(batch) == 100:
@@ -108,8 +113,11 @@ def _raw_producer(endpoint: str, n: int, ready: Any) -> None:
             batch = []
     if batch:
         sock.send(pack(batch))
-    sock.send(b"")
-    sock.close(linger=-1)
+    # No end-of-stream frame and no close until the consumer has everything: libzmq can drop
+    # the tail of an ipc stream whose reader is at its high-water mark when the writer closes
+    # (libzmq issue 4660; here it took the last frame in about one run of three).
+    done.wait(60)
+    sock.close(linger=0)
     ctx.term()
 
 
@@ -188,7 +196,18 @@ def _scratch_dir() -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _timed_consume(start: Callable[[], None], consume: Callable[[], int], n: int) -> float:
+def _timed_consume(
+    warm_up: Callable[[], Any], start: Callable[[], None], consume: Callable[[], int], n: int
+) -> float:
+    """Records per second of ``consume`` after ``start`` (which lets the producer go).
+
+    Every producer first sends one warm-up record, and ``warm_up`` receives it before the
+    clock starts: the raw producer has connected, a sage-zmq producer has opened its link
+    (lazily, at its first put, with the imports that needs), multiprocessing.Queue has started
+    its feeder thread. So each competitor is measured in its steady state, none with its
+    start-up inside the clock.
+    """
+    warm_up()
     start()
     t0 = time.perf_counter()
     got = consume()
@@ -199,7 +218,7 @@ def _timed_consume(start: Callable[[], None], consume: Callable[[], int], n: int
 
 
 def bench_sage_cross_process(queue_type: str, n: int) -> float:
-    from sage_zmq import QueueDescriptor
+    from sage_zmq import Empty, QueueDescriptor
 
     qd = QueueDescriptor(queue_type=queue_type, metadata={"maxsize": 10000})
     ready = _spawn().Event()
@@ -211,11 +230,11 @@ def bench_sage_cross_process(queue_type: str, n: int) -> float:
         return count
 
     try:
+        # Bind before the producer starts so it never waits on reconnect back-off.
+        with contextlib.suppress(Empty):
+            qd.get(timeout=0.01)
         with _spawned(_sz_producer, qd, n, ready):
-            # Bind before the producer starts so it never waits on reconnect back-off.
-            with contextlib.suppress(Exception):
-                qd.get(timeout=0.01)
-            rate = _timed_consume(ready.set, consume, n)
+            rate = _timed_consume(lambda: qd.get(timeout=60), ready.set, consume, n)
     finally:
         qd.close()
     return rate
@@ -234,7 +253,7 @@ def bench_mp_queue(n: int) -> float:
 
     try:
         with _spawned(_mpq_producer, q, n, ready):
-            rate = _timed_consume(ready.set, consume, n)
+            rate = _timed_consume(lambda: q.get(timeout=60), ready.set, consume, n)
     finally:
         q.close()
         q.join_thread()
@@ -246,9 +265,10 @@ def bench_raw_pyzmq(transport: str, n: int) -> float:
     import zmq
 
     unpack = msgpack.unpackb
-    ready = _spawn().Event()
+    ready, done = _spawn().Event(), _spawn().Event()
     with _scratch_dir() as tmp, zmq.Context() as ctx, ctx.socket(zmq.PULL) as sock:
         sock.linger = 0
+        sock.rcvtimeo = 60_000  # a producer that died is an error here, not a hang
         if transport == "tcp":
             port = sock.bind_to_random_port("tcp://127.0.0.1")
             endpoint = f"tcp://127.0.0.1:{port}"
@@ -258,15 +278,16 @@ def bench_raw_pyzmq(transport: str, n: int) -> float:
 
         def consume() -> int:
             count = 0
-            while True:
-                frame = sock.recv()
-                if not frame:
-                    return count
-                for _ in unpack(frame):
+            while count < n:
+                for _ in unpack(sock.recv()):
                     count += 1
+            return count
 
-        with _spawned(_raw_producer, endpoint, n, ready):
-            return _timed_consume(ready.set, consume, n)
+        with _spawned(_raw_producer, endpoint, n, ready, done):
+            try:
+                return _timed_consume(lambda: unpack(sock.recv()), ready.set, consume, n)
+            finally:
+                done.set()
 
 
 def bench_local_threads(n: int) -> tuple[float, float]:
@@ -466,18 +487,43 @@ def percentile_rows(
     ]
 
 
+def best_of_alternating(
+    runs: dict[str, Callable[[], float]], rounds: int, progress: Callable[[str], None]
+) -> dict[str, float]:
+    """The best figure of each run over ``rounds`` rounds, the runs taking turns in each.
+
+    On a shared machine a single run of each, one after the other, mostly measures which one
+    the noise hit; taking turns exposes every competitor to the same spells, and the best of
+    several keeps what each can do (as ``timeit`` reports its minimum).
+    """
+    best: dict[str, float] = {}
+    for r in range(rounds):
+        for name, run in runs.items():
+            progress(f"{name} (round {r + 1} of {rounds})")
+            value = run()
+            best[name] = max(best.get(name, value), value)
+    return best
+
+
 def run_core(quick: bool, progress: Callable[[str], None]) -> list[Row]:
     n = 100_000 if quick else 1_000_000
+    rounds = 1 if quick else 3
     rows: list[Row] = []
-    progress("raw pyzmq ipc, hand-batched")
-    raw_ipc = bench_raw_pyzmq("ipc", n)
-    progress("raw pyzmq tcp, hand-batched")
-    raw_tcp = bench_raw_pyzmq("tcp", n)
-    progress("multiprocessing.Queue")
-    mpq = bench_mp_queue(n // 5)
+    rates = best_of_alternating(
+        {
+            "raw pyzmq ipc, hand-batched": lambda: bench_raw_pyzmq("ipc", n),
+            "sage-zmq shm": lambda: bench_sage_cross_process("shm", n),
+            "raw pyzmq tcp, hand-batched": lambda: bench_raw_pyzmq("tcp", n),
+            "sage-zmq tcp": lambda: bench_sage_cross_process("tcp", n),
+            "multiprocessing.Queue": lambda: bench_mp_queue(n // 5),
+        },
+        rounds,
+        progress,
+    )
+    raw_ipc, raw_tcp = rates["raw pyzmq ipc, hand-batched"], rates["raw pyzmq tcp, hand-batched"]
+    mpq = rates["multiprocessing.Queue"]
     for qtype, raw, label in (("shm", raw_ipc, "ipc"), ("tcp", raw_tcp, "tcp")):
-        progress(f"sage-zmq {qtype}")
-        ours = bench_sage_cross_process(qtype, n)
+        ours = rates[f"sage-zmq {qtype}"]
         rows.append(
             result_row(
                 f"{qtype} records/s (cross-process, per-record put/get)",

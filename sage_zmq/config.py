@@ -22,8 +22,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
-import yaml
-
 from sage_zmq.errors import ConfigError
 
 ENV_FILE = "SAGE_ZMQ_CONFIG"
@@ -452,23 +450,31 @@ def _nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
     return nested
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys, which PyYAML would otherwise silently drop."""
+@cache
+def _strict_loader() -> type[Any]:
+    """A SafeLoader that rejects duplicate keys, which PyYAML would otherwise silently drop.
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[str] = set()
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
-                continue
-            if key_node.value in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"found duplicate key {key_node.value!r}",
-                    key_node.start_mark,
-                )
-            seen.add(key_node.value)
-        return super().construct_mapping(node, deep=deep)
+    Built on first use: PyYAML costs ~20 ms to import, and most processes never read YAML.
+    """
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+            seen: set[str] = set()
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                    continue
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"found duplicate key {key_node.value!r}",
+                        key_node.start_mark,
+                    )
+                seen.add(key_node.value)
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
 
 
 def _load_file(source: str | os.PathLike[str], via: str | None = None) -> Config:
@@ -482,8 +488,10 @@ def _load_file(source: str | os.PathLike[str], via: str | None = None) -> Config
         raise ConfigError(f"{label} is a directory; give the path of a YAML file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {label}: {exc}") from None
+    import yaml
+
     try:
-        data = yaml.load(text, Loader=_StrictLoader)
+        data = yaml.load(text, Loader=_strict_loader())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{label} is not valid YAML: {exc}") from None
     if data is None:  # an empty file means "all defaults"
@@ -518,6 +526,8 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> Config:
             guess = _suggest(path)
             hint = f"; did you mean {_env_name(guess)}?" if guess else ""
             raise ConfigError(f"environment variable {var} names unknown key {path!r}{hint}")
+        import yaml
+
         try:
             overrides[path] = yaml.safe_load(env[var])
         except yaml.YAMLError as exc:

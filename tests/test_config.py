@@ -488,7 +488,7 @@ def test_yaml_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
     # ...but overriding a merged key is legitimate YAML, not a duplicate
     data = yaml.load(
         "a: &b {x: 1}\nc:\n  <<: *b\n  x: 2\n",
-        Loader=config_mod._StrictLoader,
+        Loader=config_mod._strict_loader(),
     )
     assert data["c"] == {"x": 2}
 

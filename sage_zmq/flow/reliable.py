@@ -121,6 +121,7 @@ from sage_zmq.flow.wal import (
 from sage_zmq.packet import EndOfStream
 from sage_zmq.queues._consumer import _END, Consumer, _Upstream
 from sage_zmq.queues._producer import _HOST, Producer
+from sage_zmq.queues._socket_type import wants_reliability
 from sage_zmq.queues.base import (
     ConsumerInlet,
     Credit,
@@ -184,14 +185,6 @@ class ReliabilitySettings:
             except ConfigError as exc:
                 raise DescriptorError(f"metadata['producer_id']: {exc}") from None
         return cls(timing, persist, pid)
-
-
-def wants_reliability(metadata: dict[str, Any]) -> bool:
-    """True when queue metadata asks for acks (``ack: True``) or persistence."""
-    ack = metadata.get("ack", False)
-    if not isinstance(ack, bool):
-        raise DescriptorError(f"metadata['ack'] must be true or false, got {ack!r}")
-    return ack or metadata.get("persist") is not None
 
 
 def _stem(queue_id: str) -> str:

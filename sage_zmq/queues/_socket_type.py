@@ -25,14 +25,24 @@ if TYPE_CHECKING:
     from sage_zmq.descriptor import QueueDescriptor
 
 
+def wants_reliability(metadata: dict[str, Any]) -> bool:
+    """True when queue metadata asks for acks (``ack: True``) or persistence.
+
+    Here rather than in :mod:`sage_zmq.flow.reliable` so that a plain queue decides without
+    importing the reliable layer (tens of ms at a worker's first put).
+    """
+    ack = metadata.get("ack", False)
+    if not isinstance(ack, bool):
+        raise DescriptorError(f"metadata['ack'] must be true or false, got {ack!r}")
+    return ack or metadata.get("persist") is not None
+
+
 class SocketQueueType(QueueType):
     """A queue carried by a DEALER/ROUTER pair."""
 
     reliable_by_default: ClassVar[bool] = False
 
     def reliable(self, descriptor: QueueDescriptor) -> bool:
-        from sage_zmq.flow.reliable import wants_reliability
-
         return self.reliable_by_default or wants_reliability(descriptor.metadata)
 
     def make_producer(self, descriptor: QueueDescriptor) -> Any:

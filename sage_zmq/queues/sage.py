@@ -17,7 +17,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sage_zmq.errors import DescriptorError
-from sage_zmq.flow.reliable import ReliabilitySettings, wants_reliability
+from sage_zmq.flow.reliable import ReliabilitySettings
+from sage_zmq.queues._socket_type import wants_reliability
 from sage_zmq.queues._zmq import check_ipc_endpoint, derive_ipc_endpoint
 from sage_zmq.queues.base import Capabilities
 from sage_zmq.queues.tcp import TcpQueueType

@@ -22,18 +22,21 @@ from __future__ import annotations
 
 import ipaddress
 import pickle
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import lz4.frame
 import msgpack
-import numpy as np
 
 from sage_zmq.errors import DecodeError, EncodeError
 from sage_zmq.observe import tracing as _tracing
 from sage_zmq.packet import EndOfStream, Packet
 from sage_zmq.wire.frame import FLAG_LZ4, FLAG_PICKLE, HEADER_SIZE, Kind, header, parse_header
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PLAIN_DATA_HEADER = header(Kind.DATA)
 """The header of a DATA frame without flags (no lz4, no pickle): see ``decode_plain_data``."""
@@ -184,14 +187,18 @@ class Codec:
                     ]
                 ),
             )
-        if isinstance(obj, np.ndarray):
-            if self.shm_encoder is not None:
-                ref = self.shm_encoder(obj)
-                if ref is not None:
-                    return ref
-            return self.inline_array(obj)
-        if isinstance(obj, np.generic):
-            return obj.item()
+        # numpy is imported on demand (~100 ms): where it was never imported, no record can
+        # hold an array, and a queue of plain records never pays for it.
+        numpy = sys.modules.get("numpy")
+        if numpy is not None:
+            if isinstance(obj, numpy.ndarray):
+                if self.shm_encoder is not None:
+                    ref = self.shm_encoder(obj)
+                    if ref is not None:
+                        return ref
+                return self.inline_array(obj)
+            if isinstance(obj, numpy.generic):
+                return obj.item()
         if cls is EndOfStream:
             return msgpack.ExtType(EXT_END_OF_STREAM, self._pack_inner([obj.source]))
         if isinstance(obj, memoryview | bytearray):
@@ -221,6 +228,8 @@ class Codec:
             raw = buffer.raw()  # contiguous bytes view (pickle only hands out such buffers)
             ref = None
             if self.shm_encoder is not None:
+                import numpy as np  # a link with a shm encoder has it imported already
+
                 ref = self.shm_encoder(np.frombuffer(raw, dtype=np.uint8))
             parts.append(ref if ref is not None else raw)
         return msgpack.ExtType(EXT_PICKLE_OOB, self._pack_inner([data, parts]))
@@ -238,6 +247,8 @@ class Codec:
                 "cannot encode a numpy array of dtype object: it holds Python objects; "
                 "use a numeric dtype or enable pickle (security.allow_pickle)"
             )
+        import numpy as np  # imported already: arr is an array
+
         dtype: Any = arr.dtype.str if arr.dtype.fields is None else arr.dtype.descr
         data = np.ascontiguousarray(arr)
         return msgpack.packb(
@@ -416,6 +427,8 @@ class Codec:
             self._ext_depth = depth
 
     def _decode_ndarray(self, data: bytes) -> np.ndarray:
+        import numpy as np  # the first array received imports it
+
         fields = msgpack.unpackb(data, raw=False)
         if not isinstance(fields, list) or len(fields) != 3:
             raise DecodeError("ndarray extension must hold [dtype, shape, data]")
