@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,38 @@ def test_persistent_queue_round_trip_and_restart_numbering(persist: str) -> None
         with contextlib.suppress(Empty):
             qd2.get(timeout=0.05)
         qd2.close()
+
+
+def test_a_busy_producer_batches_although_each_log_write_is_slow(
+    persist: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each put writes its record to the log before it returns; on a slow disk that write
+    # used to count as the caller's pause, so the producer never looked busy and sent one
+    # frame per record. A log that takes 0.2 ms per append stands in for that disk.
+    from sage_zmq.flow import wal as wal_mod
+
+    append = wal_mod.WriteAheadLog.append
+
+    def slow_append(self: Any, first_seq: int, count: int, payload: Any) -> None:
+        deadline = time.perf_counter() + 2e-4
+        while time.perf_counter() < deadline:
+            pass
+        append(self, first_seq, count, payload)
+
+    monkeypatch.setattr(wal_mod.WriteAheadLog, "append", slow_append)
+    meta = {**FAST, "persist": persist, "fsync": "never", "maxsize": 1000}
+    qd = QueueDescriptor("slow-log", "sage", meta)
+    try:
+        for i in range(400):
+            qd.put(i, timeout=conf.GET_TIMEOUT)
+        assert conf.drain(qd, 400) == list(range(400))
+        stats = _producer(qd).statistics()
+        assert stats.sent == 400
+        assert stats.batches_sent <= 400 / 3, stats  # before: 400 frames of one record
+    finally:
+        with contextlib.suppress(Empty):
+            qd.get(timeout=0.05)
+        qd.close()
 
 
 def test_corrupt_log_is_reported_and_torn_tail_is_cut(persist: str) -> None:
