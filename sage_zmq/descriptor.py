@@ -498,6 +498,7 @@ class _QueueHandle:
         if producer is not None:
             if consumer is not None:
                 producer.assist = consumer.assist
+                producer.local_receipts = getattr(consumer, "received_from", None)
             try:
                 producer.close(timeout)
             except SageZmqError as exc:

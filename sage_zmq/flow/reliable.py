@@ -708,14 +708,15 @@ class ReliableProducer(Producer):
                 self._closing = True
                 self._keeping.send_close(self.producer_id, target)
                 local = self.assist is not None
+                self._hear_local_consumer()
                 while (self._received if local else self._acked) < target:
                     wait = deadline - time.monotonic()
                     if wait <= 0:
                         break
-                    if self.assist is not None:
-                        self.assist()
+                    if local:
                         wait = min(wait, 0.01)
                     self._apply(self._keeping.poll(min(wait, self._tick_interval)))
+                    self._hear_local_consumer()
                 done = self._received if local else self._acked
                 undelivered = unsent + max(0, target - done)
             finally:

@@ -396,6 +396,11 @@ class Consumer:
     def full(self) -> bool:
         return self.qsize() >= self._maxsize
 
+    def received_from(self, producer: str) -> int | None:
+        """The seq below which every record of ``producer`` has arrived here (None: unknown)."""
+        up = self._ups.get(producer)
+        return None if up is None else up.received
+
     def add_inlet(self, inlet: ConsumerInlet) -> None:
         with self._lock:
             self._inlets = [*self._inlets, inlet]

@@ -156,6 +156,7 @@ class WrappedProducer:
         self._sent = 0
         self._closed = False
         self.assist: Any = None
+        self.local_receipts: Any = None
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         if self._closed:
