@@ -166,19 +166,28 @@ def persist(tmp_path: Path) -> Iterator[str]:
     yield str(tmp_path / "persist")
 
 
+def _round_trip(qd: QueueDescriptor, n: int) -> Any:
+    """Put 0..n-1 and take them back in order; returns the producer's statistics."""
+    for i in range(n):
+        qd.put(i, timeout=conf.GET_TIMEOUT)
+    assert conf.drain(qd, n) == list(range(n))
+    return _producer(qd).statistics()
+
+
+def _close_consumed(qd: QueueDescriptor) -> None:
+    with contextlib.suppress(Empty):
+        qd.get(timeout=0.05)  # consumes the last record, so close() sees it acked
+    qd.close()
+
+
 def test_persistent_queue_round_trip_and_restart_numbering(persist: str) -> None:
     meta = {**FAST, "persist": persist, "fsync": "never", "maxsize": 100}
     qd = QueueDescriptor("persisted", "sage", meta)
     try:
-        for i in range(50):
-            qd.put(i, timeout=conf.GET_TIMEOUT)
-        assert conf.drain(qd, 50) == list(range(50))
-        stats = _producer(qd).statistics()
+        stats = _round_trip(qd, 50)
         pid, epoch = stats.extra["producer_id"], stats.extra["epoch"]
     finally:
-        with contextlib.suppress(Empty):
-            qd.get(timeout=0.05)  # consumes the last record, so close() sees it acked
-        qd.close()
+        _close_consumed(qd)
     qd2 = QueueDescriptor._restore("persisted", "sage", dict(qd.metadata))
     try:
         qd2.put("again", timeout=conf.GET_TIMEOUT)
@@ -187,9 +196,7 @@ def test_persistent_queue_round_trip_and_restart_numbering(persist: str) -> None
         assert stats.extra["producer_id"] == pid  # the same log, taken over
         assert stats.extra["epoch"] == epoch + 1
     finally:
-        with contextlib.suppress(Empty):
-            qd2.get(timeout=0.05)
-        qd2.close()
+        _close_consumed(qd2)
 
 
 def test_a_busy_producer_batches_although_each_log_write_is_slow(
@@ -212,16 +219,11 @@ def test_a_busy_producer_batches_although_each_log_write_is_slow(
     meta = {**FAST, "persist": persist, "fsync": "never", "maxsize": 1000}
     qd = QueueDescriptor("slow-log", "sage", meta)
     try:
-        for i in range(400):
-            qd.put(i, timeout=conf.GET_TIMEOUT)
-        assert conf.drain(qd, 400) == list(range(400))
-        stats = _producer(qd).statistics()
+        stats = _round_trip(qd, 400)
         assert stats.sent == 400
         assert stats.batches_sent <= 400 / 3, stats  # before: 400 frames of one record
     finally:
-        with contextlib.suppress(Empty):
-            qd.get(timeout=0.05)
-        qd.close()
+        _close_consumed(qd)
 
 
 def test_corrupt_log_is_reported_and_torn_tail_is_cut(persist: str) -> None:
