@@ -433,10 +433,7 @@ class ReliableProducer(Producer):
     # ----------------------------------------------------------------- persistence
     def _log_put(self, item: Any, index: int) -> None:
         assert self._wal is not None
-        if self._back_at <= self._last_flush:
-            # The caller is back for more now: the log write below is the put's own work, not
-            # the caller's, and must not make a busy producer look idle (one frame per record).
-            self._back_at = time.perf_counter()
+        self._note_caller_back()  # the log write below is this put's work, not a pause
         seq = self._next_seq + index
         inner = self._keeping.inner
         frame, _sent, errors = inner.codec.encode_batch(self.producer_id, seq, [item])

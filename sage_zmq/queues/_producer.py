@@ -258,12 +258,19 @@ class Producer:
         """The caller's own time between the previous flush's end and ``now``.
 
         A put that copies a large payload is slow, yet its caller may be busy: a caller that
-        came back earlier for a buffer to fill (alloc) was back then, however long the
-        filling took.
+        came back earlier (see ``_note_caller_back``: for a buffer to fill, or with a record
+        to log) was back then, however long the filling or the logging took.
         """
         last = self._last_flush
         back = self._back_at
         return (back if back > last else now) - last
+
+    def _note_caller_back(self) -> None:
+        """The caller is back for more now (noted at the first call since the last flush):
+        what this put or alloc does from here on is the queue's work, not a pause of the
+        caller's, and must not make a busy producer look idle."""
+        if self._back_at <= self._last_flush:
+            self._back_at = time.perf_counter()
 
     def _note_flush(self, started: float, records: int, weight: int) -> None:
         """Adapt ``_flush_at`` after a flush (begun at ``started``) of ``weight`` frame bytes."""

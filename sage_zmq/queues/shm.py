@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -292,10 +291,7 @@ class ShmProducer(Producer):
         if self._closed:
             raise QueueClosed(f"queue {self.queue_id!r} was closed in this process")
         with self._lock:
-            if self._back_at <= self._last_flush:
-                # The first request since the last flush: the caller is back for more now,
-                # which tells a busy producer (batch) from an idle one (flush at once).
-                self._back_at = time.perf_counter()
+            self._note_caller_back()  # filling the buffer is the caller's work after that
             return self.shm.alloc(shape, dtype, timeout)
 
     def statistics(self) -> QueueStatistics:
