@@ -1,7 +1,8 @@
 """``sage-zmq demo``: the main job — source -> 2 parallel workers -> sink across processes.
 
 The source keys sensor readings and hash-routes them to two worker processes over ``shm``
-queues; each worker enriches its records and sends them to the sink (this process), whose queue
+queues (``--queue-type`` picks another); each worker opens its own input queue, hands its
+descriptor back, and enriches its records and sends them to the sink (this process), whose queue
 counts two upstreams. While it runs, the sink prints throughput and end-to-end latency (from
 each packet's creation time); at the end it prints a summary and checks that every record
 arrived exactly once.
@@ -13,6 +14,9 @@ import argparse
 import multiprocessing as mp
 import sys
 import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 from sage_zmq import EndOfStream, Packet, QueueDescriptor
@@ -52,7 +56,15 @@ def _source(
         qd.close()
 
 
-def _worker(index: int, inbox: QueueDescriptor, sink: QueueDescriptor) -> None:
+def _worker(index: int, queue_type: str, sink: QueueDescriptor, parent: Connection) -> None:
+    # The worker consumes its inbox, so it creates it: a tcp queue without an endpoint is
+    # bound by the process that creates it, on a port only that process knows.
+    inbox = QueueDescriptor(
+        queue_id=f"demo-worker-{index}", queue_type=queue_type, metadata={"maxsize": QUEUE_SIZE}
+    )
+    inbox.qsize()  # opens (binds) the consumer end before the source connects
+    parent.send(inbox)
+    parent.close()
     for packet in inbox:
         reading = packet.payload
         reading["fahrenheit"] = reading["celsius"] * 9 / 5 + 32
@@ -86,6 +98,30 @@ class _Report:
         )
 
 
+def _inbox_of(worker: BaseProcess, reply: Connection) -> QueueDescriptor:
+    """The descriptor of the queue ``worker`` opened for its input (it sends it once bound)."""
+    try:
+        while not reply.poll(0.5):
+            if not worker.is_alive():
+                raise RuntimeError(
+                    f"{worker.name} exited (code {worker.exitcode}) before it opened its queue"
+                )
+        inbox: QueueDescriptor = reply.recv()
+        return inbox
+    finally:
+        reply.close()
+
+
+def _stop(procs: Sequence[BaseProcess], grace: float = 0.0) -> None:
+    for proc in procs:
+        if proc.pid is None:
+            continue  # never started
+        proc.join(timeout=grace)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
 def run(
     records: int = 500_000,
     sensors: int = 1000,
@@ -106,12 +142,6 @@ def run(
         queue_type=queue_type,
         metadata={"upstreams": 2, "maxsize": QUEUE_SIZE},
     )
-    workers_in = [
-        QueueDescriptor(
-            queue_id=f"demo-worker-{i}", queue_type=queue_type, metadata={"maxsize": QUEUE_SIZE}
-        )
-        for i in range(2)
-    ]
     pace = (
         f"paced at {rate:,.0f} rec/s"
         if rate
@@ -124,15 +154,26 @@ def run(
         file=out,
         flush=True,
     )
-    workers = [
-        ctx.Process(target=_worker, args=(i, q, sink), name=f"demo-worker-{i}")
-        for i, q in enumerate(workers_in)
-    ]
-    source = ctx.Process(
-        target=_source, args=(workers_in, records, sensors, rate), name="demo-source"
-    )
-    for proc in (*workers, source):
+    workers, replies = [], []
+    for i in range(2):
+        mine, theirs = ctx.Pipe(duplex=False)
+        proc = ctx.Process(
+            target=_worker, args=(i, queue_type, sink, theirs), name=f"demo-worker-{i}"
+        )
         proc.start()
+        theirs.close()
+        workers.append(proc)
+        replies.append(mine)
+    try:
+        workers_in = [_inbox_of(proc, reply) for proc, reply in zip(workers, replies, strict=True)]
+        source = ctx.Process(
+            target=_source, args=(workers_in, records, sensors, rate), name="demo-source"
+        )
+        source.start()
+    except BaseException:
+        _stop(workers)
+        sink.close()
+        raise
     report = _Report(records)
     last_count, last_time = 0, time.perf_counter()
     try:
@@ -164,11 +205,7 @@ def run(
             if not any(p.is_alive() for p in workers) and packet is None:
                 break
     finally:
-        for proc in (source, *workers):
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        _stop([source, *workers], grace=30)
         sink.close()
     elapsed = time.perf_counter() - report.start
     lat = sorted(report.latencies)

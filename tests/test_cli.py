@@ -186,6 +186,17 @@ def test_demo_quick(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--quick"]) == 0
 
 
+@pytest.mark.parametrize("queue_type", ["tcp", "sage"])
+def test_demo_runs_over_every_queue_type_it_offers(
+    queue_type: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Each worker creates (and so binds) its own input queue: a tcp queue created in the
+    # demo's process would be bound there, and the workers could not get() from it.
+    assert main(["demo", "--records", "3000", "--queue-type", queue_type]) == 0
+    out = capsys.readouterr().out
+    assert f"over '{queue_type}' queues" in out and "3,000 of 3,000 records" in out
+
+
 def test_demo_paced(capsys: pytest.CaptureFixture[str]) -> None:
     t0 = time.monotonic()
     assert main(["demo", "--records", "3000", "--rate", "20000"]) == 0
