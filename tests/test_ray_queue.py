@@ -363,7 +363,7 @@ def _restart_run(
 def test_consumer_restart_producers_follow(caplog: pytest.LogCaptureFixture) -> None:
     qd = QueueDescriptor("rq-restart", "ray", {"maxsize": 200})
     try:
-        with caplog.at_level("INFO", logger="sage_zmq.queue.ray"):
+        with caplog.at_level("INFO", logger="sage_zmq.connection"):
             first, second, errors, _ = _restart_run(qd, 4000)
     finally:
         _close_quietly(qd)

@@ -156,9 +156,11 @@ def test_hash_owner_removed_raises_naming_it_unless_rescaled(local_queues: Any) 
     with pytest.raises(RoutingError, match=r"instance 1 of group 0.*removed"):
         router.route(Packet(2, partition_key=key))
     assert router.statistics().failures == 1
-    router.add_connection(conns[1])
-    router.remove_connection(conns[1], rescale=True)
+    # What the error advises works as it says: a second removal, with rescale.
+    assert router.remove_connection(conns[1], rescale=True) == 0
     assert router.route(Packet(3, partition_key=key)) == [conns[0]]
+    with pytest.raises(RoutingError, match="is not connected"):
+        router.remove_connection(conns[1], rescale=True)  # nothing of it is left to remove
     assert [p.payload for p in _drain(qds[1])] == [1]
     assert [p.payload for p in _drain(qds[0])] == [3]
 
@@ -208,7 +210,10 @@ def test_packet_strategy_overrides_router(local_queues: Any) -> None:
 # -- failures ------------------------------------------------------------------------------------
 
 
-def test_full_instance_is_skipped_and_packets_never_vanish(local_queues: Any) -> None:
+def test_full_instance_is_skipped_and_packets_never_vanish(
+    local_queues: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="sage_zmq.connection")
     blocked, *free = local_queues(3, maxsize=2)
     router = RoundRobinRouter(timeout=0.05, retry_interval=60.0)
     router.add_connection(Connection(0, 0, "blocked", blocked))
@@ -221,6 +226,9 @@ def test_full_instance_is_skipped_and_packets_never_vanish(local_queues: Any) ->
             received += _drain(qd)
     stats = router.statistics()
     assert stats.stalled == ((0, 0),) and stats.failovers == 1
+    # One WARNING when traffic moved away, naming the instance (not one per packet).
+    (event,) = [r for r in caplog.records if getattr(r, "sage_event", "") == "failover"]
+    assert event.levelname == "WARNING" and "'blocked' [0.0]" in event.getMessage()
     received += _drain(blocked)
     assert sorted(p.payload for p in received) == list(range(30))
 

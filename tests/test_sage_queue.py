@@ -261,7 +261,8 @@ def test_corrupt_log_is_reported_and_torn_tail_is_cut(persist: str) -> None:
 
 
 # ------------------------------------------------------------------------------ failover hooks
-def test_take_unacked_returns_what_no_consumer_took() -> None:
+def test_take_unacked_returns_what_no_consumer_took(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="sage_zmq.connection")
     qd = QueueDescriptor(None, "sage", {**FAST, "maxsize": 100})
     try:
         for i in range(30):
@@ -280,6 +281,16 @@ def test_take_unacked_returns_what_no_consumer_took() -> None:
         conf.wait_until(lambda: p.peer_alive, what="the consumer alive again")
     finally:
         qd.close()
+    # Death and return are connection events, with the peer, for structured handlers.
+    events = {
+        r.sage_event: r  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "sage_zmq.connection" and r.sage_queue == qd.queue_id  # type: ignore[attr-defined]
+    }
+    dead = events["peer_dead"]
+    assert dead.levelname == "WARNING" and dead.sage_peer == p._keeping.endpoint  # type: ignore[attr-defined]
+    assert "declared dead" in dead.getMessage()
+    assert events["peer_alive"].levelname == "INFO"
 
 
 def test_dead_callback_fires_once_per_death() -> None:

@@ -118,6 +118,7 @@ from sage_zmq.flow.wal import (
     WriteAheadLog,
     check_producer_id,
 )
+from sage_zmq.observe.logging import connection_event
 from sage_zmq.packet import EndOfStream
 from sage_zmq.queues._consumer import _END, Consumer, _Upstream
 from sage_zmq.queues._producer import _HOST, Producer
@@ -579,7 +580,9 @@ class ReliableProducer(Producer):
         action = self._live.check()
         if action & Action.REVIVED:
             self.dead_event.clear()
-            log.info("queue %s: consumer is alive again", self.queue_id)
+            connection_event(
+                "peer_alive", queue=self.queue_id, peer=link.endpoint, detail="consumer heard again"
+            )
         if action & Action.DEAD:
             self._declare_dead()
         if action & Action.RECONNECT:
@@ -599,10 +602,11 @@ class ReliableProducer(Producer):
             wal.sync()
 
     def _declare_dead(self) -> None:
-        log.warning(
-            "queue %s: consumer declared dead (nothing heard for %.3g s)",
-            self.queue_id,
-            self._live.timeout,
+        connection_event(
+            "peer_dead",
+            queue=self.queue_id,
+            peer=self._keeping.endpoint,
+            detail=f"consumer declared dead (nothing heard for {self._live.timeout:.3g} s)",
         )
         self.dead_event.set()
         for callback in list(self._dead_callbacks):
@@ -613,7 +617,13 @@ class ReliableProducer(Producer):
 
     def _reconnect(self) -> None:
         self._reconnects += 1
-        log.info("queue %s: reconnecting (attempt %d)", self.queue_id, self._live.backoff.attempts)
+        connection_event(
+            "reconnect",
+            queue=self.queue_id,
+            peer=self._keeping.endpoint,
+            detail=f"attempt {self._live.backoff.attempts}",
+            attempt=self._live.backoff.attempts,
+        )
         self._keeping.replace(self._open_link())
         self._resend(self._acked, "reconnect")
 

@@ -175,6 +175,14 @@ class DealerLink:
         except zmq.Again:
             # A DEALER blocks only when it has no connection object at all, e.g. every
             # handshake fails (CURVE refused this producer's key): report it, never hang.
+            from sage_zmq.observe.logging import connection_event
+
+            connection_event(
+                "connect_failed",
+                queue=self.queue_id,
+                peer=self.endpoint,
+                detail="no usable connection to hand a frame to",
+            )
             raise DeliveryError(
                 f"queue {self.queue_id!r}: could not hand a frame to ZeroMQ for "
                 f"{self.endpoint}: no usable connection (is the consumer up? does it accept "

@@ -40,6 +40,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from sage_zmq import _runtime
 from sage_zmq.errors import DescriptorError, MissingDependency, SageZmqError
+from sage_zmq.observe.logging import connection_event
 from sage_zmq.queues._socket_type import SocketQueueType
 from sage_zmq.queues._zmq import DealerLink, RouterInlet, derive_abstract_ipc_endpoint
 from sage_zmq.queues.base import Capabilities, ConsumerInlet, Credit, ProducerLink
@@ -325,18 +326,19 @@ class RayProducerLink:
         self.reconnects += 1
         at_risk = self._sent_seq - self._acked
         if at_risk > 0 and not self._reliable:
-            log.warning(
-                "queue %s: consumer restarted (now %s); up to %d records sent to the old one "
-                "(seq %d..%d) were not acked and are lost; set metadata ack=True to have them "
-                "retransmitted",
-                self.queue_id,
-                endpoint,
-                at_risk,
-                self._acked,
-                self._sent_seq - 1,
+            connection_event(
+                "lost",
+                queue=self.queue_id,
+                peer=endpoint,
+                detail=f"the consumer restarted; up to {at_risk} records sent to the old one "
+                f"(seq {self._acked}..{self._sent_seq - 1}) were not acked and are lost; set "
+                "metadata ack=True to have them retransmitted",
+                records=at_risk,
             )
         else:
-            log.info("queue %s: consumer restarted (now %s)", self.queue_id, endpoint)
+            connection_event(
+                "reconnect", queue=self.queue_id, peer=endpoint, detail="the consumer restarted"
+            )
         if self._hello is not None:
             producer, epoch = self._hello
             if not self._reliable:

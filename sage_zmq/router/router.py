@@ -43,6 +43,7 @@ from sage_zmq.errors import (
     RoutingError,
     SageZmqError,
 )
+from sage_zmq.observe.logging import connection_event
 from sage_zmq.packet import EndOfStream, Packet
 from sage_zmq.router.connection import Connection
 from sage_zmq.router.strategies import (
@@ -309,7 +310,8 @@ class BaseRouter:
         that queue (delivered if its consumer reads them; a ``DeliveryError`` on the
         descriptor's ``close`` otherwise). With hash routing the instance stays in the group's
         key-group layout, so its keys raise instead of moving, unless ``rescale=True``: then
-        the layout shrinks and keys move (keyed state must move with them). Likewise a group
+        the layout shrinks and keys move (keyed state must move with them); an instance
+        removed without it can be removed again with it. Likewise a group
         whose last instance is removed keeps expecting packets (``route`` raises) unless the
         removals were ``rescale=True``: a group's share is never dropped silently.
         """
@@ -320,6 +322,18 @@ class BaseRouter:
         with self._lock:
             group = self._group(conn.broadcast_index)
             target = None if group is None else group.targets.get(conn.parallel_index)
+            if (
+                rescale
+                and group is not None
+                and target is None
+                and conn.parallel_index in group.configured
+            ):
+                # Removed earlier without rescale (its keys raise): now its share goes too.
+                group.configured = tuple(p for p in group.configured if p != conn.parallel_index)
+                group.relive()
+                if not group.targets and not group.configured:
+                    self._groups = tuple(g for g in self._groups if g is not group)
+                return 0
             if group is None or target is None or not (target.conn is conn or target.conn == conn):
                 raise RoutingError(
                     f"{self.name}: {conn.describe()} is not connected; connected: "
@@ -546,7 +560,7 @@ class BaseRouter:
                 qd.put(item, True, wait)
         except _PUT_FAILURES as exc:
             t.used = True
-            self._stall(g, t)
+            self._stall(g, t, exc)
             return exc
         except EncodeError as exc:
             # The record itself cannot travel: no other instance would do better.
@@ -558,17 +572,30 @@ class BaseRouter:
         return None
 
     # ------------------------------------------------------------------ health
-    def _stall(self, g: _Group, t: _Target) -> None:
+    def _stall(self, g: _Group, t: _Target, why: Exception) -> None:
         with self._lock:
+            first = not t.probe  # a failed probe of a stalled instance is not news
             t.stalled_until = time.monotonic() + self.retry_interval
             t.probe = True
             g.relive()
+        if first:
+            connection_event(
+                "failover",
+                queue=t.qd.queue_id,
+                peer=t.conn.describe(),
+                detail=f"{self.name}: {why}; the group's other instances take its packets, "
+                f"and it is tried again in {self.retry_interval:g} s",
+                router=self.name,
+            )
 
     def _recover(self, g: _Group, t: _Target) -> None:
         with self._lock:
             t.stalled_until = 0.0
             t.probe = False
             g.relive()
+        connection_event(
+            "peer_alive", queue=t.qd.queue_id, peer=t.conn.describe(), router=self.name
+        )
 
     def _readmit(self, now: float) -> None:
         """Stalled instances whose pause is over rejoin (their next put is a probe)."""
