@@ -109,6 +109,14 @@ def produce_then_hang(
     conn.send(("closed", None))
 
 
+def hold_open(conn: Connection, qd: QueueDescriptor) -> None:
+    """Bind ``qd``'s consumer end and read nothing (heartbeats are answered) until killed."""
+    with contextlib.suppress(Empty):
+        qd.get_nowait()
+    conn.send(("ready", os.getpid()))
+    conn.recv()
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -287,6 +295,65 @@ def test_heartbeat_loss_on_a_real_socket_is_detected_in_time() -> None:
         finally:
             producer_qd.close(timeout=5)
             qd.close()
+
+
+# ------------------------------------------------------------------------------ router failover
+def test_router_moves_a_dead_instances_unacked_packets_to_a_live_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from sage_zmq import Packet
+    from sage_zmq.router import Connection as Conn
+    from sage_zmq.router import RoundRobinRouter
+
+    caplog.set_level("INFO", logger="sage_zmq.connection")
+    meta = {**FAST, "maxsize": 50}
+    doomed = QueueDescriptor(None, "sage", meta)
+    healthy = QueueDescriptor(None, "sage", meta)
+    with contextlib.suppress(Empty):
+        healthy.get_nowait()  # this process consumes the healthy instance
+    router = RoundRobinRouter(timeout=LONG)  # a wait that would show as a stall
+    router.add_connection(Conn(0, 0, "w", doomed))
+    router.add_connection(Conn(0, 1, "w", healthy))
+    n = 300
+    got: list[Any] = []
+
+    def consume_healthy() -> None:
+        while not isinstance(item := healthy.get(timeout=LONG), EndOfStream):
+            got.append(item.payload)
+
+    reader = threading.Thread(target=consume_healthy)
+    reader.start()
+    try:
+        with conf.spawn_worker(hold_open, doomed) as holder:
+            holder.recv()
+            for i in range(40):  # 20 each; the holder reads none of its share
+                router.route(Packet(i))
+            holder.process.kill()
+            holder.join()
+            t0 = time.monotonic()
+            for i in range(40, n):
+                router.route(Packet(i))
+            took = time.monotonic() - t0
+        # The dead instance's producer keeps its end of stream, to resend on its return.
+        assert router.send_stop_signal() == 2
+        reader.join(LONG)
+    finally:
+        router.close()
+        with contextlib.suppress(Exception):
+            doomed.close(timeout=0.5)  # holds the dead instance's end of stream
+        with contextlib.suppress(FileNotFoundError):  # the killed consumer's socket file
+            os.unlink(str(doomed.endpoint).removeprefix("ipc://"))
+        if reader.is_alive():
+            healthy.put(EndOfStream())
+            reader.join(LONG)
+        healthy.close()
+    # Everything reached the live instance once, in spite of the death; route() never waited
+    # out its timeout on the dead instance: death (3 heartbeats of 0.1 s) ended the wait.
+    assert sorted(got) == list(range(n)), (len(got), len(set(got)))
+    assert took < LONG / 4, f"route() stalled {took:.1f} s on the dead instance"
+    (moved,) = [r for r in caplog.records if getattr(r, "sage_moved", 0)]
+    assert moved.levelname == "WARNING" and moved.sage_event == "failover"  # type: ignore[attr-defined]
+    assert router.statistics().stalled == ((0, 0),)
 
 
 # ------------------------------------------------------------------------------ slow consumer

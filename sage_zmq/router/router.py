@@ -18,6 +18,21 @@ next live instance, up to ``max_retries`` times. A stalled instance comes back a
 targets: if one cannot take the packet, :class:`NotDelivered` names it (a key never moves
 silently to another instance). ``route`` never returns without having delivered to every group.
 
+Dead instances. A reliable target (``sage``, or ``ack``/``persist`` metadata) declares its
+consumer dead after ``heartbeat_interval * liveness`` of silence. The router stops sending to
+it at once (a put waiting for its room gives up within ``_DEAD_CHECK`` s, and the packet fails
+over) and, at its next ``route``, ``send_stop_signal`` or ``close``, a round_robin or
+load_balance router takes back the records the instance had not acknowledged and routes them
+to the group's live instances. A taken-back packet that cannot go elsewhere (a ``hash`` key of
+the dead instance, or no live instance) is held by the router and put back when the instance
+returns, or at ``close``, which raises naming how many could not be delivered. A moved record
+that the dead consumer had received but not yet acknowledged is processed twice: delivery is
+at least once across instances. A hash or broadcast router moves nothing: the dead instance's
+producer keeps its records and resends them when the consumer returns; once ``maxsize`` are
+held, ``route`` raises :class:`NotDelivered` naming it. An end of stream takes no room: a dead
+instance's producer keeps it with the rest. The instance rejoins when its consumer is heard
+again.
+
 Threads: ``route``, ``send_stop_signal`` and ``close`` are for one thread at a time (the
 operator's); ``add_connection``/``remove_connection``/``statistics`` may run in any thread
 while packets flow.
@@ -25,9 +40,11 @@ while packets flow.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -66,6 +83,9 @@ __all__ = [
 
 _PUT_FAILURES = (Full, QueueClosed, DeliveryError)
 _HOUSEKEEPING_EVERY = 256  # packets between checks for stalled instances whose pause is over
+_DEAD_CHECK = 0.25
+"""Seconds a put to a reliable target waits between looks at whether its consumer died."""
+_MOVABLE = frozenset({"round_robin", "load_balance"})
 
 
 class NotDelivered(RoutingError):
@@ -110,7 +130,19 @@ class RouterStatistics:
 class _Target:
     """The router's state for one connection."""
 
-    __slots__ = ("conn", "consumed", "delivered", "index", "probe", "qd", "stalled_until", "used")
+    __slots__ = (
+        "conn",
+        "consumed",
+        "delivered",
+        "held",
+        "index",
+        "move_due",
+        "probe",
+        "qd",
+        "reliable",
+        "stalled_until",
+        "used",
+    )
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -121,6 +153,16 @@ class _Target:
         self.used = False  # a put went through this router: a producer exists here
         self.stalled_until = 0.0  # > 0: stalled until then (monotonic), then probed
         self.probe = False  # next put is a non-blocking probe
+        # The target's reliable producer (it tells when its consumer dies), once looked up;
+        # False: looked up, not reliable.
+        self.reliable: Any = None
+        self.move_due = False  # its consumer was declared dead; unacked records not moved yet
+        self.held: list[Any] = []  # taken back from it, for it alone: put again on its return
+
+    @property
+    def dead(self) -> bool:
+        """Its consumer is declared dead now (only reliable targets can tell)."""
+        return bool(self.reliable) and bool(self.reliable.dead)
 
 
 class _Group:
@@ -256,6 +298,10 @@ class BaseRouter:
         self._stop_signals = 0
         self._tick = 0
         self._removed_delivered: dict[tuple[int, int], int] = {}
+        self._deaths = 0  # bumped (any thread) when a target's consumer is declared dead
+        self._deaths_seen = 0
+        self._moved = 0
+        self._weak_self = weakref.ref(self)
         from sage_zmq.observe import metrics
 
         metrics.register_router(self, self.name)
@@ -394,6 +440,8 @@ class BaseRouter:
                 f"{self.name}: send_stop_signal() was called; no packets may follow the end "
                 "of stream"
             )
+        if self._deaths != self._deaths_seen:
+            self._fail_over_dead()
         groups = self._groups
         override = packet.partition_strategy
         self._tick += 1
@@ -553,11 +601,13 @@ class BaseRouter:
 
     def _try_put(self, g: _Group, t: _Target, item: Packet, wait: float) -> SageZmqError | None:
         qd = t.qd
+        if t.reliable is None:
+            self._watch(g, t)
         try:
             if t.probe or t.stalled_until or wait <= 0:
                 qd.put(item, False)
             else:
-                qd.put(item, True, wait)
+                self._put_to(t, item, wait)
         except _PUT_FAILURES as exc:
             t.used = True
             self._stall(g, t, exc)
@@ -567,11 +617,109 @@ class BaseRouter:
             raise RoutingError(f"{self.name}: {t.conn.describe()}: {exc}") from exc
         t.used = True
         t.delivered += 1
-        if t.probe or t.stalled_until:
+        if (t.probe or t.stalled_until) and not t.dead:  # a dead one holds what it took
             self._recover(g, t)
         return None
 
+    def _put_to(self, t: _Target, item: Any, wait: float) -> None:
+        if not t.reliable:
+            t.qd.put(item, True, wait)
+            return
+        # In slices: a consumer declared dead while we wait for its room (its producer finds
+        # out inside this very put) ends the wait instead of holding route() for ``timeout``.
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                t.qd.put(item, True, min(_DEAD_CHECK, max(0.0, deadline - time.monotonic())))
+                return
+            except Full:
+                if t.dead:
+                    raise DeliveryError(
+                        f"queue {t.qd.queue_id!r}: its consumer was declared dead (nothing "
+                        "heard from it); held records go out when it returns"
+                    ) from None
+                if time.monotonic() >= deadline:
+                    raise Full(
+                        f"queue {t.qd.queue_id!r} is full: its consumer took nothing within "
+                        f"{wait:g} s"
+                    ) from None
+
     # ------------------------------------------------------------------ health
+    def _watch(self, g: _Group, t: _Target) -> None:
+        """Look up ``t``'s producer once; a reliable one reports its consumer's death to us."""
+        try:
+            producer = t.qd._handle().producer(t.qd)
+        except SageZmqError:
+            return  # the put itself will raise and name the problem; look again next time
+        add = getattr(producer, "add_dead_callback", None)
+        if add is None:
+            t.reliable = False
+            return
+        t.reliable = producer
+        weak_self = self._weak_self
+
+        def dead(_producer: Any) -> None:
+            # Any thread, possibly inside a put of ours: only flags; the move happens in
+            # route(), send_stop_signal() or close(), on the routing thread.
+            router = weak_self()
+            if router is not None:
+                router._on_dead(g, t)
+
+        add(dead)
+
+    def _on_dead(self, g: _Group, t: _Target) -> None:
+        with self._lock:
+            if g.targets.get(t.conn.parallel_index) is not t:
+                return  # removed since
+            t.move_due = True
+            t.stalled_until = time.monotonic() + self.retry_interval
+            t.probe = True
+            g.relive()
+            self._deaths += 1
+
+    def _fail_over_dead(self) -> None:
+        """Move what dead instances had not acknowledged to live ones (see the module doc)."""
+        self._deaths_seen = self._deaths
+        for g in self._groups:
+            for t in list(g.targets.values()):
+                if t.move_due:
+                    self._move_unacked(g, t)
+
+    def _move_unacked(self, g: _Group, t: _Target) -> None:
+        t.move_due = False
+        if _canonical(self.strategy) not in _MOVABLE:
+            return  # hash, broadcast: its producer keeps them, and resends them on its return
+        taken = t.reliable.take_unacked()
+        moved = 0
+        for record in taken:
+            if isinstance(record, Packet):
+                try:
+                    self._send(g, record, record.partition_strategy, False)
+                    moved += 1
+                    continue
+                except RoutingError:
+                    pass  # a key of its own, or no live instance: it waits for the instance
+            t.held.append(record)
+        self._moved += moved
+        if taken:
+            connection_event(
+                "failover",
+                queue=t.qd.queue_id,
+                peer=t.conn.describe(),
+                detail=f"{self.name}: its consumer was declared dead; moved {moved} "
+                "unacknowledged records to the group's live instances"
+                + (f", holding {len(t.held)} for its return" if t.held else ""),
+                router=self.name,
+                moved=moved,
+                held=len(t.held),
+            )
+
+    def _return_held(self, t: _Target, wait: float) -> None:
+        """Put back what was taken from ``t`` for ``t`` alone (its consumer is back)."""
+        while t.held:
+            self._put_to(t, t.held[0], wait)
+            del t.held[0]
+
     def _stall(self, g: _Group, t: _Target, why: Exception) -> None:
         with self._lock:
             first = not t.probe  # a failed probe of a stalled instance is not news
@@ -602,11 +750,20 @@ class BaseRouter:
         for g in self._groups:
             if len(g.live) == len(g.connected):
                 continue
+            back: list[_Target] = []
             with self._lock:
                 for t in g.targets.values():
                     if t.stalled_until and t.stalled_until <= now:
-                        t.stalled_until = 0.0
+                        if t.dead:
+                            t.stalled_until = now + self.retry_interval  # not back yet
+                        else:
+                            t.stalled_until = 0.0
+                            if t.held:
+                                back.append(t)
                 g.relive()
+            for t in back:
+                with contextlib.suppress(*_PUT_FAILURES):
+                    self._return_held(t, 0.0)  # the rest on the next look, or at close
 
     def _refresh_load(self, g: _Group, tracker: Any, now: float) -> None:
         """Read each instance's live load: records not yet reported consumed by its receiver."""
@@ -632,6 +789,8 @@ class BaseRouter:
         naming the queues that could not take it (the others got it).
         """
         self._check_open()
+        if self._deaths != self._deaths_seen:
+            self._fail_over_dead()
         self._ended = True
         done: list[Connection] = []
         failed: list[str] = []
@@ -639,8 +798,13 @@ class BaseRouter:
             key = conn.queue_key
             if key in self._signalled:
                 continue
+            target = self._target_of(conn)
             try:
-                conn.queue_descriptor.put(EndOfStream(self.name), True, self.timeout)
+                if target is None:
+                    conn.queue_descriptor.put(EndOfStream(self.name), True, self.timeout)
+                else:
+                    self._return_held(target, self.timeout)
+                    self._put_to(target, EndOfStream(self.name), self.timeout)
             except SageZmqError as exc:
                 failed.append(f"{conn.describe()}: {exc}")
                 continue
@@ -654,6 +818,11 @@ class BaseRouter:
                 tuple(failed),
             )
         return len(done)
+
+    def _target_of(self, conn: Connection) -> _Target | None:
+        g = self._group(conn.broadcast_index)
+        t = None if g is None else g.targets.get(conn.parallel_index)
+        return t if t is not None and t.conn is conn else None
 
     def statistics(self) -> RouterStatistics:
         delivered = dict(self._removed_delivered)
@@ -689,17 +858,28 @@ class BaseRouter:
         """
         if self._closed:
             return
+        if self._deaths != self._deaths_seen and not self._ended:
+            self._fail_over_dead()
         self._closed = True
         errors: list[str] = []
         seen: set[tuple[str, str]] = set()
+        wait = self.timeout if timeout is None else timeout
         for g in self._groups:
             for t in g.targets.values():
+                if t.held:
+                    try:
+                        self._return_held(t, wait)
+                    except SageZmqError as exc:
+                        errors.append(
+                            f"{t.conn.describe()}: {len(t.held)} records taken back from it "
+                            f"when its consumer died were not delivered: {exc}"
+                        )
                 key = t.conn.queue_key
                 if not t.used or key in seen:
                     continue
                 seen.add(key)
                 try:
-                    t.qd.flush(self.timeout if timeout is None else timeout)
+                    t.qd.flush(wait)
                 except SageZmqError as exc:
                     errors.append(f"{t.conn.describe()}: {exc}")
         if errors:
