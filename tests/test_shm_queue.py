@@ -23,7 +23,7 @@ from sage_zmq.errors import DeliveryError, DescriptorError, Empty
 from sage_zmq.packet import Packet
 from sage_zmq.queues import _producer
 from sage_zmq.queues.shm import ShmQueueType, _has_nested_bytes
-from sage_zmq.shm import is_shared, list_segments, release
+from sage_zmq.shm import is_shared, list_segments, release, transfer
 from sage_zmq.wire.codec import Codec, Lz4Policy, compression_mode
 from sage_zmq.wire.frame import FLAG_LZ4
 
@@ -306,6 +306,27 @@ def test_explicit_release_frees_the_slot_while_the_object_lives(make: Any) -> No
     wait_until(lambda: (pump(qd), pool.slots_in_use)[1] == 0, "the slot to come back")
     with pytest.raises(ValueError, match="not backed by a shared-memory slot"):
         release(np.arange(3))
+
+
+def test_large_payloads_cycle_through_a_few_slots(
+    make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Releases of large payloads go back by bytes (RELEASE_BYTES), not only by count, and the
+    # producer reads them as often: the pool reuses a few MiB that stay in the cache instead
+    # of cycling through its whole segment. The delay rule is switched off: bytes alone do it.
+    monkeypatch.setattr(transfer, "RELEASE_DELAY", 60.0)
+    qd = make(maxsize=1000, shm_threshold=64 * KiB)
+    payload = np.ones(MiB // 8)
+    pool_peak = 0
+    for _ in range(64):
+        qd.put(payload, timeout=T)
+        qd.get(timeout=T)  # dropped at once: its release is queued
+        pool_peak = max(pool_peak, producer_of(qd).shm.pool.slots_in_use)
+    # RELEASE_BYTES (4 MiB) held by the consumer until it sends them, as many placed since
+    # the producer last read, and the one being placed. It was 64: every slot of the segment.
+    per_release = transfer.RELEASE_BYTES // MiB
+    assert per_release == 4
+    assert pool_peak <= 2 * per_release + 1, pool_peak
 
 
 # ------------------------------------------------------------------------ producer buffers
