@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import threading
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from sage_zmq import _runtime
 from sage_zmq.config import current_config
 from sage_zmq.errors import DescriptorError, SageZmqError
-from sage_zmq.queues.base import QueueStatistics, QueueType
+from sage_zmq.queues.base import QueueStatistics, QueueType, check_flag
 
 __all__ = [
     "QueueDescriptor",
@@ -83,8 +84,11 @@ class QueueSettings:
     timeout: float
 
 
+log = logging.getLogger("sage_zmq.queue")
+
 _INT_KEYS = {"maxsize": 1, "upstreams": 1, "batch_size": 1}
 _FLOAT_KEYS = {"timeout", "flush_interval"}
+_BOOL_KEYS = ("allow_pickle", "zero_copy", "ack")
 
 
 def _check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -103,6 +107,21 @@ def _check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
             value = meta[key]
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise DescriptorError(f"metadata[{key!r}] must be a number > 0, got {value!r}")
+    for key in _BOOL_KEYS:
+        if key in meta:
+            check_flag(key, meta[key])
+    curve = meta.get("curve")
+    if isinstance(curve, Mapping) and not isinstance(curve.get("enabled", True), bool):
+        raise DescriptorError(
+            f"metadata['curve']['enabled'] must be a boolean, got {curve['enabled']!r}; "
+            "use true or false"
+        )
+    if "compression" in meta:
+        value = meta["compression"]
+        if not (value is True or value is False or (isinstance(value, str) and value == "auto")):
+            raise DescriptorError(
+                f"metadata['compression'] must be true, false or 'auto', got {value!r}"
+            )
     from sage_zmq.security import check_no_key_material
 
     check_no_key_material(meta)  # a descriptor names key files, never carries a key
@@ -112,6 +131,24 @@ def _check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
             f"metadata['endpoint'] must be a string like tcp://127.0.0.1:5555, got {endpoint!r}"
         )
     return meta
+
+
+def _warn_typos(qtype: QueueType, keys: Iterable[Any]) -> None:
+    """Warn of metadata keys close to one the queue type reads but not it: likely typos.
+
+    Not an error: users may keep their own keys in a descriptor's metadata.
+    """
+    known = qtype.metadata_keys
+    for key in keys:
+        if isinstance(key, str) and key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+            if close:
+                log.warning(
+                    "metadata key %r is not used by %s queues; did you mean %r?",
+                    key,
+                    qtype.name,
+                    close[0],
+                )
 
 
 class QueueDescriptor:
@@ -147,6 +184,7 @@ class QueueDescriptor:
         self.queue_type = queue_type
         self.metadata = meta
         self.metadata = _check_metadata(qtype.prepare(self))
+        _warn_typos(qtype, self.metadata)
 
     # ---------------------------------------------------------------- value
     @classmethod
@@ -243,7 +281,9 @@ class QueueDescriptor:
         """A copy with some metadata changed (same queue)."""
         meta = dict(self.metadata)
         meta.update(changes)
-        return QueueDescriptor._restore(self.queue_id, self.queue_type, _check_metadata(meta))
+        new = QueueDescriptor._restore(self.queue_id, self.queue_type, _check_metadata(meta))
+        _warn_typos(lookup_queue_type(self.queue_type), changes)
+        return new
 
     @property
     def endpoint(self) -> str | None:

@@ -22,6 +22,14 @@ class DescriptorError(SageZmqError, ValueError):
     """A queue descriptor is malformed: unknown type, bad endpoint, bad metadata."""
 
 
+class InvalidArgument(SageZmqError, ValueError):
+    """A call got an argument it cannot use (e.g. ``get(timeout=-1)``); the message names it."""
+
+
+class InvalidArgumentType(InvalidArgument, TypeError):
+    """An argument of the wrong type (e.g. ``get(timeout="1")``): a ``TypeError`` as well."""
+
+
 class Empty(SageZmqError, _stdlib_queue.Empty):
     """``get`` found nothing before its timeout."""
 
@@ -70,6 +78,8 @@ __all__ = [
     "Empty",
     "EncodeError",
     "Full",
+    "InvalidArgument",
+    "InvalidArgumentType",
     "MissingDependency",
     "QueueClosed",
     "RoutingError",

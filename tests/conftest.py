@@ -26,7 +26,7 @@ from sage_zmq.queues import _zmq
 from sage_zmq.shm.sweep import list_segments, owner_pid, pid_alive
 from sage_zmq.testing import DescriptorFactory, descriptor_factory
 
-QUEUE_TYPES = ["local", "shm", "tcp"]
+QUEUE_TYPES = ["local", "shm", "tcp", "sage"]
 REMOTE_QUEUE_TYPES = [t for t in QUEUE_TYPES if lookup_queue_type(t).capabilities.cross_process]
 _private_runtime_dir: str | None = None
 SETTLE = 5.0  # socket files and threads go away asynchronously after close

@@ -385,11 +385,20 @@ def test_max_message_size_rejects_bigger_frames(use: Use, queues: Any) -> None:
     use(**{"performance.max_message_size": 4096})
     qd = queues(None, "tcp")
     qd.qsize()  # the consumer is here
-    qd.put(b"x" * 10_000)
-    with pytest.raises(Empty):
-        qd.get(timeout=0.5)  # libzmq dropped the oversized frame (and the connection)
-    with pytest.raises(DeliveryError):
-        qd.close(timeout=0.3)
+    # Our producer refuses the record at put, naming the limit (the receiver would drop it).
+    with pytest.raises(EncodeError, match=r"more than max_message_size \(4096\)"):
+        qd.put(b"x" * 10_000)
+    qd.put(b"small")
+    assert qd.get(timeout=5) == b"small"
+    # Another peer's oversized frame: libzmq drops it (and the connection) at the consumer.
+    import zmq
+
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as peer:
+        peer.linger = 0
+        peer.connect(str(qd.endpoint))
+        peer.send(b"x" * 10_000)
+        with pytest.raises(Empty):
+            qd.get(timeout=0.5)
 
 
 # ================================================================== reliability

@@ -9,10 +9,14 @@ nobody read are still reported.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
 import pytest
+
+from sage_zmq import Empty
+from sage_zmq import testing as conf
 
 
 def _run(code: str) -> str:
@@ -46,3 +50,53 @@ def test_records_nobody_read_are_reported_at_exit() -> None:
     )
     assert "1 records put were not confirmed" in stderr, stderr
     assert stderr.count("not confirmed") == 1, stderr
+
+
+@pytest.mark.parametrize("queue_type", ["tcp", "shm", "sage"])
+def test_records_another_process_got_are_not_reported_at_exit(queue_type: str) -> None:
+    # The consumer (this process) has every record before the producer's process exits
+    # without close(): its reports wait in the producer's socket, which the 0 s close at exit
+    # used to count without reading.
+    from sage_zmq import EndOfStream, QueueDescriptor
+
+    qd = QueueDescriptor(queue_type=queue_type, metadata={"maxsize": 100})
+    with contextlib.suppress(Empty):
+        qd.get_nowait()  # bound before the producer starts
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, sage_zmq\n"
+            "qd = sage_zmq.QueueDescriptor.from_json(sys.argv[1])\n"
+            "for i in range(10):\n"
+            "    qd.put(i)\n"
+            "qd.put(sage_zmq.EndOfStream())\n"
+            "sys.stdin.readline()\n"
+            # The consumer's reports have reached this process (not read: that is exit's job).
+            "link = qd._handle().producer(qd)._link\n"
+            "assert getattr(link, 'inner', link).sock.poll(10_000)\n",  # then exits, no close()
+            qd.to_json(),
+        ],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        got = []
+        while not isinstance(item := qd.get(timeout=30), EndOfStream):
+            got.append(item)
+        assert got == list(range(10))
+        # The consumer has told the producer (a CREDIT is in the producer's socket).
+        consumer = qd._handle().consumer(qd)
+        conf.wait_until(
+            lambda: all(u.reported >= u.acked for u in consumer._ups.values()),
+            what="the consumer's report of what it consumed",
+        )
+        _, stderr = proc.communicate("exit\n", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        qd.close()
+    assert proc.returncode == 0, stderr
+    assert "not confirmed" not in stderr, stderr

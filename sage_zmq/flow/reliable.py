@@ -273,6 +273,12 @@ class _KeepingLink:
         frame, sent, errors = inner.codec.encode_batch(
             producer, seq, records, compress=inner.compress
         )
+        if len(sent) > 1 and len(frame) > inner.codec.limits.max_frame_bytes:
+            # Over what the consumer accepts: halves, each with its own consecutive seqs.
+            half = len(sent) // 2
+            n1, b1, e1 = self.send_batch(producer, seq, sent[:half])
+            n2, b2, e2 = self.send_batch(producer, seq + n1, sent[half:])
+            return n1 + n2, b1 + b2, errors + e1 + e2
         if not sent:
             return 0, 0, errors
         self.sent_at(seq)
@@ -716,6 +722,8 @@ class ReliableProducer(Producer):
                 self._keeping.send_close(self.producer_id, target)
                 local = self.assist is not None
                 self._hear_local_consumer()
+                if (self._received if local else self._acked) < target:
+                    self._apply(self._keeping.poll(0))  # reports that came meanwhile
                 while (self._received if local else self._acked) < target:
                     wait = deadline - time.monotonic()
                     if wait <= 0:
@@ -765,15 +773,13 @@ class ReliableProducer(Producer):
 
 # ------------------------------------------------------------------------------ consumer
 class _RUpstream(_Upstream):
-    __slots__ = ("epoch", "frames", "last_end", "persist", "reported", "reported_at")
+    __slots__ = ("epoch", "frames", "last_end", "persist")
 
     def __init__(self, producer: str, inlet: ConsumerInlet, peer: Any, base: int) -> None:
         super().__init__(producer, inlet, peer, base)
         self.epoch = 0
         self.last_end = -1  # the seq of the last END counted
         self.persist = False
-        self.reported = base
-        self.reported_at = 0.0
         self.frames = 0  # DATA frames received since the last report
 
 
@@ -943,8 +949,6 @@ class ReliableConsumer(Consumer):
     # ----------------------------------------------------------------- acks
     def _grant(self, up: _Upstream) -> None:
         super()._grant(up)
-        up.reported = up.acked  # type: ignore[attr-defined]
-        up.reported_at = time.monotonic()  # type: ignore[attr-defined]
         up.frames = 0  # type: ignore[attr-defined]
 
     def _retire_current(self) -> None:
@@ -969,7 +973,7 @@ class ReliableConsumer(Consumer):
     def _report_ends(self) -> None:
         dedup = self._dedup
         for up in self._ups.values():
-            if up.ended and up.acked > up.reported:  # type: ignore[attr-defined]
+            if up.ended and up.acked > up.reported:
                 if dedup is not None and up.persist and not dedup.closed:  # type: ignore
                     dedup.mark(up.producer, up.acked - 1)
                 self._grant(up)
@@ -1015,7 +1019,7 @@ class ReliableConsumer(Consumer):
                 self._held = (self._held[0], self._held[1] + 1)
             self._ack_partial()
             for up in self._ups.values():
-                if up.acked > up.reported:  # type: ignore[attr-defined]
+                if up.acked > up.reported:
                     self._grant(up)  # closing producers may be waiting for this
             super().close(timeout)
             if dedup is not None:

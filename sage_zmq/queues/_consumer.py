@@ -50,6 +50,8 @@ class _Upstream:
         "peer",
         "producer",
         "received",
+        "reported",
+        "reported_at",
     )
 
     def __init__(self, producer: str, inlet: ConsumerInlet, peer: Any, base: int) -> None:
@@ -61,6 +63,8 @@ class _Upstream:
         self.acked = base  # every seq below was consumed
         self.granted = 0  # the limit last granted
         self.grant_at = 0  # grant again once ``acked`` reaches this
+        self.reported = base  # ``acked`` as the last CREDIT told the producer
+        self.reported_at = 0.0
         self.closing = False
         self.ended = False
 
@@ -101,6 +105,7 @@ class Consumer:
         self._rejected = 0  # frames refused here (inlets count their own)
         self._per_peer: dict[tuple[int, Any], int] = {}  # (inlet, peer) -> producer ids it owns
         self._latencies: LatencySamples = _observe.new_latency_window(2048)
+        self._unreported: set[_Upstream] = set()  # consumed more than their last CREDIT says
         _runtime.ticker().add(self, self.SERVICE_INTERVAL)
 
     # ---------------------------------------------------------------- hot path
@@ -129,6 +134,12 @@ class Consumer:
 
     # --------------------------------------------------------------- slow path
     def _get_slow(self, block: bool, timeout: float | None) -> Any:
+        if timeout is not None and not (
+            (timeout.__class__ is float or timeout.__class__ is int) and timeout >= 0
+        ):
+            from sage_zmq.queues.base import check_timeout  # only a bad or unusual timeout
+
+            timeout = check_timeout(timeout, "get")
         deadline = None if timeout is None or not block else time.monotonic() + timeout
         with self._lock:
             while True:
@@ -153,6 +164,10 @@ class Consumer:
                                 for producer in mine:
                                     producer.ship_partial()
                     if not self._batches:
+                        if wait > 0 and self._unreported:
+                            due = self._report_consumed(time.monotonic())
+                            if due is not None:
+                                wait = min(wait, due)
                         self._pump(min(wait, 0.5))
                 while self._batches:
                     up, end_seq, records = self._batches.popleft()
@@ -184,6 +199,29 @@ class Consumer:
         up.acked = self._cur_end
         if up.acked >= up.grant_at:
             self._grant(up)
+        else:
+            self._unreported.add(up)
+
+    REPORT_AFTER = 0.005
+    """Seconds after its last CREDIT that an idle consumer reports what it consumed since,
+    even below the eighth of a window that normally triggers one: routers balance on it,
+    statistics show it, and a producer waiting for room learns the queue is empty."""
+
+    def _report_consumed(self, now: float) -> float | None:
+        """CREDIT to each upstream whose consumption is unreported and due; seconds until the
+        next one is due (None: nothing left to report)."""
+        due: float | None = None
+        for up in list(self._unreported):
+            if up.acked <= up.reported:
+                self._unreported.discard(up)
+                continue
+            left = up.reported_at + self.REPORT_AFTER - now
+            if left <= 0:
+                self._unreported.discard(up)
+                self._grant(up)
+            elif due is None or left < due:
+                due = left
+        return due
 
     def _share(self) -> int:
         active = sum(1 for u in self._ups.values() if not u.closing) or 1
@@ -197,6 +235,7 @@ class Consumer:
         # from credits. (Kept per upstream: counting the active producers at every batch
         # cost more than the rest of a batch's bookkeeping.)
         up.grant_at = limit - share + max(1, share // 8)
+        up.reported, up.reported_at = up.acked, time.monotonic()
         credit = Credit(self.session, up.received, up.acked, limit, up.base, self._pid)
         if not up.inlet.send_credit(up.peer, credit):
             log.debug("queue %s: producer %s is gone", self.queue_id, up.producer)
@@ -365,6 +404,15 @@ class Consumer:
         self.assist()
         return self.SERVICE_INTERVAL
 
+    def _retire_taken(self) -> None:
+        # The application took the last record of its batch and has not come back: count
+        # that consumption now, not at its next get (a producer waiting for room, a router
+        # reading load or a statistics reader would wait for a get that may never come).
+        if self._cur_upstream is not None and length_hint(self._current) == 0:
+            self._retire_current()
+        if self._unreported:
+            self._report_consumed(time.monotonic())
+
     ASSIST_MESSAGES = 64
     """Messages one background read takes at most (credit bounds what can be waiting)."""
 
@@ -373,6 +421,7 @@ class Consumer:
         if self._lock.acquire(blocking=False):
             try:
                 if not self._closed:
+                    self._retire_taken()
                     self._read_arrived(self.ASSIST_MESSAGES)
             finally:
                 self._lock.release()
@@ -421,6 +470,8 @@ class Consumer:
             producers=len(self._ups),
             upstreams=self._upstreams,
             upstreams_ended=self._ended,
+            # Records reported consumed to their producers (ends of stream not counted).
+            acked=sum(u.acked - u.base - u.ended for u in list(self._ups.values())),
             latency_p50=lat[len(lat) // 2] if lat else None,
             latency_p99=lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
             extra={

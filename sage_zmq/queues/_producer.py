@@ -116,6 +116,12 @@ class Producer:
 
     # --------------------------------------------------------------- slow path
     def _put_slow(self, item: Any, block: bool, timeout: float | None) -> None:
+        if timeout is not None and not (
+            (timeout.__class__ is float or timeout.__class__ is int) and timeout >= 0
+        ):
+            from sage_zmq.queues.base import check_timeout  # only a bad or unusual timeout
+
+            timeout = check_timeout(timeout, "put")
         if self._closed:
             raise QueueClosed(f"queue {self.queue_id!r} was closed in this process")
         if isinstance(item, EndOfStream):
@@ -422,6 +428,10 @@ class Producer:
                 ) from None
             unsent = len(self._pending)
             self._hear_local_consumer()
+            if self._received < self._next_seq:
+                # What the consumer reported meanwhile: with timeout 0 (at exit) the loop
+                # below would not read at all, and call received records unconfirmed.
+                self._apply(self._link.poll(0))
             while self._received < self._next_seq:
                 wait = deadline - time.monotonic()
                 if wait <= 0:
@@ -480,6 +490,15 @@ class Producer:
             return self._room <= 0
 
     def statistics(self) -> QueueStatistics:
+        # Read the consumer's reports that arrived (an idle producer reads its socket only
+        # when it puts): unless this producer is busy in another thread right now.
+        if self._lock.acquire(blocking=False):
+            try:
+                if not self._closed:
+                    self._apply(self._link.poll(0))
+                    self._update_room()
+            finally:
+                self._lock.release()
         in_flight = self._next_seq - self._acked
         # Where the records go: for a ray queue, the consumer's tcp or same-node ipc endpoint.
         endpoint = getattr(self._link, "endpoint", None)

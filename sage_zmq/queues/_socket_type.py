@@ -18,7 +18,13 @@ from sage_zmq.queues._zmq import (
     bound_by_here,
     claim_prebound,
 )
-from sage_zmq.queues.base import ConsumerInlet, ProducerLink, QueueType
+from sage_zmq.queues.base import (
+    COMMON_METADATA_KEYS,
+    ConsumerInlet,
+    ProducerLink,
+    QueueType,
+    check_flag,
+)
 from sage_zmq.wire.codec import Codec, DecodeLimits, compression_mode
 
 if TYPE_CHECKING:
@@ -31,16 +37,47 @@ def wants_reliability(metadata: dict[str, Any]) -> bool:
     Here rather than in :mod:`sage_zmq.flow.reliable` so that a plain queue decides without
     importing the reliable layer (tens of ms at a worker's first put).
     """
-    ack = metadata.get("ack", False)
-    if not isinstance(ack, bool):
-        raise DescriptorError(f"metadata['ack'] must be true or false, got {ack!r}")
+    ack = check_flag("ack", metadata.get("ack", False))
     return ack or metadata.get("persist") is not None
+
+
+RELIABILITY_METADATA_KEYS = frozenset(
+    {
+        # sage_zmq.flow.reliable._TIMING_KEYS, named here so that a plain queue need not
+        # import the reliable layer (a test keeps the two in step).
+        "heartbeat_interval",
+        "liveness",
+        "reconnect_initial",
+        "reconnect_max",
+        "ack_timeout",
+        "max_in_flight",
+        "fsync",
+        "fsync_interval",
+        "persist",
+        "producer_id",
+    }
+)
 
 
 class SocketQueueType(QueueType):
     """A queue carried by a DEALER/ROUTER pair."""
 
     reliable_by_default: ClassVar[bool] = False
+    metadata_keys: ClassVar[frozenset[str]] = (
+        COMMON_METADATA_KEYS
+        | RELIABILITY_METADATA_KEYS
+        | {
+            "ack",
+            "allow_pickle",
+            "bind",
+            "bound_by",
+            "compression",
+            "compression_min_bytes",
+            "curve",
+            "max_message_size",
+            "zero_copy",
+        }
+    )
 
     def reliable(self, descriptor: QueueDescriptor) -> bool:
         return self.reliable_by_default or wants_reliability(descriptor.metadata)
@@ -63,7 +100,9 @@ class SocketQueueType(QueueType):
         cfg = current_config()
         meta = descriptor.metadata
         size = int(meta.get("max_message_size", cfg.performance.max_message_size))
-        allow_pickle = bool(meta.get("allow_pickle", cfg.security.allow_pickle))
+        allow_pickle = check_flag(
+            "allow_pickle", meta.get("allow_pickle", cfg.security.allow_pickle)
+        )
         if allow_pickle:
             # Pickle runs the sender's code: only for CURVE-authenticated or host-local links.
             from sage_zmq import security
@@ -75,7 +114,7 @@ class SocketQueueType(QueueType):
         codec = Codec(
             allow_pickle=allow_pickle,
             limits=DecodeLimits(max_frame_bytes=size, max_decompressed_bytes=size),
-            zero_copy=bool(meta.get("zero_copy", cfg.performance.zero_copy)),
+            zero_copy=check_flag("zero_copy", meta.get("zero_copy", cfg.performance.zero_copy)),
         )
         codec.compression_min_bytes = int(
             meta.get("compression_min_bytes", cfg.performance.compression_min_bytes)
@@ -99,7 +138,11 @@ class SocketQueueType(QueueType):
         t = ReliabilitySettings.from_metadata(meta).timing
         return SocketOptions(
             max_message_size=max_size,
-            reconnect_ivl_ms=max(1, round(t.reconnect_initial * 1000)),
+            # libzmq's own retry of a connection that failed or broke: 0.1 s at first (a
+            # consumer that binds after its producers connected gets their queued frames at
+            # the next retry, not reconnect_initial later), doubling up to reconnect_max.
+            # reconnect_initial paces the reliable layer's recreation of a dead peer's socket.
+            reconnect_ivl_ms=max(1, round(min(0.1, t.reconnect_initial) * 1000)),
             reconnect_ivl_max_ms=max(1, round(t.reconnect_max * 1000)),
             heartbeat_ivl_ms=max(1, round(t.heartbeat_interval * 1000)),
             heartbeat_timeout_ms=max(1, round(t.heartbeat_interval * t.liveness * 1000)),

@@ -9,10 +9,13 @@ is in flight: HWMs count frames, not records, and libzmq drops an ipc tail at th
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os as _os
 import re
+import socket
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,6 +68,14 @@ def check_tcp_endpoint(endpoint: str) -> tuple[str, int | None]:
             "tcp://127.0.0.1:5555 (or leave endpoint out to get a free port)"
         )
     host, port = m.group(1), m.group(2)
+    parts = host.split(".")
+    if len(parts) == 4 and all(p.isdigit() for p in parts) and any(int(p) > 255 for p in parts):
+        # Digits and dots only is an IPv4 address, never a host name: fail here, not with
+        # "No such device" at bind or a connect that retries forever.
+        raise DescriptorError(
+            f"tcp endpoint {endpoint!r}: {host} is not an IPv4 address (each of the four "
+            "numbers must be 0-255)"
+        )
     if port == "*":
         return host, None
     number = int(port)
@@ -204,7 +215,7 @@ class DealerLink:
         frame, sent, errors = self.codec.encode_batch(
             producer, seq, records, compress=self.compress
         )
-        if len(frame) > MAX_BATCH_FRAME and len(sent) > 1:
+        if len(sent) > 1 and len(frame) > min(MAX_BATCH_FRAME, self.codec.limits.max_frame_bytes):
             # Many large records: split so one frame never holds e.g. 100 x 1 MB (memory and
             # head-of-line blocking); each part gets its own consecutive sequence numbers.
             half = len(sent) // 2
@@ -318,14 +329,16 @@ class RouterInlet:
         An ipc socket file is made private (0600) and removed again at :meth:`close`.
         """
         sock = self.sock
+        if endpoint.startswith("ipc://"):
+            self._refuse_live_ipc(endpoint)
         try:
             # No retry on EADDRINUSE: right after a close, libzmq's old listener can still
             # accept a connection whose frames then die with it; a clear error is safer.
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
             raise DescriptorError(
-                f"cannot bind queue {self.queue_id!r} on {endpoint}: {exc}; is another consumer "
-                "already bound there? (a queue has one consumer)"
+                f"cannot bind queue {self.queue_id!r} on {endpoint}: {exc.strerror}; "
+                + _bind_hint(exc.errno, endpoint)
             ) from None
         bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         ipc_path = bound[len("ipc://") :] if bound.startswith("ipc://") else ""
@@ -344,6 +357,48 @@ class RouterInlet:
                 ) from None
             self._ipc_files.append((ipc_path, st.st_dev, st.st_ino))
         return bound
+
+    def _refuse_live_ipc(self, endpoint: str) -> None:
+        """Raise if a live consumer listens on ``endpoint``'s socket file.
+
+        libzmq unlinks an existing ipc file and binds anew: a second consumer would silently
+        take the endpoint over, and new producers' records would go to it. A file nobody
+        listens on (its consumer died) is stale and may be replaced. An abstract name
+        (``ipc://@...``) has no file: binding it twice fails with EADDRINUSE by itself.
+        """
+        path = endpoint[len("ipc://") :]
+        if path.startswith("@") or path == "*":
+            return
+        try:
+            st = _os.stat(path)
+        except OSError:
+            return  # nothing there (or an unusable directory: bind says which)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise DescriptorError(
+                f"cannot bind queue {self.queue_id!r} on {endpoint}: {path} exists and is not "
+                "a socket; binding would delete it: choose another path or leave endpoint out"
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(0.5)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return  # stale: left behind by a consumer that is gone
+        except OSError as exc:
+            # A timeout or EAGAIN (full backlog) means someone listens; anything else (no
+            # permission) means we cannot tell, and replacing the file could steal a queue.
+            why = "a consumer is listening there" if _busy(exc) else f"cannot probe it: {exc}"
+            raise DescriptorError(
+                f"cannot bind queue {self.queue_id!r} on {endpoint}: {why}; a queue has one "
+                "consumer"
+            ) from None
+        finally:
+            probe.close()
+        raise DescriptorError(
+            f"cannot bind queue {self.queue_id!r} on {endpoint}: another consumer is already "
+            "listening there (a queue has one consumer): get() from that process, or close it "
+            "first"
+        )
 
     def recv(self, timeout: float) -> list[tuple[Any, ...]]:
         sock = self.sock
@@ -452,6 +507,34 @@ class RouterInlet:
         for identity in self._ipc_files:
             unlink_if_same(identity)
         _observe.link_closed("consumer", self.endpoint, self.queue_id)
+
+
+def _busy(exc: OSError) -> bool:
+    return isinstance(exc, TimeoutError | BlockingIOError) or exc.errno == errno.EAGAIN
+
+
+def _bind_hint(code: int | None, endpoint: str) -> str:
+    """What a failed bind's errno most likely means for a queue, and what to do."""
+    if code == errno.EADDRINUSE:
+        return "another consumer is already bound there (a queue has one consumer)"
+    if endpoint.startswith("ipc://"):
+        directory = _os.path.dirname(endpoint[len("ipc://") :]) or "."
+        if code == errno.ENOENT:
+            return (
+                f"the directory {directory} does not exist: create it, or leave endpoint out "
+                "for a private path"
+            )
+        if code in (errno.EACCES, errno.EPERM):
+            return f"no permission to create a socket in {directory}"
+    elif code in (errno.ENODEV, errno.EADDRNOTAVAIL, errno.EINVAL):
+        return (
+            "that is not an address of this host: the consumer binds a local interface "
+            "address (or name); if producers connect through another name, give the bind "
+            "address in metadata['bind']"
+        )
+    elif code in (errno.EACCES, errno.EPERM):
+        return "no permission to bind that port (below 1024 needs privileges)"
+    return "check the endpoint"
 
 
 def unlink_if_same(identity: tuple[str, int, int]) -> None:

@@ -10,12 +10,55 @@ statistics live above these hooks, in :mod:`sage_zmq.queues._producer` and
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from sage_zmq.errors import DescriptorError, InvalidArgument, InvalidArgumentType
+
 if TYPE_CHECKING:
     from sage_zmq.descriptor import QueueDescriptor
+
+COMMON_METADATA_KEYS = frozenset(
+    {"endpoint", "maxsize", "upstreams", "batch_size", "flush_interval", "timeout"}
+)
+"""Metadata every queue type reads (see ``QueueDescriptor.settings``)."""
+
+
+def check_flag(key: str, value: Any) -> bool:
+    """A boolean metadata option, or a :class:`DescriptorError` naming it.
+
+    Never ``bool(value)``: ``"false"`` and ``"no"`` are truthy, so a YAML or env string meant to
+    turn an option (pickle!) off would turn it on.
+    """
+    if value is True or value is False:
+        return value
+    raise DescriptorError(
+        f"metadata[{key!r}] must be a boolean, got {value!r} ({type(value).__name__}); "
+        "use true or false"
+    )
+
+
+def check_timeout(timeout: Any, call: str) -> float:
+    """``timeout`` of ``call`` (``"put"``, ``"get"``) as seconds >= 0, or a clear error.
+
+    Callers test the usual case (an int or float >= 0) inline and come here for the rest, so a
+    well-formed call costs no function call. Like :mod:`queue`, a negative timeout is an error
+    rather than "do not wait" (that is ``block=False`` or ``timeout=0``).
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise InvalidArgumentType(
+            f"{call}(timeout=...) must be a number of seconds >= 0 or None, got {timeout!r} "
+            f"({type(timeout).__name__})"
+        )
+    value = float(timeout)
+    if not value >= 0:  # also NaN, which compares false with everything
+        raise InvalidArgument(
+            f"{call}(timeout=...) must be a number of seconds >= 0 or None, got {timeout!r}; "
+            "use 0 (or block=False) not to wait, None to wait without limit"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -98,6 +141,9 @@ class QueueType(ABC):
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
+    metadata_keys: ClassVar[frozenset[str]] = COMMON_METADATA_KEYS
+    """Metadata keys this type reads. Other keys are the user's own and pass, but one that is
+    close to a key here (``maxsise``) is likely a typo: it is warned about at creation."""
 
     def prepare(self, descriptor: QueueDescriptor) -> dict[str, Any]:
         """Metadata to store in a new descriptor (e.g. a derived endpoint); validates input."""

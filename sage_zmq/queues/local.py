@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from sage_zmq.errors import DescriptorError
 from sage_zmq.observe import tracing as _tracing
-from sage_zmq.queues.base import Capabilities, ConsumerInlet, Credit, ProducerLink, QueueType
+from sage_zmq.queues.base import (
+    COMMON_METADATA_KEYS,
+    Capabilities,
+    ConsumerInlet,
+    Credit,
+    ProducerLink,
+    QueueType,
+)
 
 if TYPE_CHECKING:
     from sage_zmq.descriptor import QueueDescriptor
@@ -144,6 +151,7 @@ class LocalQueueType(QueueType):
     capabilities: ClassVar[Capabilities] = Capabilities(
         cross_process=False, cross_host=False, by_reference=True, zero_copy=True
     )
+    metadata_keys: ClassVar[frozenset[str]] = COMMON_METADATA_KEYS | {"owner"}
 
     def prepare(self, descriptor: QueueDescriptor) -> dict[str, Any]:
         meta = dict(descriptor.metadata)

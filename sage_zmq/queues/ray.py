@@ -43,7 +43,7 @@ from sage_zmq.errors import DescriptorError, MissingDependency, SageZmqError
 from sage_zmq.observe.logging import connection_event
 from sage_zmq.queues._socket_type import SocketQueueType
 from sage_zmq.queues._zmq import DealerLink, RouterInlet, derive_abstract_ipc_endpoint
-from sage_zmq.queues.base import Capabilities, ConsumerInlet, Credit, ProducerLink
+from sage_zmq.queues.base import Capabilities, ConsumerInlet, Credit, ProducerLink, check_flag
 from sage_zmq.wire.codec import Codec
 from sage_zmq.wire.frame import Kind
 
@@ -521,6 +521,11 @@ class RayQueueType(SocketQueueType):
         cross_host=True,
         extra="Ray finds the consumer (GCS KV store); ZeroMQ tcp carries the data",
     )
+    metadata_keys: ClassVar[frozenset[str]] = SocketQueueType.metadata_keys | {
+        "host",
+        "ipc",
+        "namespace",
+    }
 
     def prepare(self, descriptor: QueueDescriptor) -> dict[str, Any]:
         _ray()
@@ -546,10 +551,7 @@ class RayQueueType(SocketQueueType):
                 raise DescriptorError(
                     f"metadata[{key!r}] of a ray queue must be a non-empty string, got {value!r}"
                 )
-        if not isinstance(meta.get("ipc", True), bool):
-            raise DescriptorError(
-                f"metadata['ipc'] of a ray queue must be true or false, got {meta['ipc']!r}"
-            )
+        check_flag("ipc", meta.get("ipc", True))
         if meta.get("host") in ("*", "0.0.0.0", "::"):
             raise DescriptorError(
                 f"metadata['host'] = {meta['host']!r} is not connectable: name this node's "

@@ -38,6 +38,19 @@ class SageQueueType(TcpQueueType):
         extra="acks, retransmit, dedup, heartbeats, reconnect; persist=DIR adds a WAL",
     )
     reliable_by_default: ClassVar[bool] = True
+    metadata_keys: ClassVar[frozenset[str]] = TcpQueueType.metadata_keys | {"transport"}
+
+    def validate(self, descriptor: QueueDescriptor) -> None:
+        # A restored descriptor (from_dict/from_json) carries either transport's endpoint.
+        endpoint = descriptor.metadata.get("endpoint")
+        if isinstance(endpoint, str) and endpoint.startswith("ipc://"):
+            check_ipc_endpoint(endpoint)
+            return
+        if not isinstance(endpoint, str) or not endpoint.startswith("tcp://"):
+            raise DescriptorError(
+                f"queue_type 'sage' needs an ipc:// or tcp:// endpoint, got {endpoint!r}"
+            )
+        super().validate(descriptor)
 
     def prepare(self, descriptor: QueueDescriptor) -> dict[str, Any]:
         meta = dict(descriptor.metadata)

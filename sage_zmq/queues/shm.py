@@ -88,7 +88,7 @@ class ShmDealerLink(DealerLink):
     ) -> None:
         super().__init__(endpoint, codec, opts, compress=compress, queue_id=queue_id)
         self.shm = sender
-        self.frame_cap = FRAME_CAP
+        self.frame_cap = min(FRAME_CAP, codec.limits.max_frame_bytes)
         self._stash: list[Credit] = []  # credits read while waiting for releases
         self._consumer: tuple[str, int | None] | None = None  # (session, pid) last seen
         sender.poll_releases = self._read_releases
@@ -368,6 +368,11 @@ class ShmQueueType(SocketQueueType):
     capabilities: ClassVar[Capabilities] = Capabilities(
         cross_process=True, cross_host=False, zero_copy=True, shared_memory=True
     )
+    metadata_keys: ClassVar[frozenset[str]] = SocketQueueType.metadata_keys | {
+        "memory_pool_size",
+        "shm_threshold",
+        "shm_wait",
+    }
 
     def validate(self, descriptor: QueueDescriptor) -> None:
         endpoint = descriptor.metadata.get("endpoint")

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from sage_zmq.errors import DescriptorError, Empty, Full, QueueClosed
 from sage_zmq.packet import EndOfStream
 from sage_zmq.queues.base import (
+    COMMON_METADATA_KEYS,
     Capabilities,
     ConsumerInlet,
     ProducerLink,
@@ -274,6 +275,12 @@ class WrappedQueueType(QueueType):
         extra="queue.Queue: this process; multiprocessing.Queue: children it is passed to "
         "at start; ray.util.queue.Queue: any Ray worker",
     )
+    metadata_keys: ClassVar[frozenset[str]] = COMMON_METADATA_KEYS | {
+        "kind",
+        "owner",
+        "queue",
+        "ref",
+    }
 
     def prepare(self, descriptor: QueueDescriptor) -> dict[str, Any]:
         meta = dict(descriptor.metadata)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import pickle
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -251,10 +252,18 @@ class Codec:
 
         dtype: Any = arr.dtype.str if arr.dtype.fields is None else arr.dtype.descr
         data = np.ascontiguousarray(arr)
-        return msgpack.packb(
-            [dtype, list(arr.shape), memoryview(cast(Any, data)).cast("B") if data.size else b""],
-            use_bin_type=True,
-        )
+        raw: Any = b""
+        if data.size:
+            try:
+                raw = memoryview(cast(Any, data)).cast("B")
+            except ValueError:
+                # The buffer protocol refuses datetime64/timedelta64 (alone or as struct
+                # fields). Their items are int64 counts of the unit, so the same bytes go
+                # through an integer view while the wire dtype keeps the real type.
+                flat = data.reshape(-1)
+                view = flat.view(np.int64) if arr.dtype.kind in "mM" else flat.view(np.uint8)
+                raw = memoryview(cast(Any, view)).cast("B")
+        return msgpack.packb([dtype, list(arr.shape), raw], use_bin_type=True)
 
     def encode_batch(
         self, producer: str, seq: int, records: list[Any], *, compress: bool | str = False
@@ -271,6 +280,16 @@ class Codec:
         except Exception:
             self._packer.reset()
             body, sent, errors = self._encode_salvaging(producer, seq, records)
+        limit = self.limits.max_frame_bytes
+        if len(body) + HEADER_SIZE > limit and len(sent) == 1:
+            # The receiver would refuse it (and the seqs after it would wait on a gap); a
+            # batch of several is split by the link first, so this is one record too big.
+            errors.append(
+                f"a {type(sent[0]).__name__} record encodes to {len(body) + HEADER_SIZE} bytes, "
+                f"more than max_message_size ({limit}); raise performance.max_message_size "
+                "(at both ends) or send it in smaller parts"
+            )
+            return b"", [], errors
         flags = 0
         if compress and len(body) >= self.compression_min_bytes:
             auto = compress == COMPRESS_AUTO
@@ -341,13 +360,21 @@ class Codec:
 
     def _unpack_body(self, body: bytes | memoryview, kind: Kind) -> Any:
         try:
-            return msgpack.unpackb(
+            value = msgpack.unpackb(
                 body, ext_hook=self._ext_hook, raw=False, strict_map_key=False, use_list=True
             )
         except DecodeError:
             raise
         except Exception as exc:
-            raise DecodeError(f"malformed {kind.name} body: {exc}") from None
+            raise DecodeError(f"malformed {kind.name} body: {_reason(exc)}") from None
+        # msgpack decodes its timestamp extension (-1) itself, never asking ext_hook. A byte
+        # search (C speed, no hit in almost every frame) decides whether to look for one.
+        if _TIMESTAMP_EXT.search(body) is not None and _holds_timestamp(value):
+            raise DecodeError(
+                "msgpack timestamp extension (type -1) is not part of the protocol "
+                "(transports/PROTOCOL.md); send the time as a float or int of seconds"
+            )
+        return value
 
     def _decompress(self, body: memoryview) -> bytes:
         limit = self.limits.max_decompressed_bytes
@@ -406,7 +433,7 @@ class Codec:
         except DecodeError:
             raise
         except Exception as exc:
-            raise DecodeError(f"bad extension value (type {code}): {exc}") from None
+            raise DecodeError(f"bad extension value (type {code}): {_reason(exc)}") from None
         raise DecodeError(f"unknown or disabled msgpack extension type {code}")
 
     def _unpack_inner(self, data: bytes) -> Any:
@@ -453,6 +480,39 @@ class Codec:
         arr = np.frombuffer(raw, dtype=dtype) if raw else np.empty(0, dtype=dtype)
         arr = arr.reshape(shape)
         return arr if self.zero_copy else arr.copy()
+
+
+_TIMESTAMP_EXT = re.compile(rb"[\xd6\xd7]\xff|\xc7\x0c\xff", re.DOTALL)
+"""The byte patterns of msgpack's timestamp extension (fixext 4, fixext 8, ext 8 of 12)."""
+
+
+def _holds_timestamp(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        cls = item.__class__
+        if cls is msgpack.Timestamp:
+            return True
+        if cls is list:
+            stack.extend(item)
+        elif cls is dict:
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif cls is Packet:
+            stack.extend((item.payload, item.partition_key, item.headers))
+    return False
+
+
+def _reason(exc: BaseException) -> str:
+    """``str(exc)`` for an error message, never empty: msgpack's depth error has no text, and
+    a peer told just "malformed DATA body: " cannot tell what to fix."""
+    text = str(exc)
+    if text:
+        return text
+    name = type(exc).__name__
+    if isinstance(exc, msgpack.StackError | RecursionError):
+        return f"{name}: nested deeper than the decoder allows"
+    return name
 
 
 def _describe(record: Any, exc: Exception) -> str:

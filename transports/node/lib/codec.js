@@ -434,6 +434,8 @@ function decodeNdArray(data, context) {
 /** Bytes per item of a NumPy dtype string ("<f8") or descr list ([["x", "<i4"], ...]). */
 export function dtypeItemsize(dtype) {
   if (typeof dtype === "string") {
+    // datetime64 / timedelta64: 8-byte signed counts of the unit in brackets (PROTOCOL.md §7).
+    if (/^[<>|=]?[Mm]8(\[\d*(Y|M|W|D|h|m|s|ms|us|ns|ps|fs|as)\])?$/.test(dtype)) return 8;
     const m = /^[<>|=]?([biufcSUV])(\d+)$/.exec(dtype);
     if (!m) throw new DecodeError(`ndarray dtype ${JSON.stringify(dtype)} is not supported here`);
     const n = Number(m[2]);

@@ -1,0 +1,37 @@
+"""Records over ``max_message_size``: refused at the producer, never lost on the way."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+
+from sage_zmq import EncodeError, EndOfStream, QueueDescriptor
+from sage_zmq import testing as conf
+
+LIMIT = 100_000
+
+
+@pytest.mark.parametrize("queue_type", ["tcp", "shm", "sage"])
+def test_a_record_over_the_limit_is_refused_at_put_and_the_rest_arrive(queue_type: str) -> None:
+    # The consumer refuses a frame over the limit; the producer used to send it anyway and
+    # the records after it waited on a gap ("skipped seq"), while put and close said nothing.
+    qd = QueueDescriptor(None, queue_type, {"maxsize": 5000, "max_message_size": LIMIT})
+    with contextlib.suppress(Exception):
+        qd.get_nowait()  # bind
+    big: list[Any] = ["x" * (5 * LIMIT), list(range(LIMIT))]
+    try:
+        qd.put("before", timeout=conf.GET_TIMEOUT)
+        for record in big:
+            with pytest.raises(EncodeError, match=r"more than max_message_size \(100000\)"):
+                qd.put(record, timeout=conf.GET_TIMEOUT)
+        # Many small records whose batch would exceed the limit go in several frames.
+        small = [f"{i:0200d}" for i in range(2000)]  # ~420 KB in all
+        for record in small:
+            qd.put(record, timeout=conf.GET_TIMEOUT)
+        qd.put(EndOfStream(), timeout=conf.GET_TIMEOUT)
+        got = list(qd)
+        assert got == ["before", *small]
+    finally:
+        qd.close()
