@@ -208,7 +208,8 @@ class Producer:
             self._limit += 1  # the END marker takes a sequence number, not buffer space
             self._update_room()
             if self._errors:
-                raise self._take_error(accepted=True)
+                note = "; the end of stream itself was sent: do not put it again"
+                raise self._take_error(accepted=True, note=note)
 
     # --------------------------------------------------------------- flushing
     def _flush_locked(self) -> None:
@@ -390,11 +391,15 @@ class Producer:
             else min(len(self._pending) + room, self._flush_at - 1)
         )
 
-    def _take_error(self, *, accepted: bool) -> EncodeError:
+    def _take_error(self, *, accepted: bool, note: str = "") -> EncodeError:
         errors, self._errors = self._errors, []
         self._update_room()
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        err = EncodeError(f"queue {self.queue_id!r}: record dropped: {errors[0]}{more}")
+        more = ""
+        if len(errors) > 1:
+            # Each one named (the part before its explanation), not only counted.
+            named = "; ".join(e.split(":", 1)[0] for e in errors[1:6])
+            more = f" (and {len(errors) - 1} more: {named}{'; ...' if len(errors) > 6 else ''})"
+        err = EncodeError(f"queue {self.queue_id!r}: record dropped: {errors[0]}{more}{note}")
         err.records_dropped = len(errors)  # type: ignore[attr-defined]
         err.accepted = accepted  # type: ignore[attr-defined]
         return err
