@@ -1,4 +1,5 @@
-"""Records over ``max_message_size``: refused at the producer, never lost on the way."""
+"""Records that cannot travel (unencodable, over ``max_message_size``): reported to the
+producer that put them, never lost silently, and the records around them still arrive."""
 
 from __future__ import annotations
 
@@ -33,5 +34,27 @@ def test_a_record_over_the_limit_is_refused_at_put_and_the_rest_arrive(queue_typ
         qd.put(EndOfStream(), timeout=conf.GET_TIMEOUT)
         got = list(qd)
         assert got == ["before", *small]
+    finally:
+        qd.close()
+
+
+def test_several_dropped_records_are_each_named() -> None:
+    import decimal
+
+    qd = QueueDescriptor(None, "tcp", {"maxsize": 100, "batch_size": 100, "flush_interval": 5})
+    qd.qsize()
+    try:
+        producer = qd._handle().producer(qd)
+        # A burst: the producer batches, so the bad records are found at one flush.
+        producer._busy, producer._flush_at = True, 100
+        for record in (1, {1, 2}, 2, decimal.Decimal(1), 3, 1j):
+            qd.put(record, timeout=conf.GET_TIMEOUT)
+        with pytest.raises(EncodeError) as caught:
+            qd.put(EndOfStream(), timeout=conf.GET_TIMEOUT)
+        message = str(caught.value)
+        for name in ("builtins.set", "decimal.Decimal", "builtins.complex"):
+            assert name in message, message
+        assert "end of stream itself was sent" in message
+        assert list(qd) == [1, 2, 3]
     finally:
         qd.close()
