@@ -192,3 +192,16 @@ def test_a_forked_child_forgets_the_parents_batching_producers() -> None:
         assert parents in _runtime.batching_in_this_thread()  # the parent still has it
     finally:
         _runtime.batching(parents, False)
+
+
+@pytest.mark.parametrize("queue_type", ["tcp", "sage"])
+def test_ipv6_loopback_endpoints_work(queue_type: str) -> None:
+    # libzmq is IPv4-only unless told; an IPv6 literal turns IPv6 on for that socket.
+    qd = QueueDescriptor(None, queue_type, {"endpoint": "tcp://[::1]:0"})
+    try:
+        assert (qd.endpoint or "").startswith("tcp://[::1]:") and not qd.endpoint.endswith(":0")
+        clone = QueueDescriptor.from_json(qd.to_json())
+        clone.put("over ::1", timeout=conf.GET_TIMEOUT)
+        assert qd.get(timeout=conf.GET_TIMEOUT) == "over ::1"
+    finally:
+        conf.close_quietly(qd)

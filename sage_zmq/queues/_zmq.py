@@ -137,6 +137,13 @@ def _apply_common(sock: zmq.Socket[Any], opts: SocketOptions) -> None:
         sock.setsockopt(zmq.HEARTBEAT_TTL, opts.heartbeat_timeout_ms)
 
 
+def _allow_ipv6(sock: zmq.Socket[Any], endpoint: str) -> None:
+    # libzmq speaks IPv4 only unless told; turned on for IPv6 literals ("tcp://[::1]:5555")
+    # alone, so that a name like "localhost" keeps resolving to the IPv4 address it binds.
+    if endpoint.startswith("tcp://["):
+        sock.setsockopt(zmq.IPV6, 1)
+
+
 _RCVTIMEO = int(zmq.RCVTIMEO)
 
 
@@ -175,6 +182,7 @@ class DealerLink:
         sock.setsockopt(zmq.SNDTIMEO, opts.send_timeout_ms)
         if opts.curve is not None:
             opts.curve.apply_client(sock)
+        _allow_ipv6(sock, endpoint)
         sock.connect(endpoint)
         self.sock = sock
         self._producer = ""
@@ -334,6 +342,7 @@ class RouterInlet:
         try:
             # No retry on EADDRINUSE: right after a close, libzmq's old listener can still
             # accept a connection whose frames then die with it; a clear error is safer.
+            _allow_ipv6(sock, endpoint)
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
             raise DescriptorError(
