@@ -306,3 +306,17 @@ def test_tcp_bind_on_a_foreign_address_says_so(host: str) -> None:
 def test_an_impossible_ipv4_address_is_refused_at_creation(host: str) -> None:
     with pytest.raises(DescriptorError, match=rf"{host} is not an IPv4 address"):
         QueueDescriptor(None, "tcp", {"endpoint": f"tcp://{host}:5000"})
+
+
+def test_every_metadata_key_is_documented() -> None:
+    from pathlib import Path
+
+    from sage_zmq.descriptor import lookup_queue_type
+
+    text = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    section = text.split("## Queue metadata", 1)[1].split("\n## ", 1)[0]
+    keys = set().union(
+        *(lookup_queue_type(t).metadata_keys for t in ("local", "shm", "tcp", "sage", "ray"))
+    )
+    missing = sorted(k for k in keys if f"`{k}`" not in section)
+    assert not missing, f"docs/configuration.md 'Queue metadata' does not name {missing}"
