@@ -47,7 +47,12 @@ def test_several_dropped_records_are_each_named() -> None:
         producer = qd._handle().producer(qd)
         # A burst: the producer batches, so the bad records are found at one flush.
         producer._busy, producer._flush_at = True, 100
-        for record in (1, {1, 2}, 2, decimal.Decimal(1), 3, 1j):
+        # A record of a class msgpack cannot carry is refused at its own put, even here.
+        with pytest.raises(EncodeError, match=r"record refused: .*builtins\.set") as refused:
+            qd.put({1, 2}, timeout=conf.GET_TIMEOUT)
+        assert refused.value.accepted is False  # type: ignore[attr-defined]
+        # What is inside a record is checked when its batch is encoded.
+        for record in (1, {"v": {1, 2}}, 2, {"v": decimal.Decimal(1)}, 3, [1j]):
             qd.put(record, timeout=conf.GET_TIMEOUT)
         with pytest.raises(EncodeError) as caught:
             qd.put(EndOfStream(), timeout=conf.GET_TIMEOUT)

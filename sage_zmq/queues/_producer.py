@@ -19,13 +19,14 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from typing import Any
 
 from sage_zmq import _runtime
 from sage_zmq.errors import DeliveryError, EncodeError, Full, QueueClosed
-from sage_zmq.packet import EndOfStream
+from sage_zmq.packet import EndOfStream, Packet
 from sage_zmq.queues.base import Credit, ProducerLink, QueueStatistics
 
 log = logging.getLogger("sage_zmq.queue")
@@ -36,6 +37,12 @@ FLUSH_BYTES = 16 << 20
 """About how many bytes (frames and shared-memory payloads) a busy producer ships per flush."""
 
 _HOST = socket.gethostname()[:40]
+
+# Record classes put appends without a look (a batch encodes them; what they hold is checked
+# then). Any other class is encoded once at its put, so that a record msgpack cannot carry is
+# refused at that put even in a burst. numpy's ndarray joins once seen (numpy loads lazily).
+_PLAIN_TYPES: set[type] = {dict, list, tuple, str, bytes, int, float, bool, type(None), Packet}
+_PLAIN_BASES = (dict, list, tuple, str, bytes, int, float)
 
 
 def new_producer_id() -> str:
@@ -106,7 +113,7 @@ class Producer:
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         """Queue ``item``; blocks (or raises :class:`Full` after ``timeout``) without credit."""
         pending = self._pending
-        if len(pending) < self._fast_limit and item.__class__ is not EndOfStream:
+        if len(pending) < self._fast_limit and item.__class__ in _PLAIN_TYPES:
             pending.append(item)  # room left and no flush due: nothing else to do
             return
         self._put_slow(item, block, timeout)
@@ -132,6 +139,8 @@ class Producer:
             idle = not self._busy and not self._pending and not self._errors
             if idle and self._room > 0 and self._ship_alone(item):
                 return
+            if item.__class__ not in _PLAIN_TYPES:
+                self._check_record(item)
             # A record dropped earlier (by the background flush) is reported after this one
             # is queued, so a caller who catches EncodeError and moves on loses nothing.
             self._update_room()
@@ -173,6 +182,23 @@ class Producer:
         if self._errors:
             raise self._take_error(accepted=True)
         return True
+
+    def _check_record(self, item: Any) -> None:
+        """Refuse now (not at the batch's flush) a record whose own class msgpack cannot carry."""
+        numpy = sys.modules.get("numpy")
+        if numpy is not None and item.__class__ is numpy.ndarray:
+            _PLAIN_TYPES.add(numpy.ndarray)  # arrays are checked by the batch, as dicts are
+            return
+        codec = getattr(self._link, "codec", None)
+        why = None if codec is None else codec.refusal(item)
+        if why is not None:
+            self._encode_errors += 1
+            err = EncodeError(f"queue {self.queue_id!r}: record refused: {why}")
+            err.records_dropped = 1  # type: ignore[attr-defined]
+            err.accepted = False  # type: ignore[attr-defined]
+            raise err
+        if issubclass(item.__class__, _PLAIN_BASES):
+            _PLAIN_TYPES.add(item.__class__)  # an OrderedDict, an IntEnum: packed as its base
 
     def _wait_for_room(self, block: bool, timeout: float | None) -> bool:
         self._apply(self._link.poll(0))
@@ -397,7 +423,7 @@ class Producer:
         more = ""
         if len(errors) > 1:
             # Each one named (the part before its explanation), not only counted.
-            named = "; ".join(e.split(":", 1)[0] for e in errors[1:6])
+            named = "; ".join(e.split(": records must", 1)[0] for e in errors[1:6])
             more = f" (and {len(errors) - 1} more: {named}{'; ...' if len(errors) > 6 else ''})"
         err = EncodeError(f"queue {self.queue_id!r}: record dropped: {errors[0]}{more}{note}")
         err.records_dropped = len(errors)  # type: ignore[attr-defined]

@@ -238,6 +238,17 @@ class Codec:
     def _pack_inner(self, value: Any) -> bytes:
         return msgpack.packb(value, default=self._default, use_bin_type=True, datetime=False)
 
+    def refusal(self, record: Any) -> str | None:
+        """Why ``record`` cannot be encoded (as ``encode_batch`` would say), or None.
+
+        For records of unusual types at ``put``: encoding one costs what its batch would pay.
+        """
+        try:
+            self._pack_inner(record)
+        except Exception as exc:
+            return str(exc) if isinstance(exc, EncodeError) else _describe(record, exc)
+        return None
+
     def inline_array(self, arr: np.ndarray) -> msgpack.ExtType:
         """``arr`` as an ext 2 value carried in the frame itself (a copy of its data)."""
         return msgpack.ExtType(EXT_NDARRAY, self._pack_ndarray(arr))
