@@ -106,6 +106,17 @@ def close_quietly(*descriptors: QueueDescriptor, timeout: float = 1.0) -> None:
 
 
 @contextlib.contextmanager
+def released(qd: QueueDescriptor) -> Iterator[QueueDescriptor]:
+    """Yield ``qd``; then end whatever it opened (a tcp descriptor binds on creation)."""
+    try:
+        yield qd
+    finally:
+        with contextlib.suppress(Empty):
+            qd.get_nowait()
+        qd.close()
+
+
+@contextlib.contextmanager
 def _closing(*descriptors: QueueDescriptor) -> Iterator[None]:
     try:
         yield

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from sage_zmq import _runtime
 from sage_zmq.descriptor import lookup_queue_type
 from sage_zmq.queues import _zmq
 from sage_zmq.shm.sweep import list_segments, owner_pid, pid_alive
-from sage_zmq.testing import DescriptorFactory, descriptor_factory
+from sage_zmq.testing import DescriptorFactory, close_quietly, descriptor_factory
 
 QUEUE_TYPES = ["local", "shm", "tcp", "sage"]
 REMOTE_QUEUE_TYPES = [t for t in QUEUE_TYPES if lookup_queue_type(t).capabilities.cross_process]
@@ -52,6 +52,20 @@ def queue_type(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(params=REMOTE_QUEUE_TYPES)
 def remote_queue_type(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@pytest.fixture
+def queues() -> Iterator[Callable[..., sage_zmq.QueueDescriptor]]:
+    """``queues(*args, **kw)``: a new QueueDescriptor, closed (quietly) after the test."""
+    made: list[sage_zmq.QueueDescriptor] = []
+
+    def make(*args: Any, **kw: Any) -> sage_zmq.QueueDescriptor:
+        qd = sage_zmq.QueueDescriptor(*args, **kw)
+        made.append(qd)
+        return qd
+
+    yield make
+    close_quietly(*made, timeout=0.5)
 
 
 @pytest.fixture

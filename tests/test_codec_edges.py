@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -104,18 +104,8 @@ def test_big_endian_strided_and_structured_datetimes_round_trip_inline() -> None
 
 
 @pytest.fixture
-def make() -> Iterator[Callable[..., QueueDescriptor]]:
-    made: list[QueueDescriptor] = []
-
-    def make(queue_type: str, **meta: Any) -> QueueDescriptor:
-        qd = QueueDescriptor(None, queue_type, {"maxsize": 100, **meta})
-        made.append(qd)
-        return qd
-
-    yield make
-    for qd in made:
-        with contextlib.suppress(Exception):
-            qd.close(timeout=1)
+def make(queues: Callable[..., QueueDescriptor]) -> Callable[..., QueueDescriptor]:
+    return lambda queue_type, **meta: queues(None, queue_type, {"maxsize": 100, **meta})
 
 
 @pytest.mark.parametrize("queue_type", ["tcp", "shm"])

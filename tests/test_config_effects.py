@@ -37,7 +37,7 @@ from sage_zmq.observe import tracing
 from sage_zmq.packet import Packet
 from sage_zmq.router import Connection, HashRouter, make_router
 from sage_zmq.router.keys import instance_for_key
-from sage_zmq.testing import close_quietly, drain, wait_until
+from sage_zmq.testing import drain, wait_until
 from sage_zmq.wire.codec import Codec
 from sage_zmq.wire.frame import FLAG_LZ4, Kind, parse_header
 
@@ -56,19 +56,6 @@ def use() -> Iterator[Use]:
     yield apply
     reset_config()
     observe.activate(current_config(), force=True)
-
-
-@pytest.fixture
-def queues() -> Iterator[Callable[..., QueueDescriptor]]:
-    made: list[QueueDescriptor] = []
-
-    def make(*args: Any, **kw: Any) -> QueueDescriptor:
-        qd = QueueDescriptor(*args, **kw)
-        made.append(qd)
-        return qd
-
-    yield make
-    close_quietly(*made, timeout=0.2)
 
 
 class RawConsumer:

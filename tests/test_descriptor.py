@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pickle
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from sage_zmq import DescriptorError, Empty, QueueDescriptor, SageZmqError, _runtime, queue_types
+from sage_zmq import DescriptorError, QueueDescriptor, SageZmqError, _runtime, queue_types
+from sage_zmq import testing as conf
 
 
 def _sockets() -> int:
     ctx = _runtime._context
     return 0 if ctx is None else sum(1 for s in list(ctx._sockets) if not s.closed)
-
-
-@contextlib.contextmanager
-def _released(qd: QueueDescriptor) -> Iterator[QueueDescriptor]:
-    """Yield ``qd``; then end whatever it opened (a tcp descriptor binds on creation)."""
-    try:
-        yield qd
-    finally:
-        with contextlib.suppress(Empty):
-            qd.get_nowait()
-        qd.close()
 
 
 def _assert_descriptor_error(exc: pytest.ExceptionInfo[DescriptorError], *needles: str) -> None:
@@ -153,7 +141,7 @@ def test_explicit_ipc_endpoint_is_kept(tmp_path: Any) -> None:
 
 
 def test_tcp_port_zero_binds_a_real_port() -> None:
-    with _released(QueueDescriptor("q", "tcp", {"endpoint": "tcp://127.0.0.1:0"})) as qd:
+    with conf.released(QueueDescriptor("q", "tcp", {"endpoint": "tcp://127.0.0.1:0"})) as qd:
         assert qd.endpoint is not None and not qd.endpoint.endswith(":0")
 
 
@@ -172,7 +160,7 @@ def test_default_queue_type_comes_from_config() -> None:
 # ----------------------------------------------------------------------------- conversions
 def test_round_trips_keep_everything(queue_type: str) -> None:
     meta = {"maxsize": 12, "upstreams": 2, "timeout": 1.5, "custom": {"x": [1, 2]}}
-    with _released(QueueDescriptor("rt", queue_type, meta)) as qd:
+    with conf.released(QueueDescriptor("rt", queue_type, meta)) as qd:
         d = qd.to_dict()
         assert d["queue_id"] == "rt" and d["queue_type"] == queue_type
         assert {k: d["metadata"][k] for k in meta} == meta

@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -33,18 +33,8 @@ T = 20.0  # bound on every blocking call
 
 
 @pytest.fixture
-def make() -> Iterator[Callable[..., QueueDescriptor]]:
-    made: list[QueueDescriptor] = []
-
-    def make(**meta: Any) -> QueueDescriptor:
-        qd = QueueDescriptor(None, "shm", {"maxsize": 100, **meta})
-        made.append(qd)
-        return qd
-
-    yield make
-    for qd in made:
-        with contextlib.suppress(Exception):
-            qd.close(timeout=1)
+def make(queues: Callable[..., QueueDescriptor]) -> Callable[..., QueueDescriptor]:
+    return lambda **meta: queues(None, "shm", {"maxsize": 100, **meta})
 
 
 def producer_of(qd: QueueDescriptor) -> Any:

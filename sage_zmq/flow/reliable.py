@@ -122,7 +122,7 @@ from sage_zmq.observe.logging import connection_event
 from sage_zmq.packet import EndOfStream
 from sage_zmq.queues._consumer import _END, Consumer, _Upstream
 from sage_zmq.queues._producer import _HOST, Producer
-from sage_zmq.queues._socket_type import wants_reliability
+from sage_zmq.queues._socket_type import RELIABILITY_TIMING_KEYS, wants_reliability
 from sage_zmq.queues.base import (
     ConsumerInlet,
     Credit,
@@ -138,16 +138,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sage_zmq.reliable")
 
-_TIMING_KEYS = (
-    "heartbeat_interval",
-    "liveness",
-    "reconnect_initial",
-    "reconnect_max",
-    "ack_timeout",
-    "max_in_flight",
-    "fsync",
-    "fsync_interval",
-)
+_TIMING_KEYS = RELIABILITY_TIMING_KEYS
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 

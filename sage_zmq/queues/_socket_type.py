@@ -41,18 +41,21 @@ def wants_reliability(metadata: dict[str, Any]) -> bool:
     return ack or metadata.get("persist") is not None
 
 
+RELIABILITY_TIMING_KEYS = (
+    # The reliability.* options a descriptor may override; here, not in the reliable layer,
+    # so that a plain queue knows its metadata keys without importing that layer.
+    "heartbeat_interval",
+    "liveness",
+    "reconnect_initial",
+    "reconnect_max",
+    "ack_timeout",
+    "max_in_flight",
+    "fsync",
+    "fsync_interval",
+)
 RELIABILITY_METADATA_KEYS = frozenset(
     {
-        # sage_zmq.flow.reliable._TIMING_KEYS, named here so that a plain queue need not
-        # import the reliable layer (a test keeps the two in step).
-        "heartbeat_interval",
-        "liveness",
-        "reconnect_initial",
-        "reconnect_max",
-        "ack_timeout",
-        "max_in_flight",
-        "fsync",
-        "fsync_interval",
+        *RELIABILITY_TIMING_KEYS,
         "persist",
         "producer_id",
     }

@@ -702,14 +702,11 @@ class BaseRouter:
             t.held.append(record)
         self._moved += moved
         if taken:
-            connection_event(
-                "failover",
-                queue=t.qd.queue_id,
-                peer=t.conn.describe(),
-                detail=f"{self.name}: its consumer was declared dead; moved {moved} "
-                "unacknowledged records to the group's live instances"
+            self._failover_event(
+                t,
+                f"its consumer was declared dead; moved {moved} unacknowledged records to the "
+                "group's live instances"
                 + (f", holding {len(t.held)} for its return" if t.held else ""),
-                router=self.name,
                 moved=moved,
                 held=len(t.held),
             )
@@ -727,14 +724,21 @@ class BaseRouter:
             t.probe = True
             g.relive()
         if first:
-            connection_event(
-                "failover",
-                queue=t.qd.queue_id,
-                peer=t.conn.describe(),
-                detail=f"{self.name}: {why}; the group's other instances take its packets, "
-                f"and it is tried again in {self.retry_interval:g} s",
-                router=self.name,
+            self._failover_event(
+                t,
+                f"{why}; the group's other instances take its packets, and it is tried again "
+                f"in {self.retry_interval:g} s",
             )
+
+    def _failover_event(self, t: _Target, detail: str, **fields: Any) -> None:
+        connection_event(
+            "failover",
+            queue=t.qd.queue_id,
+            peer=t.conn.describe(),
+            detail=f"{self.name}: {detail}",
+            router=self.name,
+            **fields,
+        )
 
     def _recover(self, g: _Group, t: _Target) -> None:
         with self._lock:
