@@ -224,8 +224,12 @@ def test_config_log_level_filters_connection_events(caplog: pytest.LogCaptureFix
     assert not [r for r in caplog.records if getattr(r, "sage_queue", None) == "obs-log2"]
 
 
-def test_configure_logging_adds_one_handler(capsys: pytest.CaptureFixture[str]) -> None:
+def test_configure_logging_adds_one_handler(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import io
+
+    monkeypatch.setattr("sage_zmq.observe.logging._level_from_app", False)  # restored after
 
     stream = io.StringIO()
     configure_logging("DEBUG", stream=stream)
@@ -235,3 +239,26 @@ def test_configure_logging_adds_one_handler(capsys: pytest.CaptureFixture[str]) 
     assert "DEBUG sage_zmq.test" in stream.getvalue() and "hello 5" in stream.getvalue()
     with pytest.raises(ConfigError, match="unknown log level 'LOUD'"):
         configure_logging("LOUD")
+
+
+def test_the_level_an_application_chose_outlives_the_first_queue(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The first queue applies the config (observability.log_level, WARNING by default): it
+    # used to reset the level configure_logging("INFO") had just set, hiding connect events.
+    import io
+
+    from sage_zmq import QueueDescriptor, observe
+
+    monkeypatch.setattr("sage_zmq.observe.logging._level_from_app", False)
+    logger = logging.getLogger(LOGGER_NAME)
+    monkeypatch.setattr(logger, "level", logger.level)
+    configure_logging("INFO", stream=io.StringIO())
+    observe.activate(force=True)  # what the first queue of a process does
+    qd = QueueDescriptor(None, "tcp")
+    try:
+        assert logger.getEffectiveLevel() == logging.INFO
+    finally:
+        qd.close()
+        for handler in [h for h in logger.handlers if getattr(h, "_sage_zmq_handler", False)]:
+            logger.removeHandler(handler)

@@ -29,6 +29,7 @@ WARNING_EVENTS = frozenset({"failover", "peer_dead", "connect_failed", "lost"})
 
 _conn_log = logging.getLogger(f"{LOGGER_NAME}.connection")
 _OWN_HANDLER = "_sage_zmq_handler"
+_level_from_app = False  # configure_logging() was called: its level wins over the config's
 
 
 def _level(level: int | str) -> int:
@@ -62,8 +63,10 @@ def configure_logging(
         from sage_zmq.config import current_config
 
         level = current_config().observability.log_level
+    global _level_from_app
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(_level(level))
+    _level_from_app = True
     old = _own_handler(logger)
     if old is not None:
         logger.removeHandler(old)
@@ -75,11 +78,19 @@ def configure_logging(
 
 
 def apply_config_level(level: int | str) -> None:
-    """Set the ``sage_zmq`` logger's level; add a stderr handler only if nothing logs anywhere."""
+    """Set the ``sage_zmq`` logger's level; add a stderr handler only if nothing logs anywhere.
+
+    A level the application chose with :func:`configure_logging` stays: the config's applies
+    when queues first start (and on config changes) only where the application chose none.
+    """
+    global _level_from_app
+    if _level_from_app:
+        return
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(_level(level))
     if not logger.handlers and not logging.getLogger().handlers:
         configure_logging(level)
+        _level_from_app = False  # the config chose it: a later config still applies
 
 
 def connection_event(
