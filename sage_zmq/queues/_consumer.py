@@ -106,6 +106,15 @@ class Consumer:
         self._per_peer: dict[tuple[int, Any], int] = {}  # (inlet, peer) -> producer ids it owns
         self._latencies: LatencySamples = _observe.new_latency_window(2048)
         self._unreported: set[_Upstream] = set()  # consumed more than their last CREDIT says
+        # Ends of stream counted, as (producer, seq): an inlet that outlives this consumer
+        # (a ray queue's registry) hands a restarted consumer those of its previous life, so
+        # an upstream that ended before the restart is not waited for again.
+        self._ends_counted: set[tuple[str, int]] = set()
+        for inlet in inlets:
+            restore = getattr(inlet, "ends_counted_before", None)
+            if restore is not None:
+                self._ends_counted |= restore()
+        self._ended = len(self._ends_counted)
         _runtime.ticker().add(self, self.SERVICE_INTERVAL)
 
     # ---------------------------------------------------------------- hot path
@@ -174,7 +183,13 @@ class Consumer:
                     if records is _END:
                         up.acked = end_seq
                         up.ended = True
-                        self._ended += 1
+                        mark = (up.producer, end_seq)
+                        if mark not in self._ends_counted:  # else counted in a previous life
+                            self._ends_counted.add(mark)
+                            self._ended += 1
+                            note = getattr(up.inlet, "note_end_counted", None)
+                            if note is not None:
+                                note(self._ends_counted)
                         continue
                     self._queued -= len(records)
                     self._cur_upstream, self._cur_end = up, end_seq

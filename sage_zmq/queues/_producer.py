@@ -484,6 +484,14 @@ class Producer:
                 "and reading?)",
                 undelivered,
             )
+        lost = getattr(self._link, "lost", 0)
+        if lost:
+            raise DeliveryError(
+                f"queue {self.queue_id!r}: up to {lost} records went to a consumer that "
+                "restarted before confirming them, and are lost; set metadata ack=True to have "
+                "them retransmitted",
+                lost,
+            )
         if errors:
             raise EncodeError(f"queue {self.queue_id!r}: record dropped: {errors[0]}")
 

@@ -25,6 +25,7 @@ the core's: ``put`` blocks on credit (``Full`` after ``timeout``), nothing is dr
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -42,7 +43,12 @@ from sage_zmq import _runtime
 from sage_zmq.errors import DescriptorError, MissingDependency, SageZmqError
 from sage_zmq.observe.logging import connection_event
 from sage_zmq.queues._socket_type import SocketQueueType
-from sage_zmq.queues._zmq import DealerLink, RouterInlet, derive_abstract_ipc_endpoint
+from sage_zmq.queues._zmq import (
+    DealerLink,
+    RouterInlet,
+    check_tcp_endpoint,
+    derive_abstract_ipc_endpoint,
+)
 from sage_zmq.queues.base import Capabilities, ConsumerInlet, Credit, ProducerLink, check_flag
 from sage_zmq.wire.codec import Codec
 from sage_zmq.wire.frame import Kind
@@ -112,6 +118,16 @@ def _key(descriptor: QueueDescriptor) -> str:
     if ns is None:
         ns = _connected_ray().get_runtime_context().namespace
     return f"{ns}/{descriptor.queue_id}"
+
+
+def _actor_id() -> str | None:
+    """This actor's id (it survives a restart by Ray), or None outside an actor."""
+    actor = _connected_ray().get_runtime_context().get_actor_id()
+    return None if actor is None else str(actor)
+
+
+def _ends_key(descriptor: QueueDescriptor) -> str:
+    return _key(descriptor) + "/ends"
 
 
 def _kv() -> Any:
@@ -189,9 +205,37 @@ class RayConsumerInlet(RouterInlet):
             log.warning("queue %s: no ipc endpoint for same-node producers: %s", self.queue_id, exc)
             return ""
 
+    def ends_counted_before(self) -> set[tuple[str, int]]:
+        """Ends of stream a previous life of this consumer counted (the same actor, killed
+        and restarted by Ray): they are not sent again, the producers that sent them may be
+        gone. Another consumer of the queue (another actor, a task, the driver) starts afresh."""
+        actor = _actor_id()
+        if actor is None:
+            return set()
+        try:
+            raw = _kv()._internal_kv_get(_ends_key(self._descriptor), namespace=KV_NAMESPACE)
+            if not raw:
+                return set()
+            entry = json.loads(raw)
+            if entry.get("actor") != actor:
+                return set()
+            return {(str(p), int(seq)) for p, seq in entry["ends"]}
+        except Exception as exc:  # an unreadable entry: count afresh, and say so
+            log.warning("queue %s: ends of stream counted before unknown: %s", self.queue_id, exc)
+            return set()
+
+    def note_end_counted(self, ends: set[tuple[str, int]]) -> None:
+        actor = _actor_id()
+        if actor is None:
+            return  # not an actor: Ray does not restart it
+        value = json.dumps({"actor": actor, "ends": sorted(ends)}).encode()
+        _kv()._internal_kv_put(_ends_key(self._descriptor), value, True, namespace=KV_NAMESPACE)
+
     def close(self) -> None:
         try:
             _unpublish(self._descriptor, self.token)
+            # A consumer closed on purpose is not restarted: the next one starts afresh.
+            _kv()._internal_kv_del(_ends_key(self._descriptor), namespace=KV_NAMESPACE)
         except Exception as exc:  # Ray may be shut down already; the entry is then moot
             log.debug("queue %s: could not unpublish: %s", self.queue_id, exc)
         super().close()
@@ -242,6 +286,7 @@ class RayProducerLink:
         self.compress = compress
         self.released: list[int] = []
         self.reconnects = 0
+        self.lost = 0  # records at most, sent to consumers that restarted unconfirmed (no ack)
         self._descriptor = descriptor
         self._make = make_link
         self._reliable = reliable  # the reliable layer above retransmits after a restart
@@ -262,6 +307,7 @@ class RayProducerLink:
         self._last_credit = time.monotonic()
         self._next_watch = 0.0
         self._closed = False
+        self._read_at_switch: list[Credit] = []  # the old consumer's last reports, for poll()
         # The ticker thread resolves and follows the consumer while the producer is idle.
         self._lock = threading.RLock()
         self._lookup()
@@ -309,6 +355,14 @@ class RayProducerLink:
 
     def _switch(self, entry: ConsumerEntry) -> None:
         old = self._inner
+        if old is not None and not self._reliable:
+            # Reports the old consumer sent before it went: what they confirm is not lost.
+            # (The reliable layer retransmits what was not acked, and follows sessions itself.)
+            with contextlib.suppress(zmq.ZMQError):
+                credits = old.poll(0)
+                if credits:
+                    self._on_credits(credits)
+                    self._read_at_switch.extend(credits)
         endpoint = self._route(entry)
         inner = self._make(endpoint)
         monitor = inner.sock.get_monitor_socket(_MONITOR_EVENTS)
@@ -326,6 +380,7 @@ class RayProducerLink:
         self.reconnects += 1
         at_risk = self._sent_seq - self._acked
         if at_risk > 0 and not self._reliable:
+            self.lost += at_risk
             connection_event(
                 "lost",
                 queue=self.queue_id,
@@ -475,6 +530,9 @@ class RayProducerLink:
                 self._watch()
                 now = time.monotonic()
                 self._maybe_lookup(now)
+                if self._read_at_switch:
+                    credits, self._read_at_switch = self._read_at_switch, []
+                    return credits
                 remaining = deadline - now
                 inner = self._inner
                 if inner is None:
@@ -552,11 +610,23 @@ class RayQueueType(SocketQueueType):
                     f"metadata[{key!r}] of a ray queue must be a non-empty string, got {value!r}"
                 )
         check_flag("ipc", meta.get("ipc", True))
-        if meta.get("host") in ("*", "0.0.0.0", "::"):
+        host = meta.get("host")
+        if host in ("*", "0.0.0.0", "::"):
             raise DescriptorError(
-                f"metadata['host'] = {meta['host']!r} is not connectable: name this node's "
+                f"metadata['host'] = {host!r} is not connectable: name this node's "
                 "address (the default is ray.util.get_node_ip_address())"
             )
+        if host is not None:
+            # A bare host name or address; the port is chosen when the consumer binds.
+            if "/" in host or (":" in host and not _is_ipv6(host)):
+                raise DescriptorError(
+                    f"metadata['host'] must be a host name or IP address (no scheme or port), "
+                    f"got {host!r}"
+                )
+            try:
+                check_tcp_endpoint(f"tcp://{_bracket(host)}:1")
+            except DescriptorError as exc:
+                raise DescriptorError(f"metadata['host'] = {host!r}: {exc}") from None
 
     def check_usable_here(self, descriptor: QueueDescriptor) -> None:
         _connected_ray()
@@ -581,6 +651,14 @@ class RayQueueType(SocketQueueType):
         return RayConsumerInlet(
             descriptor, self.codec(descriptor), self.socket_options(descriptor), str(host)
         )
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _bracket(host: str) -> str:
