@@ -44,6 +44,17 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+@pytest.fixture(autouse=True)
+def _log_level_chosen_by_the_config() -> Iterator[None]:
+    # configure_logging() (the CLI calls it) pins the level for the process; a test that
+    # calls it must not pin it for the tests after it.
+    from sage_zmq.observe import logging as sz_logging
+
+    saved = sz_logging._level_from_app
+    yield
+    sz_logging._level_from_app = saved
+
+
 @pytest.fixture(params=QUEUE_TYPES)
 def queue_type(request: pytest.FixtureRequest) -> str:
     return str(request.param)
