@@ -63,3 +63,24 @@ def test_several_dropped_records_are_each_named() -> None:
         assert list(qd) == [1, 2, 3]
     finally:
         qd.close()
+
+
+def test_records_of_plain_types_are_not_encoded_at_put(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only unusual classes pay an encode at put; a large bytearray or memoryview must not.
+    from sage_zmq import Packet
+
+    qd = QueueDescriptor(None, "shm", {"maxsize": 100, "flush_interval": 5})
+    qd.qsize()
+    try:
+        producer = qd._handle().producer(qd)
+        looked_at: list[type] = []
+        monkeypatch.setattr(producer._link.codec, "refusal", lambda r: looked_at.append(type(r)))
+        producer._busy, producer._flush_at = True, 100  # a burst, as in the test above
+        plain = [b"x", bytearray(b"y" * 100_000), memoryview(b"z"), {"a": 1}, [1], 1.5, None]
+        for record in [*plain, Packet(1), True, "s", (1, 2)]:
+            qd.put(record, timeout=conf.GET_TIMEOUT)
+        assert looked_at == []
+        qd.put(EndOfStream(), timeout=conf.GET_TIMEOUT)
+        assert len(list(qd)) == 11
+    finally:
+        qd.close()

@@ -41,7 +41,20 @@ _HOST = socket.gethostname()[:40]
 # Record classes put appends without a look (a batch encodes them; what they hold is checked
 # then). Any other class is encoded once at its put, so that a record msgpack cannot carry is
 # refused at that put even in a burst. numpy's ndarray joins once seen (numpy loads lazily).
-_PLAIN_TYPES: set[type] = {dict, list, tuple, str, bytes, int, float, bool, type(None), Packet}
+_PLAIN_TYPES: set[type] = {
+    dict,
+    list,
+    tuple,
+    str,
+    bytes,
+    bytearray,
+    memoryview,
+    int,
+    float,
+    bool,
+    type(None),
+    Packet,
+}
 _PLAIN_BASES = (dict, list, tuple, str, bytes, int, float)
 
 
