@@ -234,6 +234,35 @@ def test_producer_sigkilled_with_persistence_loses_nothing(tmp_path: Path) -> No
     assert records == [["a", i] for i in a] + [["b", i] for i in b], "out of order"
 
 
+def test_a_restarted_persistent_consumer_remembers_which_upstreams_ended(tmp_path: Path) -> None:
+    # Upstream a ends and closes, the consumer restarts, upstream b ends: the stream ends. The
+    # restarted consumer used to wait forever for a's end, which a never sends again.
+    qd = QueueDescriptor(
+        None, "sage", {**FAST, "maxsize": 100, "upstreams": 2, "persist": str(tmp_path)}
+    )
+    producer_qd = qd.with_options(persist=None)
+    with contextlib.suppress(Empty):
+        qd.get_nowait()
+    try:
+        with conf.spawn_worker(conf.produce_worker, producer_qd, "a", 20, True) as a:
+            assert a.recv()[0] == "started"
+            assert conf.drain(qd, 20) == [["a", i] for i in range(20)]
+            with pytest.raises(Empty):
+                qd.get(timeout=0.5)  # takes a's end: one of two upstreams ended
+            assert a.recv() == ("closed", None)
+        qd.close()  # the consumer goes (the stream has not ended) ...
+        again = QueueDescriptor.from_dict(qd.to_dict())  # ... and comes back
+        with conf.spawn_worker(conf.produce_worker, producer_qd, "b", 20, True) as b:
+            assert b.recv()[0] == "started"
+            got = conf.drain(again, 21)
+            assert b.recv() == ("closed", None)
+        assert got[:-1] == [["b", i] for i in range(20)] and isinstance(got[-1], EndOfStream)
+        again.close()
+        assert not list(tmp_path.rglob("*.ends")), "a finished stream leaves no ends behind"
+    finally:
+        conf.close_quietly(qd)
+
+
 # ------------------------------------------------------------------------------ network faults
 def test_proxy_cutting_every_half_second_loses_and_doubles_nothing() -> None:
     n = 150_000

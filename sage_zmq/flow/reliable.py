@@ -44,7 +44,9 @@ nothing) before the next record is handed out, and a restarted consumer skips ev
 recorded there: each record is returned by ``get`` exactly once across restarts, in order per
 producer, except that the one record the application held when it died is returned again (it
 was never consumed). ``acked`` never passes what was recorded. Without persistence a restarted
-consumer gets again what it received but had not acked (at least once).
+consumer gets again what it received but had not acked (at least once). The ends of stream a
+persistent consumer counted are kept too (``<dedup file>.ends``, replaced whole at each end), so
+an upstream that ended before a restart is not waited for; the file goes once the stream ended.
 
 **Producer persistence** (``metadata["persist"] = DIR`` on the producer): ``put`` writes the
 record to a :class:`~sage_zmq.flow.wal.WriteAheadLog` (one entry per record, a one-record DATA
@@ -86,6 +88,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import re
@@ -821,10 +824,26 @@ class ReliableConsumer(Consumer):
         self._prompted: dict[str, float] = {}
         self._held: tuple[str, int] | None = None
         self._dedup: DedupState | None = None
+        self._ends_path: str | None = None
         if settings.persist is not None:
             _, path = persist_paths(settings.persist, queue_id)
             self._dedup = DedupState(path)
+            # Beside the dedup state: the ends of stream it counted. A producer that ended
+            # (and closed) before this consumer restarted never sends its end again.
+            self._ends_path = path + ".ends"
+            self._ends_counted |= _load_ends(self._ends_path)
+            self._ended = len(self._ends_counted)
         _runtime.ticker().add(self, settings.tick)
+
+    def _note_ends(self, inlet: ConsumerInlet) -> None:
+        super()._note_ends(inlet)
+        if self._ends_path is not None:
+            tmp = f"{self._ends_path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(sorted(self._ends_counted), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._ends_path)  # whole or not at all, whenever the kill comes
 
     # ----------------------------------------------------------------- intake
     def _prompt(self, inlet: ConsumerInlet, peer: Any, producer: str) -> None:
@@ -1015,12 +1034,27 @@ class ReliableConsumer(Consumer):
             super().close(timeout)
             if dedup is not None:
                 dedup.close()
+            if self._ends_path is not None and self._ended >= self._upstreams:
+                # The stream ended: a consumer of the next run starts counting afresh.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._ends_path)
 
     def statistics(self) -> QueueStatistics:
         stats = super().statistics()
         extra = dict(stats.extra or {})
         extra["persistent"] = self._dedup is not None
         return dataclasses.replace(stats, extra=extra)
+
+
+def _load_ends(path: str) -> set[tuple[str, int]]:
+    try:
+        with open(path) as f:
+            return {(str(p), int(seq)) for p, seq in json.load(f)}
+    except FileNotFoundError:
+        return set()
+    except (ValueError, TypeError) as exc:
+        log.warning("ends of stream counted before could not be read from %s: %s", path, exc)
+        return set()
 
 
 # ------------------------------------------------------------------------------ factories

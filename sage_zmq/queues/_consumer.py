@@ -187,9 +187,7 @@ class Consumer:
                         if mark not in self._ends_counted:  # else counted in a previous life
                             self._ends_counted.add(mark)
                             self._ended += 1
-                            note = getattr(up.inlet, "note_end_counted", None)
-                            if note is not None:
-                                note(self._ends_counted)
+                            self._note_ends(up.inlet)
                         continue
                     self._queued -= len(records)
                     self._cur_upstream, self._cur_end = up, end_seq
@@ -204,6 +202,12 @@ class Consumer:
                     raise Empty(f"queue {self.queue_id!r} is empty")
                 if deadline is not None and deadline <= time.monotonic():
                     raise Empty(f"queue {self.queue_id!r}: nothing arrived within {timeout} s")
+
+    def _note_ends(self, inlet: ConsumerInlet) -> None:
+        """Keep the ends counted where a restarted consumer finds them (see __init__)."""
+        note = getattr(inlet, "note_end_counted", None)
+        if note is not None:
+            note(self._ends_counted)
 
     def _retire_current(self) -> None:
         up = self._cur_upstream
