@@ -86,6 +86,10 @@ class QueueSettings:
 
 log = logging.getLogger("sage_zmq.queue")
 
+_FINAL_STATISTICS: dict[tuple[str, str], QueueStatistics] = {}
+"""The last statistics of queue ends this process closed, by (queue type, endpoint)."""
+_FINAL_STATISTICS_KEPT = 1024
+
 _INT_KEYS = {"maxsize": 1, "upstreams": 1, "batch_size": 1}
 _FLOAT_KEYS = {"timeout", "flush_interval"}
 _BOOL_KEYS = ("allow_pickle", "zero_copy", "ack")
@@ -365,6 +369,13 @@ class QueueDescriptor:
         return bool(handle.consumer(self).full())
 
     def statistics(self) -> QueueStatistics:
+        """This process's view of the queue; after ``close``, its last figures."""
+        handle = self._existing_handle()
+        if handle is None:
+            key = (self.queue_type, str(self.metadata.get("endpoint")))
+            final: QueueStatistics | None = _FINAL_STATISTICS.get(key)
+            if final is not None:
+                return final
         return self._handle().statistics()
 
     def backlog(self, refresh: bool = False) -> int:
@@ -500,16 +511,19 @@ class _QueueHandle:
             self._bound.append(weakref.ref(descriptor))
 
     def statistics(self) -> QueueStatistics:
+        return self._combined(self._producer, self._consumer)
+
+    def _combined(self, producer: Any, consumer: Any) -> QueueStatistics:
         from dataclasses import replace
 
-        if self._consumer is None and self._producer is None:
+        if consumer is None and producer is None:
             return QueueStatistics(self.descriptor.queue_id, self.descriptor.queue_type, "idle")
-        if self._consumer is None:
-            stats: QueueStatistics = self._producer.statistics()
+        if consumer is None:
+            stats: QueueStatistics = producer.statistics()
             return stats
-        stats = self._consumer.statistics()
-        if self._producer is not None:
-            p = self._producer.statistics()
+        stats = consumer.statistics()
+        if producer is not None:
+            p = producer.statistics()
             stats = replace(
                 stats,
                 role="producer+consumer",
@@ -545,6 +559,11 @@ class _QueueHandle:
                 error = exc
         if consumer is not None:
             consumer.close(timeout)
+        if producer is not None or consumer is not None:
+            # What statistics() shows after the close: a run's totals outlive its sockets.
+            _FINAL_STATISTICS[self.key] = self._combined(producer, consumer)
+            while len(_FINAL_STATISTICS) > _FINAL_STATISTICS_KEPT:
+                del _FINAL_STATISTICS[next(iter(_FINAL_STATISTICS))]
         try:
             self.qtype.release(self.descriptor)
         except SageZmqError as exc:

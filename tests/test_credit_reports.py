@@ -48,3 +48,14 @@ def test_statistics_show_what_the_consumer_took(qd: QueueDescriptor) -> None:
     stats = producer.statistics()
     assert (stats.acked, stats.depth) == (30, 0), stats
     assert consumer.statistics().acked == 30
+
+
+def test_statistics_after_close_keep_the_totals() -> None:
+    qd = QueueDescriptor(None, "tcp", {"maxsize": 100})
+    for i in range(7):
+        qd.put(i, timeout=conf.GET_TIMEOUT)
+    assert conf.drain(qd, 7) == list(range(7))
+    qd.close()
+    stats = qd.statistics()  # they were all zeros (role "idle") once the ends had closed
+    assert (stats.role, stats.sent, stats.received) == ("producer+consumer", 7, 7), stats
+    assert QueueDescriptor.from_dict(qd.to_dict()).statistics() == stats  # the same queue
