@@ -124,7 +124,7 @@ from sage_zmq.flow.wal import (
 from sage_zmq.observe.logging import connection_event
 from sage_zmq.packet import EndOfStream
 from sage_zmq.queues._consumer import _END, Consumer, _Upstream
-from sage_zmq.queues._producer import _HOST, Producer
+from sage_zmq.queues._producer import _HOST, Producer, refused
 from sage_zmq.queues._socket_type import RELIABILITY_TIMING_KEYS, wants_reliability
 from sage_zmq.queues.base import (
     ConsumerInlet,
@@ -439,10 +439,7 @@ class ReliableProducer(Producer):
         inner = self._keeping.inner
         frame, _sent, errors = inner.codec.encode_batch(self.producer_id, seq, [item])
         if errors:
-            err = EncodeError(f"queue {self.queue_id!r}: record not accepted: {errors[0]}")
-            err.records_dropped = 1  # type: ignore[attr-defined]
-            err.accepted = False  # type: ignore[attr-defined]
-            raise err
+            raise refused(self.queue_id, errors[0])
         self._wal.append(seq, 1, frame)
 
     def _update_room(self) -> None:
@@ -1011,8 +1008,7 @@ class ReliableConsumer(Consumer):
                     self._read_arrived(self.ASSIST_MESSAGES)
                     self._ack_partial()
                     for up in list(self._ups.values()):
-                        r: Any = up
-                        if up.acked > r.reported and now - r.reported_at >= self._report_after:
+                        if up.acked > up.reported and now - up.reported_at >= self._report_after:
                             self._grant(up)
             finally:
                 self._lock.release()

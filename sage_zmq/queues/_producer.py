@@ -62,6 +62,14 @@ def new_producer_id() -> str:
     return f"{_HOST}:{os.getpid()}:{os.urandom(4).hex()}"
 
 
+def refused(queue_id: str, why: str) -> EncodeError:
+    """The EncodeError of a record ``put`` did not accept (nothing of it was queued)."""
+    err = EncodeError(f"queue {queue_id!r}: record refused: {why}")
+    err.records_dropped = 1  # type: ignore[attr-defined]
+    err.accepted = False  # type: ignore[attr-defined]
+    return err
+
+
 class Producer:
     """One producer per queue per process; threads may share it (FIFO per thread)."""
 
@@ -206,10 +214,7 @@ class Producer:
         why = None if codec is None else codec.refusal(item)
         if why is not None:
             self._encode_errors += 1
-            err = EncodeError(f"queue {self.queue_id!r}: record refused: {why}")
-            err.records_dropped = 1  # type: ignore[attr-defined]
-            err.accepted = False  # type: ignore[attr-defined]
-            raise err
+            raise refused(self.queue_id, why)
         if issubclass(item.__class__, _PLAIN_BASES):
             _PLAIN_TYPES.add(item.__class__)  # an OrderedDict, an IntEnum: packed as its base
 

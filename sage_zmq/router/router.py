@@ -300,7 +300,6 @@ class BaseRouter:
         self._removed_delivered: dict[tuple[int, int], int] = {}
         self._deaths = 0  # bumped (any thread) when a target's consumer is declared dead
         self._deaths_seen = 0
-        self._moved = 0
         self._weak_self = weakref.ref(self)
         from sage_zmq.observe import metrics
 
@@ -606,8 +605,10 @@ class BaseRouter:
         try:
             if t.probe or t.stalled_until or wait <= 0:
                 qd.put(item, False)
-            else:
+            elif t.reliable:
                 self._put_to(t, item, wait)
+            else:
+                qd.put(item, True, wait)  # the common case, without a call more per packet
         except _PUT_FAILURES as exc:
             t.used = True
             self._stall(g, t, exc)
@@ -700,7 +701,6 @@ class BaseRouter:
                 except RoutingError:
                     pass  # a key of its own, or no live instance: it waits for the instance
             t.held.append(record)
-        self._moved += moved
         if taken:
             self._failover_event(
                 t,
