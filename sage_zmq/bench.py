@@ -639,29 +639,50 @@ def _plot(rows: list[Row], path: str) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     except ImportError:
         from sage_zmq.errors import MissingDependency
 
         raise MissingDependency("--plot needs matplotlib: pip install 'sage-zmq[plot]'") from None
+    import textwrap
+
     rated = [r for r in rows if isinstance(r.get("ratio"), int | float) and r["ratio"] > 0]
-    fig, ax = plt.subplots(figsize=(11, 0.32 * len(rated) + 1.5))
-    names = [
-        f"{r['name']}  vs {r['competitor']}" if r.get("competitor") else r["name"] for r in rated
-    ]
+
+    def label(r: Row) -> str:
+        name, comp = str(r["name"]), r.get("competitor")
+        # Some rows already name their competitor ("... vs multiprocessing.Queue").
+        text = f"{name} vs {comp}" if comp and str(comp) not in name else name
+        # Long labels wrapped: on one line the longest pushed the others off the figure.
+        return "\n".join(textwrap.wrap(text, 48)) or name
+
+    names = [label(r) for r in rated]
     ratios = [float(r["ratio"]) for r in rated]
-    ax.barh(names, ratios, color="tab:blue")
+    lines = sum(n.count("\n") + 1 for n in names)
+    fig, ax = plt.subplots(figsize=(10, 0.25 * lines + 0.3 * len(rated) + 1.6))
+    lo = min([*ratios, 1.0]) / 2
+    hi = max([*ratios, 1.0]) * 2
+    # Bars start at the left edge of the axis: on a log scale there is no zero to start from.
+    ax.barh(names, [r - lo for r in ratios], left=lo, color="tab:blue")
     for y, x in enumerate(ratios):
         ax.text(x, y, f" {x:.2f}x", va="center", fontsize=7)
     ax.set_xscale("log")  # ratios span 0.1x to 2000x: a linear axis hides all but one
+    ax.set_xlim(lo, hi * 1.5)  # room for the value written after the longest bar
+    # Labels on the decades only: matplotlib labels minor ticks too when the range is under
+    # two decades, and those labels ran into each other.
+    ax.xaxis.set_major_locator(LogLocator(base=10))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.invert_yaxis()
     ax.tick_params(axis="y", labelsize=7)
     ax.set_xlabel(
-        "ratio vs competitor, same run (log scale; direction and target per row in the text output)"
+        "ratio vs competitor, same run (log scale)\n"
+        "direction and target of each row: see the text output"
     )
     ax.set_title("sage-zmq benchmark")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # bbox_inches="tight": the figure grows to hold every label instead of cutting them off.
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -11,10 +11,15 @@ arrived exactly once.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import multiprocessing as mp
+import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -24,11 +29,44 @@ from sage_zmq import EndOfStream, Packet, QueueDescriptor
 QUEUE_SIZE = 5000
 """maxsize of the demo's queues."""
 
+MIN_INTERVAL = 0.1
+"""Shortest ``--interval``: one progress line per interval is for people to read."""
+
+
+def _exit_with_parent(own: list[QueueDescriptor]) -> None:
+    """End this demo process when the demo's main process is gone, even killed by SIGKILL.
+
+    Nobody would read what it sends any more, and nobody would stop it: a source kept
+    sending and the workers kept waiting, for good. The parent pid changes when the parent
+    dies (the orphan is re-parented), which a thread can watch on every platform. ``own``:
+    the queues this process consumes, whose socket files go with it.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        _remove_socket_files(own)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="sage-zmq-demo-parent-watch", daemon=True).start()
+
+
+def _remove_socket_files(queues: Sequence[QueueDescriptor]) -> None:
+    # Left behind by a consumer that ended without closing its queue (killed).
+    for qd in queues:
+        endpoint = str(qd.to_dict().get("metadata", {}).get("endpoint", ""))
+        if endpoint.startswith("ipc://"):
+            with contextlib.suppress(OSError):
+                os.unlink(endpoint[len("ipc://") :])
+
 
 def _source(
     worker_queues: list[QueueDescriptor], records: int, sensors: int, rate: float | None = None
 ) -> None:
     from sage_zmq.router import Connection, HashRouter
+
+    _exit_with_parent([])
 
     router = HashRouter()
     for index, qd in enumerate(worker_queues):
@@ -57,12 +95,15 @@ def _source(
 
 
 def _worker(index: int, queue_type: str, sink: QueueDescriptor, parent: Connection) -> None:
+    own: list[QueueDescriptor] = []
+    _exit_with_parent(own)
     # The worker consumes its inbox, so it creates it: a tcp queue without an endpoint is
     # bound by the process that creates it, on a port only that process knows.
     inbox = QueueDescriptor(
         queue_id=f"demo-worker-{index}", queue_type=queue_type, metadata={"maxsize": QUEUE_SIZE}
     )
     inbox.qsize()  # opens (binds) the consumer end before the source connects
+    own.append(inbox)
     parent.send(inbox)
     parent.close()
     for packet in inbox:
@@ -135,6 +176,7 @@ def run(
     ``rate`` paces the source (records/s); unpaced, it runs as fast as the pipeline takes
     records, so the queues fill and latency is mostly the wait in them.
     """
+    _check_run_arguments(records, interval, rate)
     out = out or sys.stdout
     ctx = mp.get_context("spawn")
     sink = QueueDescriptor(
@@ -176,12 +218,18 @@ def run(
         raise
     report = _Report(records)
     last_count, last_time = 0, time.perf_counter()
+    finished = False
     try:
         while True:
+            _STOP.in_get = True
             try:
                 packet = sink.get(timeout=interval)
             except Exception:  # Empty: nothing this interval; report and keep waiting
                 packet = None
+            finally:
+                _STOP.in_get = False
+            if _STOP.requested:
+                raise _Interrupted
             now_wall = time.time()
             if packet is not None:
                 if isinstance(packet, EndOfStream):
@@ -204,9 +252,13 @@ def run(
                 report.window = []
             if not any(p.is_alive() for p in workers) and packet is None:
                 break
+        finished = True
     finally:
-        _stop([source, *workers], grace=30)
-        sink.close()
+        # Interrupted (Ctrl-C, SIGTERM): the others are stopped now, not given 30 s each.
+        _stop([source, *workers], grace=30 if finished else 0.0)
+        if not finished:
+            _remove_socket_files(workers_in)  # killed, the workers could not close them
+        sink.close(None if finished else 0.0)
     elapsed = time.perf_counter() - report.start
     lat = sorted(report.latencies)
     exit_codes = [p.exitcode for p in (source, *workers)]
@@ -241,13 +293,66 @@ def run(
     return summary
 
 
+def _check_run_arguments(records: int, interval: float, rate: float | None) -> None:
+    # A NaN or negative interval made the report loop fail or spin (get(timeout=-1) raises,
+    # and an interval of 0 printed a line per record); a NaN rate paced nothing.
+    if isinstance(records, bool) or not isinstance(records, int) or records < 1:
+        raise ValueError(f"records must be an integer >= 1, got {records!r}")
+    if not _finite(interval) or interval < MIN_INTERVAL:
+        raise ValueError(
+            f"interval must be a number of seconds >= {MIN_INTERVAL}, got {interval!r}"
+        )
+    if rate is not None and (not _finite(rate) or rate <= 0):
+        raise ValueError(f"rate must be a finite number of records/s > 0, got {rate!r}")
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+def _records_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _interval_arg(text: str) -> float:
+    value = _float_arg(text)
+    if value < MIN_INTERVAL:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds >= {MIN_INTERVAL} (one progress line each), got {text}"
+        )
+    return value
+
+
+def _rate_arg(text: str) -> float:
+    value = _float_arg(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of records/s, got {text}")
+    return value
+
+
+def _float_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sage-zmq demo",
         description="Run the demo pipeline: source -> 2 parallel workers -> sink, "
         "across processes, printing throughput and latency.",
     )
-    parser.add_argument("--records", type=int, default=500_000, help="records to send")
+    parser.add_argument("--records", type=_records_arg, default=500_000, help="records to send")
     parser.add_argument("--quick", action="store_true", help="a short run (50,000 records)")
     parser.add_argument(
         "--queue-type",
@@ -255,23 +360,69 @@ def main(argv: list[str] | None = None) -> int:
         choices=["shm", "tcp", "sage"],
         help="queue type between the stages",
     )
-    parser.add_argument("--interval", type=float, default=0.5, help="seconds between reports")
+    parser.add_argument(
+        "--interval",
+        type=_interval_arg,
+        default=0.5,
+        help=f"seconds between progress lines (at least {MIN_INTERVAL})",
+    )
     parser.add_argument(
         "--rate",
-        type=float,
+        type=_rate_arg,
         default=None,
         help="records/s the source sends (default: as fast as the pipeline takes them)",
     )
+    # Every value is checked as it is parsed (the type= functions): a bad one is a usage
+    # error (exit 2) before anything starts.
     args = parser.parse_args(argv)
-    if args.records < 1:
-        parser.error("--records must be at least 1")
-    if args.rate is not None and not args.rate > 0:
-        parser.error(f"--rate must be a positive number of records/s, got {args.rate}")
     records = 50_000 if args.quick else args.records
-    summary = run(
-        records=records, interval=args.interval, queue_type=args.queue_type, rate=args.rate
-    )
+    with _interrupt_on_sigterm():
+        summary = run(
+            records=records, interval=args.interval, queue_type=args.queue_type, rate=args.rate
+        )
     return 0 if summary["ok"] else 1
+
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the demo's processes are stopped on the way out."""
+
+
+class _StopState:
+    """A SIGTERM that arrived, and whether the sink is inside ``get`` right now.
+
+    Raised inside ``get``, the exception could cut the read of a frame in two, and the sink's
+    close would then report records lost in transit; there the flag is set, and the loop
+    raises after ``get`` returns (within ``--interval``).
+    """
+
+    requested = False
+    in_get = False
+
+
+_STOP = _StopState()
+
+
+@contextlib.contextmanager
+def _interrupt_on_sigterm() -> Iterator[None]:
+    # Python's default for SIGTERM ends the process at once, leaving its workers behind.
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set signal handlers
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        if _STOP.requested:
+            return  # one is enough: let it unwind
+        _STOP.requested = True
+        if not _STOP.in_get:
+            raise _Interrupted
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    _STOP.requested = False
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _STOP.requested = False
 
 
 if __name__ == "__main__":

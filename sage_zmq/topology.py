@@ -558,17 +558,71 @@ class RunResult:
 
 
 # ----------------------------------------------------------------------------- workers
+_GET_POLL = 0.25
+"""Longest an instance waits in one ``get``: how soon it notices a stop request while idle."""
+_RUNNER_POLL = 0.5
+"""How often an instance checks that its runner is still there."""
+_ORPHAN_GRACE = 5.0
+"""How long an instance whose runner died may take to stop before it exits hard."""
+_NOTHING = object()  # get() timed out (a record may be None)
+
+
+class _StopRequest:
+    """A stop asked of an instance: SIGTERM / SIGINT from the runner, or the runner's death.
+
+    The first signal raises ``SystemExit`` at once, to interrupt whatever the instance waits in
+    (a put waiting for credit, a user function), except while the instance reads its input
+    queue (``in_read``, :meth:`reading`): an exception between the frames of one ZeroMQ
+    message (the queue reads a routing id, then the frame, in two calls) leaves the
+    rest of that message in the socket, and the queue's close then reads it out of step
+    ("rejected a frame from peer 535a0103...: expected one frame per message"). There only the
+    flag is set; the input loop checks it after each ``get``, which returns at least every
+    ``_GET_POLL`` seconds. Later signals are ignored: they must not cut the clean-up short.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.code = 0
+        self.in_read = False  # set by the input loop itself: a context manager per record costs
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            return
+        self.requested = True
+        self.code = 128 + signum
+        if not self.in_read:
+            raise SystemExit(self.code)
+
+    def check(self) -> None:
+        if self.requested:
+            raise SystemExit(self.code)
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        before, self.in_read = self.in_read, True
+        try:
+            yield
+        finally:
+            self.in_read = before
+
+
 def _instance_main(conn: Any, plan: dict[str, Any]) -> None:
     """Entry point of one operator instance (a spawned process)."""
     import signal
 
-    def stop(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)  # unwind: close queues, remove socket files
-
-    signal.signal(signal.SIGTERM, stop)
+    stop = _StopRequest()
+    # SIGINT too: Ctrl-C reaches every process of the terminal's group, and a KeyboardInterrupt
+    # could land inside a queue read just like SIGTERM. The runner decides; we unwind.
+    signal.signal(signal.SIGTERM, stop.on_signal)
+    signal.signal(signal.SIGINT, stop.on_signal)
+    own_files: list[dict[str, Any]] = []
+    if plan.get("runner_pid"):
+        _watch_runner(int(plan["runner_pid"]), own_files)
     try:
-        summary = _run_instance(conn, plan)
+        summary = _run_instance(conn, plan, stop, own_files)
     except (_Aborted, SystemExit):
+        if stop.requested:
+            sys.exit(stop.code)  # stopped: 128 + the signal, as if the signal had ended us
         return
     except BaseException as exc:  # report everything to the runner, then fail
         with contextlib.suppress(Exception):
@@ -577,16 +631,42 @@ def _instance_main(conn: Any, plan: dict[str, Any]) -> None:
     conn.send(("done", summary))
 
 
+def _watch_runner(runner_pid: int, own_files: list[dict[str, Any]]) -> None:
+    """Stop this instance when its runner is gone, even killed by SIGKILL.
+
+    Nobody else would: the runner's clean-up died with it, and an orphan would keep running
+    (busy, if it is a source) with its socket files. The parent pid changes when the runner
+    dies (the orphan is re-parented), which a thread can watch on every platform.
+    """
+    import signal
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == runner_pid:
+            time.sleep(_RUNNER_POLL)
+        os.kill(os.getpid(), signal.SIGTERM)  # the main thread unwinds as when stopped
+        time.sleep(_ORPHAN_GRACE)
+        # Still here (stuck in a wait nobody will end): go, without the graceful closes.
+        _remove_socket_files({"own": own_files})
+        os._exit(1)
+
+    threading.Thread(target=watch, name="sage-zmq-runner-watch", daemon=True).start()
+
+
 class _Aborted(Exception):
     pass
 
 
-def _run_instance(conn: Any, plan: dict[str, Any]) -> dict[str, Any]:
+def _run_instance(
+    conn: Any, plan: dict[str, Any], stop: _StopRequest, own_files: list[dict[str, Any]]
+) -> dict[str, Any]:
     from sage_zmq import observe
     from sage_zmq.config import load_config, set_config
     from sage_zmq.descriptor import QueueDescriptor
+    from sage_zmq.errors import Empty
     from sage_zmq.observe import tracing
     from sage_zmq.observe.stats_server import Reporter
+    from sage_zmq.packet import EndOfStream
 
     cfg = load_config(plan["config"])
     # The runner serves metrics for the whole topology; instances must not fight for the port.
@@ -606,36 +686,61 @@ def _run_instance(conn: Any, plan: dict[str, Any]) -> dict[str, Any]:
         meta = {"operator": spec.name, "instance": index, "topology": topo.name}
         reporter = Reporter(plan["stats"], topo.report_interval, meta)
     qd_in = None
-    if spec.kind != "source":
-        qd_in = QueueDescriptor(
-            f"{topo.name}.{spec.name}.{index}",
-            spec.queue_type or topo.queue_type,
-            {
-                "maxsize": spec.queue_size or topo.queue_size,
-                "upstreams": topo.upstream_instances(spec),
-            },
-        )
-        qd_in.qsize()  # opens the consumer end now: producers find it bound
-    conn.send(("ready", qd_in.to_dict() if qd_in is not None else None, os.getpid()))
-    msg = conn.recv()
-    if msg[0] != "go":
-        raise _Aborted()
-    outputs = [_Output(o, where) for o in msg[1]]
-    received = emitted = 0
-    start = time.perf_counter()
+    outputs: list[_Output] = []
+    completed = False
     try:
+        if spec.kind != "source":
+            qd_in = QueueDescriptor(
+                f"{topo.name}.{spec.name}.{index}",
+                spec.queue_type or topo.queue_type,
+                {
+                    "maxsize": spec.queue_size or topo.queue_size,
+                    "upstreams": topo.upstream_instances(spec),
+                },
+            )
+            with stop.reading():
+                qd_in.qsize()  # opens the consumer end now: producers find it bound
+            own_files.append(qd_in.to_dict())
+        conn.send(("ready", qd_in.to_dict() if qd_in is not None else None, os.getpid()))
+        msg = conn.recv()
+        if msg[0] != "go":
+            raise _Aborted()
+        outputs = [_Output(o, where) for o in msg[1]]
+        received = emitted = 0
+        start = time.perf_counter()
         if spec.kind == "source":
             for record in op.source():
                 emitted += _emit(outputs, record, None, True)
         else:
             assert qd_in is not None
             finish = spec.kind == "sink"
-            for packet in qd_in:
+            get = qd_in.get
+            while True:
+                # get() with a timeout, not iteration: the loop must come back to see a stop
+                # request that arrived while it read (see _StopRequest).
+                stop.in_read = True
+                try:
+                    packet = get(True, _GET_POLL)
+                except Empty:
+                    packet = _NOTHING
+                finally:
+                    stop.in_read = False
+                if stop.requested:
+                    stop.check()
+                if packet is _NOTHING:
+                    continue
+                if isinstance(packet, EndOfStream):
+                    break  # every upstream instance has ended
                 received += 1
                 record = packet.payload if packet.__class__.__name__ == "Packet" else packet
+                sent = 0
                 for out in op.process(record):
-                    emitted += _emit(outputs, out, packet, False)
-                if finish:
+                    sent += _emit(outputs, out, packet, False)
+                emitted += sent
+                if finish or not sent:
+                    # The record's path ends here: at a sink, or absorbed (a keyed aggregation
+                    # that emits only at end of stream, a map that drops it). Its trace is
+                    # finished here, or a sampled record would vanish from `sage-zmq trace`.
                     tracing.finish(packet, where)
             for out in op.end():
                 emitted += _emit(outputs, out, None, False)
@@ -644,14 +749,9 @@ def _run_instance(conn: Any, plan: dict[str, Any]) -> dict[str, Any]:
             o.flush()
         if reporter is not None:
             reporter.close()  # the final report, while the queue ends still exist
+        completed = True
     finally:
-        op.close()
-        for o in outputs:
-            o.close()
-        if qd_in is not None:
-            qd_in.close()
-        if reporter is not None:
-            reporter.close()
+        _release(op, outputs, qd_in, reporter, stop, graceful=completed)
     return asdict(
         InstanceResult(
             spec.name,
@@ -663,6 +763,47 @@ def _run_instance(conn: Any, plan: dict[str, Any]) -> dict[str, Any]:
             time.perf_counter() - start,
         )
     )
+
+
+def _release(
+    op: _Operator,
+    outputs: list[_Output],
+    qd_in: Any,
+    reporter: Any,
+    stop: _StopRequest,
+    graceful: bool,
+) -> None:
+    """Close what an instance holds; without waiting for delivery unless it completed.
+
+    Failed or stopped, the run is over: waiting (up to ``queue.timeout`` per queue) for
+    downstream instances that are stopping too would only delay the error report, or the exit
+    past the runner's patience. A stop that arrives during a graceful close ends it the same
+    way.
+    """
+    try:
+        _close_all(op, outputs, qd_in, reporter, stop, graceful and not stop.requested)
+    except SystemExit:
+        _close_all(op, outputs, qd_in, reporter, stop, graceful=False)
+        raise
+
+
+def _close_all(
+    op: _Operator,
+    outputs: list[_Output],
+    qd_in: Any,
+    reporter: Any,
+    stop: _StopRequest,
+    graceful: bool,
+) -> None:
+    wait = None if graceful else 0.0
+    op.close()
+    for o in outputs:
+        o.close(wait)
+    if qd_in is not None:
+        with stop.reading():  # its close reads what arrived last: no interruption there
+            qd_in.close(wait)
+    if reporter is not None:
+        reporter.close(final=graceful)
 
 
 class _Output:
@@ -698,11 +839,16 @@ class _Output:
     def flush(self) -> None:
         self.router.close()
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
+        """Close the router and the queue ends; ``timeout`` 0: deliver nothing more, now."""
         with contextlib.suppress(SageZmqError):
-            self.router.close()
+            self.router.close(timeout)
         for qd in self.qds:
-            qd.close()
+            if timeout is None:
+                qd.close()
+            else:
+                with contextlib.suppress(SageZmqError):  # undelivered records: given up on
+                    qd.close(timeout)
 
 
 def _emit(outputs: list[_Output], record: Any, parent: Any, sample: bool) -> int:
@@ -757,6 +903,10 @@ def run_topology(
     from sage_zmq.config import current_config, load_config
     from sage_zmq.observe.stats_server import StatsServer
 
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise TopologyError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    if timeout == float("inf"):
+        timeout = 10.0 * 365 * 24 * 3600  # "no limit": a deadline that monotonic() can hold
     topo = topology if isinstance(topology, Topology) else load_topology(topology)
     base = current_config() if config is None else load_config(config)
     cfg = base.replace(**_flatten(topo.config)) if topo.config else base
@@ -787,6 +937,8 @@ def run_topology(
                     "config": cfg.to_dict(),
                     "stats": server.endpoint if server is not None else None,
                     "output_dir": output_dir,
+                    # Instances watch for this process's death (_watch_runner).
+                    "runner_pid": os.getpid(),
                 }
                 proc = mp.Process(
                     target=_instance_main,
@@ -842,15 +994,25 @@ def run_topology(
         shutil.rmtree(output_dir, ignore_errors=True)
 
 
+_STOP_GRACE = 3.0
+"""How long stopped instances get, all together, to close their queues before SIGKILL."""
+
+
 def _stop_all(procs: list[tuple[OperatorSpec, int, Any, Any]]) -> None:
-    """End instances still running: abort (start-up) or SIGTERM (they unwind), then kill."""
+    """End instances still running: abort (start-up) or SIGTERM (they unwind), then kill.
+
+    One grace period for all of them, not one each: they stop in parallel, and the runner's
+    own end (``--timeout``, Ctrl-C, SIGTERM) must come soon after it is asked for.
+    """
     for _spec, _i, proc, conn in procs:
         if proc.is_alive():
             with contextlib.suppress(Exception):
                 conn.send(("abort",))
             proc.terminate()
+    deadline = time.monotonic() + _STOP_GRACE
+    for _spec, _i, proc, _conn in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
     for _spec, _i, proc, conn in procs:
-        proc.join(5)
         if proc.is_alive():
             proc.kill()
             proc.join(5)

@@ -204,4 +204,4 @@ def test_demo_paced(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "paced at 20,000 rec/s" in out and "3,000 of 3,000 records" in out
     assert main(["demo", "--rate", "0"]) == 2  # argparse's usage error
-    assert "--rate must be a positive number" in capsys.readouterr().err
+    assert "--rate: must be a positive number" in capsys.readouterr().err

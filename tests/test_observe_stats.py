@@ -1,12 +1,26 @@
-"""The stats endpoint: queries, reports from other processes' reporters, bad endpoints."""
+"""The stats endpoint: queries, reports from other processes' reporters (malformed ones
+dropped), bad endpoints; the CLI views of what it answers."""
 
 from __future__ import annotations
 
+import json
+import time
+from typing import Any
+
 import pytest
+import zmq
 
 from sage_zmq import Packet, QueueDescriptor
+from sage_zmq.cli import main
+from sage_zmq.cli.views import format_queues, format_trace, rates_between
 from sage_zmq.observe import tracing
-from sage_zmq.observe.stats_server import Reporter, StatsError, StatsServer, query
+from sage_zmq.observe.stats_server import (
+    Reporter,
+    StatsError,
+    StatsServer,
+    check_report,
+    query,
+)
 
 
 def test_snapshot_and_traces_over_the_endpoint() -> None:
@@ -58,3 +72,103 @@ def test_bad_or_dead_endpoints_are_clear_errors() -> None:
         query(endpoint, timeout=0.2)
     with StatsServer() as server, pytest.raises(StatsError, match="cannot serve stats"):
         StatsServer(server.endpoint)
+
+
+def _report(queues: list[Any], process: str = "h:1", **extra: Any) -> dict[str, Any]:
+    snapshot = {"version": 1, "process": process, "pid": 1, "time": time.time()}
+    return {
+        "cmd": "report",
+        "snapshot": {**snapshot, "queues": queues, "routers": []},
+        "traces": [],
+        "final": False,
+        "meta": {"operator": "a", "instance": 0},
+        **extra,
+    }
+
+
+GOOD_QUEUE = {
+    "queue_id": "q",
+    "role": "consumer",
+    "sent": 0,
+    "received": 5,
+    "depth": 1,
+    "maxsize": 10,
+}
+
+
+@pytest.mark.parametrize(
+    ("queues", "why"),
+    [
+        ([{"queue_id": "q1"}], "has no 'role' string"),
+        ([{**GOOD_QUEUE, "sent": "many"}], "'sent' is not a number"),
+        ([{**GOOD_QUEUE, "depth": None}], "'depth' is not a number"),
+        ([{**GOOD_QUEUE, "latency_p50": "slow"}], "'latency_p50' is not a number"),
+        (["q"], "is not an object"),
+        ({"q": 1}, "'queues' is not a list"),
+    ],
+)
+def test_malformed_reports_are_named(queues: Any, why: str) -> None:
+    assert why in (check_report(_report(queues)) or "")
+
+
+def test_a_malformed_report_is_dropped_and_counted_and_stats_top_survive(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # One DEALER sending a report whose queues lack 'role' made every later `sage-zmq stats`
+    # and `top` fail with KeyError: 'role' (the report was stored as it came).
+    with StatsServer(include_local=False) as server:
+        dealer: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.connect(server.endpoint)
+        try:
+            dealer.send(json.dumps(_report([GOOD_QUEUE], process="h:good")).encode())
+            dealer.send(json.dumps(_report([{"queue_id": "q1"}], process="h:bad")).encode())
+            # A later malformed report of a good process must not replace its good one.
+            dealer.send(json.dumps(_report([{"queue_id": "q"}], process="h:good")).encode())
+            bad_trace = _report([GOOD_QUEUE], process="h:t", traces=[{"trace_id": "x"}])
+            dealer.send(json.dumps(bad_trace).encode())
+            deadline = time.monotonic() + 5
+            while server.rejected_reports < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            reply = query(server.endpoint, "snapshot")
+            assert reply["rejected_reports"] == 2
+            assert sorted(p["process"] for p in reply["processes"]) == ["h:good", "h:t"]
+            assert query(server.endpoint, "traces")["traces"] == []
+            assert main(["stats", server.endpoint]) == 0
+            assert "h:good" in capsys.readouterr().out
+            assert main(["top", server.endpoint, "--once", "--interval", "0.05"]) == 0
+            assert "h:good" in capsys.readouterr().out
+        finally:
+            dealer.close()
+
+
+def test_views_tolerate_snapshots_with_missing_or_odd_fields() -> None:
+    # Snapshots can come from elsewhere (an older server, a file): show what is there.
+    odd: list[Any] = [
+        {"process": "h:1", "time": 1.0, "queues": [{"queue_id": "q"}, "junk", {"role": "x"}]},
+        {"process": "h:2", "queues": None, "meta": "not a mapping"},
+        {
+            "time": 2.0,
+            "queues": [
+                {
+                    "queue_id": "q",
+                    "role": "r",
+                    "sent": "7",
+                    "depth": None,
+                    "latency_histogram": {"nonsense": 1},
+                }
+            ],
+        },
+        "not a process",
+    ]
+    later = [{**odd[0], "time": 2.0, "queues": [{"queue_id": "q", "sent": 10}]}]
+    table = format_queues(odd, rates_between(odd, later))
+    assert "h:1" in table and "?" in table
+    assert rates_between(odd, later)[("h:1", "q", "?")] == (10.0, 0.0)
+    assert format_trace({"trace_id": "t", "hops": [["q", "p", "put", 1.0], "junk", [1, 2]]})
+
+
+def test_query_refuses_a_timeout_zeromq_would_take_as_forever() -> None:
+    for timeout in (-1.0, 0.0, float("nan"), float("inf")):
+        with pytest.raises(StatsError, match="timeout must be a number of seconds > 0"):
+            query("tcp://127.0.0.1:1", timeout=timeout)

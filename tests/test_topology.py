@@ -192,3 +192,18 @@ def test_a_failing_instance_fails_the_run_with_its_error(
     )
     with pytest.raises(TopologyError, match=r"m\[0\] failed: RuntimeError: kaboom"):
         run_topology(topo, timeout=30)
+
+
+@pytest.mark.parametrize("timeout", [-1.0, 0, float("nan"), True])
+def test_run_refuses_a_timeout_that_is_no_time(timeout: Any) -> None:
+    # run --timeout -1 used to start every process and then report a confusing
+    # "words[0] start-up: no answer before the timeout".
+    topo = load_topology(
+        _ops(
+            SRC,
+            {"name": "out", "kind": "sink", "function": "discard", "inputs": ["src"]},
+            stats=None,
+        )
+    )
+    with pytest.raises(TopologyError, match="timeout must be a number of seconds > 0"):
+        run_topology(topo, timeout=timeout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -31,16 +32,45 @@ def _ms(value: float | None) -> str:
 
 
 def _latency(q: Mapping[str, Any], quantile: float, key: str) -> float | None:
+    given = _float(q.get(key))
+    if given is not None:
+        return given
     hist = q.get("latency_histogram")
-    if q.get(key) is not None:
-        return float(q[key])
-    if hist:
-        return Histogram.from_dict(hist).quantile(quantile)
+    if isinstance(hist, Mapping) and hist:
+        try:
+            return Histogram.from_dict(dict(hist)).quantile(quantile)
+        except (KeyError, TypeError, ValueError):
+            return None  # a histogram from some other writer: show '-' rather than fail
     return None
 
 
-def _operator(meta: Mapping[str, Any] | None) -> str:
-    if not meta or "operator" not in meta:
+def _float(value: Any) -> float | None:
+    """A number from a snapshot field, or None for a missing or non-numeric one."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _int(value: Any) -> int:
+    number = _float(value)
+    return int(number) if number is not None and math.isfinite(number) else 0
+
+
+def _queues(snap: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The queue entries of a process snapshot that are mappings (others are skipped)."""
+    queues = snap.get("queues")
+    if not isinstance(queues, list):
+        return []
+    return [q for q in queues if isinstance(q, Mapping)]
+
+
+def _qkey(q: Mapping[str, Any]) -> tuple[str, str]:
+    # The stats server drops reports without these; a snapshot from elsewhere may lack them.
+    return str(q.get("queue_id", "?")), str(q.get("role", "?"))
+
+
+def _operator(meta: Any) -> str:
+    if not isinstance(meta, Mapping) or "operator" not in meta:
         return "-"
     return f"{meta['operator']}[{meta.get('instance', 0)}]"
 
@@ -49,21 +79,25 @@ def rates_between(
     before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, Any]]
 ) -> dict[tuple[str, str, str], tuple[float, float]]:
     """Records/s ``(sent, received)`` per ``(process, queue, role)`` between two snapshot lists."""
-    old = {p["process"]: p for p in before}
+    old = {str(p.get("process")): p for p in before if isinstance(p, Mapping)}
     out: dict[tuple[str, str, str], tuple[float, float]] = {}
     for snap in after:
-        prev = old.get(snap["process"])
-        dt = float(snap["time"]) - float(prev["time"]) if prev else 0.0
-        prev_q = {(q["queue_id"], q["role"]): q for q in prev["queues"]} if prev else {}
-        for q in snap["queues"]:
-            p = prev_q.get((q["queue_id"], q["role"]))
-            key = (snap["process"], q["queue_id"], q["role"])
+        if not isinstance(snap, Mapping):
+            continue
+        process = str(snap.get("process"))
+        prev = old.get(process)
+        t_now, t_prev = _float(snap.get("time")), _float(prev.get("time")) if prev else None
+        dt = t_now - t_prev if t_now is not None and t_prev is not None else 0.0
+        prev_q = {_qkey(q): q for q in _queues(prev)} if prev else {}
+        for q in _queues(snap):
+            p = prev_q.get(_qkey(q))
+            key = (process, *_qkey(q))
             if p is None or dt <= 0:
                 out[key] = (0.0, 0.0)
             else:
                 out[key] = (
-                    max(0.0, (q["sent"] - p["sent"]) / dt),
-                    max(0.0, (q["received"] - p["received"]) / dt),
+                    max(0.0, (_int(q.get("sent")) - _int(p.get("sent"))) / dt),
+                    max(0.0, (_int(q.get("received")) - _int(p.get("received"))) / dt),
                 )
     return out
 
@@ -74,28 +108,25 @@ def format_queues(
 ) -> str:
     """A table with one row per queue end per process."""
     rows: list[tuple[str, ...]] = [_HEAD]
-    for snap in sorted(processes, key=lambda p: (_operator(p.get("meta")), p["process"])):
-        for q in snap["queues"]:
+    procs = [p for p in processes if isinstance(p, Mapping)]
+    for snap in sorted(procs, key=lambda p: (_operator(p.get("meta")), str(p.get("process")))):
+        for q in _queues(snap):
+            queue_id, role = _qkey(q)
             out_rate, in_rate = (rates or {}).get(
-                (snap["process"], q["queue_id"], q["role"]),
-                (
-                    None,
-                    None,
-                ),
+                (str(snap.get("process")), queue_id, role), (None, None)
             )
-            maxsize = q.get("maxsize") or 0
             rows.append(
                 (
-                    str(snap["process"]),
+                    str(snap.get("process")),
                     _operator(snap.get("meta")),
-                    str(q["queue_id"]),
-                    str(q["role"]),
-                    str(q.get("sent", 0)),
-                    str(q.get("received", 0)),
+                    queue_id,
+                    role,
+                    str(_int(q.get("sent"))),
+                    str(_int(q.get("received"))),
                     "-" if out_rate is None else f"{out_rate:.0f}",
                     "-" if in_rate is None else f"{in_rate:.0f}",
-                    f"{q.get('depth', 0)}/{maxsize}",
-                    f"{100 * float(q.get('utilisation') or 0):.0f}%",
+                    f"{_int(q.get('depth'))}/{_int(q.get('maxsize'))}",
+                    f"{100 * (_float(q.get('utilisation')) or 0.0):.0f}%",
                     _ms(_latency(q, 0.5, "latency_p50")),
                     _ms(_latency(q, 0.99, "latency_p99")),
                 )
@@ -110,7 +141,7 @@ def format_queues(
 
 def format_trace(trace: Mapping[str, Any]) -> str:
     """One trace: its id and each hop with the time since the first hop."""
-    hops = trace.get("hops") or []
+    hops = [h for h in trace.get("hops") or () if _is_hop(h)]
     total = (hops[-1][3] - hops[0][3]) * 1000 if len(hops) > 1 else 0.0
     lines = [
         f"trace {trace.get('trace_id')}  {len(hops)} hops  {total:.3f} ms  "
@@ -118,8 +149,13 @@ def format_trace(trace: Mapping[str, Any]) -> str:
     ]
     t0 = hops[0][3] if hops else 0.0
     for queue, process, role, ts in hops:
-        lines.append(f"  +{(ts - t0) * 1000:9.3f} ms  {role:<5} {queue:<30} {process}")
+        lines.append(f"  +{(ts - t0) * 1000:9.3f} ms  {role!s:<5} {queue!s:<30} {process}")
     return "\n".join(lines)
+
+
+def _is_hop(hop: Any) -> bool:
+    """``[queue, process, role, timestamp]``; anything else (a foreign writer's) is skipped."""
+    return isinstance(hop, list | tuple) and len(hop) == 4 and _float(hop[3]) is not None
 
 
 def load_trace_file(path: str) -> list[dict[str, Any]]:

@@ -15,12 +15,18 @@ Worker processes *report* to the same socket from a DEALER (:class:`Reporter`): 
 answer. The server keeps the latest report of each process, so one endpoint shows a whole
 multi-process topology. Every process's report is what that process's ``statistics()`` said at
 the time it was sent (every ``interval`` seconds, and once more as it ends).
+
+Anyone who can reach the endpoint can send a report, so a report is checked when it arrives
+(:func:`check_report`): a malformed one is dropped and counted (``rejected_reports`` in the
+snapshot answer), never stored where it would break every later ``snapshot`` reader.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
 import re
 import threading
@@ -40,11 +46,13 @@ __all__ = [
     "StatsServer",
     "advertise",
     "check_endpoint",
+    "check_report",
     "discover",
     "query",
 ]
 
 PROTOCOL_VERSION = 1
+log = logging.getLogger("sage_zmq.metrics")
 _ENDPOINT = re.compile(r"^(tcp://[^\s:]+:(\d{1,5}|\*)|ipc://\S+)$")
 
 
@@ -65,6 +73,68 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), default=str).encode()
 
 
+# Queue-entry fields the views compute with: present (as metrics.snapshot() writes them), each
+# must be a finite number; role and queue_id identify a row.
+_QUEUE_NUMBERS = ("sent", "received", "depth", "maxsize")
+_QUEUE_OPTIONAL_NUMBERS = ("utilisation", "latency_p50", "latency_p99")
+
+
+def _number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+def check_report(msg: Any) -> str | None:
+    """Why a ``report`` message is malformed, or None if it can be stored.
+
+    The snapshot must look like :func:`sage_zmq.observe.metrics.snapshot`'s: a ``process``
+    label, a numeric ``time``, ``queues`` whose entries have a ``queue_id``, a ``role`` and
+    numeric counters, and a list of ``routers``; ``meta`` (if any) a mapping.
+    """
+    if not isinstance(msg, dict):
+        return "not a JSON object"
+    snap = msg.get("snapshot")
+    if not isinstance(snap, dict):
+        return "no 'snapshot' object"
+    if not isinstance(snap.get("process"), str) or not snap["process"]:
+        return "snapshot has no 'process' label"
+    if not _number(snap.get("time")):
+        return "snapshot 'time' is not a number"
+    queues = snap.get("queues")
+    if not isinstance(queues, list):
+        return "snapshot 'queues' is not a list"
+    for i, q in enumerate(queues):
+        if not isinstance(q, dict):
+            return f"queues[{i}] is not an object"
+        for key in ("queue_id", "role"):
+            if not isinstance(q.get(key), str):
+                return f"queues[{i}] has no {key!r} string"
+        for key in _QUEUE_NUMBERS:
+            if not _number(q.get(key)):
+                return f"queues[{i}] {key!r} is not a number"
+        for key in _QUEUE_OPTIONAL_NUMBERS:
+            if q.get(key) is not None and not _number(q[key]):
+                return f"queues[{i}] {key!r} is not a number"
+        hist = q.get("latency_histogram")
+        if hist is not None and not isinstance(hist, dict):
+            return f"queues[{i}] 'latency_histogram' is not an object"
+    if not isinstance(snap.get("routers", []), list):
+        return "snapshot 'routers' is not a list"
+    if not isinstance(msg.get("meta") or {}, dict):
+        return "'meta' is not an object"
+    if not isinstance(msg.get("traces") or [], list):
+        return "'traces' is not a list"
+    return None
+
+
+def _is_trace(trace: Any) -> bool:
+    # What views and `traces` readers rely on: a time to order by and a list of hops.
+    return (
+        isinstance(trace, dict)
+        and _number(trace.get("time"))
+        and isinstance(trace.get("hops"), list)
+    )
+
+
 class StatsServer:
     """Answers stats queries on ``endpoint`` from a background thread; ``close()`` stops it.
 
@@ -83,6 +153,9 @@ class StatsServer:
         self._meta = dict(meta or {})
         self._reports: dict[str, dict[str, Any]] = {}
         self._finals: set[str] = set()
+        self.rejected_reports = 0
+        """Reports dropped as malformed (:func:`check_report`)."""
+        self._last_rejection_log = -1e9
         self._traces: deque[dict[str, Any]] = deque(maxlen=10_000)
         self._changed = threading.Condition()
         self._ctx: zmq.Context[Any] = zmq.Context()
@@ -135,14 +208,25 @@ class StatsServer:
         return True
 
     def _on_report(self, msg: dict[str, Any]) -> None:
-        snap = msg.get("snapshot")
-        if not isinstance(snap, dict) or "process" not in snap:
+        why = check_report(msg)
+        if why is not None:
+            self.rejected_reports += 1
+            now = time.monotonic()
+            if now - self._last_rejection_log > 10.0:  # one line per 10 s, not per report
+                self._last_rejection_log = now
+                log.warning(
+                    "stats endpoint %s: dropped a malformed report (%s); %d dropped so far",
+                    self.endpoint,
+                    why,
+                    self.rejected_reports,
+                )
             return
+        snap = msg["snapshot"]
         snap["meta"] = msg.get("meta") or {}
         with self._changed:
             self._reports[str(snap["process"])] = snap
             for trace in msg.get("traces") or ():
-                if isinstance(trace, dict) and "time" in trace:
+                if _is_trace(trace):
                     self._traces.append(trace)
             if msg.get("final"):
                 self._finals.add(str(snap["process"]))
@@ -154,7 +238,12 @@ class StatsServer:
             self._on_report(msg)
             return None
         if cmd == "snapshot":
-            return {"version": PROTOCOL_VERSION, "time": time.time(), "processes": self.processes()}
+            return {
+                "version": PROTOCOL_VERSION,
+                "time": time.time(),
+                "processes": self.processes(),
+                "rejected_reports": self.rejected_reports,
+            }
         if cmd == "traces":
             since = msg.get("since", 0.0)
             return {"traces": self.traces(float(since) if isinstance(since, int | float) else 0.0)}
@@ -258,15 +347,20 @@ class Reporter:
         while not self._stop.wait(self.interval):
             self.report()
 
-    def close(self) -> None:
-        """Send the final report and stop."""
+    def close(self, final: bool = True) -> None:
+        """Send the final report (unless ``final`` is False) and stop.
+
+        ``final=False`` is for a process that is being stopped: its server may be gone, and
+        the final report could wait the socket's send timeout and linger (2 s each).
+        """
         if self._stop.is_set():
             return
         self._stop.set()
         self._thread.join(5)
-        self.report(final=True)
+        if final:
+            self.report(final=True)
         with self._lock:
-            self._sock.close()
+            self._sock.close(linger=None if final else 0)
         self._ctx.term()
 
 
@@ -275,6 +369,9 @@ def query(
 ) -> dict[str, Any]:
     """Ask a stats endpoint (``cmd``: ``snapshot``, ``traces`` or ``ping``); its answer."""
     check_endpoint(endpoint)
+    if not _number(timeout) or timeout <= 0:
+        # ZeroMQ's poll waits forever for a negative timeout, and int(nan) raises.
+        raise StatsError(f"timeout must be a number of seconds > 0, got {timeout!r}")
     ctx: zmq.Context[Any] = zmq.Context()
     try:
         sock = ctx.socket(zmq.REQ)
