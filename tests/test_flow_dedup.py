@@ -17,8 +17,10 @@ from hypothesis import strategies as st
 
 from sage_zmq.errors import ConfigError
 from sage_zmq.flow import DedupClosed, DedupState, PersistLockedError
+from sage_zmq.flow.dedup import DedupCorruptionError
 
-HEADER, SLOT = 64, 128
+HEADER, SLOT = 256, 256  # format 2
+NAME = 40  # offset of the name in a slot; the tag is the u64 at 32
 
 
 @pytest.fixture(params=["memory", "file"])
@@ -110,19 +112,33 @@ def test_persists_across_reopen_and_grows(tmp_path: Path) -> None:
         assert s.last("newcomer") == 1 and len(s) == 100
 
 
-def test_torn_slot_is_ignored_and_others_survive(tmp_path: Path) -> None:
+def test_claim_cut_short_before_its_tag_is_a_free_slot(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.state"
+    with DedupState(path, initial_slots=4) as s:
+        for name in "abc":
+            s.mark(name, 10)
+    data = bytearray(path.read_bytes())
+    slot = HEADER + 3 * SLOT  # the free slot: name and seq written, the tag never was
+    data[slot + NAME : slot + NAME + 1] = b"d"
+    data[slot : slot + 8] = (77).to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+    with DedupState(path) as s:
+        assert s.producers() == {"a": 10, "b": 10, "c": 10}
+        s.mark("e", 1)  # the slot is free
+        assert s.capacity == 4
+
+
+def test_damaged_name_is_refused_not_forgotten(tmp_path: Path) -> None:
+    """A claim writes the tag last, so a tag that does not match its name is damage."""
     path = tmp_path / "dedup.state"
     with DedupState(path, initial_slots=4) as s:
         for i, name in enumerate("abcd"):
             s.mark(name, 10 + i)
     data = bytearray(path.read_bytes())
-    b_name = HEADER + 1 * SLOT + 24
-    data[b_name] ^= 0xFF  # a claim of "b" torn between the name and the tag
+    data[HEADER + 1 * SLOT + NAME] ^= 0xFF  # the name of "b"
     path.write_bytes(bytes(data))
-    with DedupState(path) as s:
-        assert s.producers() == {"a": 10, "c": 12, "d": 13}
-        s.mark("e", 1)  # the torn slot is free again
-        assert s.capacity == 4
+    with pytest.raises(DedupCorruptionError, match=rf"{path} is damaged: slot 1 .*name check"):
+        DedupState(path)
 
 
 def test_foreign_file_is_refused(tmp_path: Path) -> None:

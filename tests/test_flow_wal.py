@@ -151,12 +151,13 @@ def test_epoch_increments_and_next_seq_continues(tmp_path: Path, quiet_fsync: li
 
 def test_next_seq_survives_lost_meta_hint(tmp_path: Path, quiet_fsync: list[int]) -> None:
     """A killed producer never rewrote meta at close: next_seq comes from the segments."""
-    with WriteAheadLog(tmp_path, producer_id=PID, segment_bytes=100) as wal:
-        fill(wal, 5)
-        wal.truncate(wal.next_seq)
-        meta_before = (tmp_path / PID / "meta").read_bytes()
-        wal._release()  # simulate the process dying: no close()
-    (tmp_path / PID / "meta").write_bytes(meta_before)
+    wal = WriteAheadLog(tmp_path, producer_id=PID, segment_bytes=100)
+    fill(wal, 5)
+    wal.truncate(wal.next_seq)
+    wal._release()  # simulate the process dying: no close()
+    meta = json.loads((tmp_path / PID / "meta").read_text())
+    meta["next_seq"] = 0  # a hint as stale as can be (meta is saved at open and roll only)
+    (tmp_path / PID / "meta").write_text(json.dumps(meta))
     with WriteAheadLog(tmp_path, producer_id=PID) as wal:
         assert wal.next_seq == 50
         assert wal.epoch == 2

@@ -1,7 +1,7 @@
 """Persistence for the reliable queue: producer write-ahead log, consumer dedup, test clock."""
 
 from sage_zmq.flow.clock import Clock, FakeClock, SystemClock, TimerHandle
-from sage_zmq.flow.dedup import DedupClosed, DedupState
+from sage_zmq.flow.dedup import DedupClosed, DedupCorruptionError, DedupState
 from sage_zmq.flow.wal import (
     MAX_PRODUCER_ID_BYTES,
     PersistLockedError,
@@ -16,6 +16,7 @@ __all__ = [
     "MAX_PRODUCER_ID_BYTES",
     "Clock",
     "DedupClosed",
+    "DedupCorruptionError",
     "DedupState",
     "FakeClock",
     "PersistLockedError",

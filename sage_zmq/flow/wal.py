@@ -3,13 +3,29 @@
 Titanic-style append-only files, no database. Layout of ``directory/<producer_id>/``::
 
     lock                    flock'd while open: one writer per producer id
-    meta                    JSON {format, producer_id, epoch, next_seq}, replaced atomically
+    meta                    JSON {format, producer_id, epoch, next_seq, end, newest, boot},
+                            replaced atomically at open, close and segment roll
     acked                   decimal ack watermark, replaced atomically
     00000000000000000042.seg  segment; the name is the first seq it may hold
 
-Each entry is a 24-byte header ``magic "SGW1" | u32 length | u64 first_seq | u32 count |
-u32 crc32(header[:20] + payload)`` followed by ``length`` opaque payload bytes, little-endian.
-Segments roll at ``segment_bytes``; a segment is deleted whole once every seq in it is acked.
+Each entry is a 32-byte header ``magic "SGW2" | u32 length | u64 first_seq | u64 prev_end |
+u32 count | u32 crc32(header[:28] + payload)`` followed by ``length`` opaque payload bytes,
+little-endian. ``prev_end`` is the seq after the entry written before it (for the first entry
+of a log, the ack watermark then): the entries form a chain, so an entry or a segment that went
+missing shows as a break even where ``append`` left a deliberate gap in the seqs. Entries of
+format 1 (``"SGW1"``, a 24-byte header without ``prev_end``, written by older versions) are
+still read, without that check; new entries are always format 2.
+
+Segments roll at ``segment_bytes``; a segment other than the newest is deleted whole once
+every seq in it is acked (the watermark is saved first, so recovery never mistakes a truncated
+log for a damaged one). The newest is kept, even by a clean close with everything acked.
+
+Recovery (see :class:`WriteAheadLog`) tells three kinds of trouble apart: a tail whose last
+write never completed (cut, with a warning), a damaged entry (an error if a valid entry follows
+it, else cut with a warning that names the lost seqs), and missing entries: a break in the
+chain, an oldest entry that does not follow the ack watermark, or a log that ends before what
+``meta`` recorded at the last open or close. Missing unacknowledged entries are an error: the
+consumer accepts a producer's seqs strictly in order, so it would wait for them forever.
 """
 
 from __future__ import annotations
@@ -27,7 +43,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from sage_zmq.errors import ConfigError, SageZmqError
 from sage_zmq.flow.clock import Clock, SystemClock
@@ -37,18 +53,23 @@ logger = logging.getLogger(__name__)
 FsyncPolicy = Literal["batch", "interval", "never"]
 CorruptionPolicy = Literal["raise", "truncate"]
 
-MAGIC = b"SGW1"
-_PREFIX = struct.Struct("<4sIQI")  # magic, payload length, first_seq, count
+MAGIC = b"SGW2"
+_PREFIX = struct.Struct("<4sIQQI")  # magic, payload length, first_seq, prev_end, count
 HEADER_SIZE = _PREFIX.size + 4  # + crc32
+MAGIC_V1 = b"SGW1"
+_PREFIX_V1 = struct.Struct("<4sIQI")  # magic, payload length, first_seq, count
+HEADER_SIZE_V1 = _PREFIX_V1.size + 4
 MAX_PAYLOAD = 2**32 - 1
 MAX_SEQ = 2**64 - 1
 # Producer ids also key DedupState slots, which hold at most this many UTF-8 bytes.
 MAX_PRODUCER_ID_BYTES = 104
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_META_FORMATS = (1, 2)  # format-1 meta lacks "end" and "boot"
 
 _SEGMENT_RE = re.compile(r"^(\d{20})\.seg$")
 _FSYNC_POLICIES = ("batch", "interval", "never")
 _CORRUPTION_POLICIES = ("raise", "truncate")
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
 class WalError(SageZmqError):
@@ -56,7 +77,7 @@ class WalError(SageZmqError):
 
 
 class WalCorruptionError(WalError):
-    """A segment holds a bad entry followed by valid ones: data would be silently skipped."""
+    """The log is damaged or incomplete in a way that would skip or lose records silently."""
 
 
 class PersistLockedError(SageZmqError):
@@ -84,6 +105,30 @@ class _Segment:
     size: int
     entries: int
     end_seq: int  # seq after its last entry; ``base`` while empty
+
+
+@dataclass(frozen=True)
+class _Meta:
+    epoch: int
+    next_seq: int
+    end: int | None  # seq after the last entry when meta was saved; None if not recorded
+    newest: int | None  # base of the newest segment then (None: there was none)
+    boot: str | None  # the machine's boot id when meta was saved
+    version: int  # 0 when there is no meta file
+
+
+class _Entry(NamedTuple):
+    first: int
+    records: int
+    end_pos: int
+    prev: int | None  # seq after the entry before it; None in a format-1 entry
+    body_pos: int  # where its payload starts
+
+
+class _Bad(NamedTuple):
+    reason: str
+    torn: bool  # runs past the end of the file: a write that never completed
+    claim: tuple[int, int] | None  # (first_seq, count) per its header, which failed its check
 
 
 def check_producer_id(producer_id: object) -> str:
@@ -117,37 +162,63 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _parse_entry(buf: bytes, pos: int) -> tuple[int, int, int] | str:
-    """``(first_seq, count, end_pos)`` of the entry at ``pos``, or why it is not valid."""
+def _boot_id() -> str | None:
+    """This boot of the machine, where the OS tells it (Linux); None elsewhere."""
+    try:
+        with open(_BOOT_ID, encoding="ascii") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _seqs(first: int, end: int) -> str:
+    return f"seq {first}" if end == first + 1 else f"seqs {first}..{end - 1}"
+
+
+def _parse_entry(buf: bytes, pos: int) -> _Entry | _Bad:
+    """The entry at ``pos``, or why it is not a valid one."""
     left = len(buf) - pos
-    if left < HEADER_SIZE:
-        return f"torn header ({left} of {HEADER_SIZE} bytes)"
-    magic, length, first_seq, count = _PREFIX.unpack_from(buf, pos)
-    if magic != MAGIC:
-        return f"bad magic {magic!r}"
-    end = pos + HEADER_SIZE + length
+    magic = bytes(buf[pos : pos + 4])
+    if magic == MAGIC:
+        prefix = _PREFIX
+    elif magic == MAGIC_V1:
+        prefix = _PREFIX_V1
+    elif left < 4 and (MAGIC.startswith(magic) or MAGIC_V1.startswith(magic)):
+        return _Bad(f"torn header ({left} of {HEADER_SIZE} bytes)", True, None)
+    else:
+        return _Bad(f"bad magic {magic!r}", False, None)
+    size = prefix.size + 4
+    if left < size:
+        return _Bad(f"torn header ({left} of {size} bytes)", True, None)
+    prev: int | None
+    if prefix is _PREFIX:
+        _magic, length, first_seq, prev, count = prefix.unpack_from(buf, pos)
+    else:
+        _magic, length, first_seq, count = prefix.unpack_from(buf, pos)
+        prev = None
+    end = pos + size + length
     if end > len(buf):
-        return f"torn entry ({left} of {HEADER_SIZE + length} bytes)"
-    (crc,) = struct.unpack_from("<I", buf, pos + _PREFIX.size)
-    body = memoryview(buf)[pos + HEADER_SIZE : end]
-    if zlib.crc32(body, zlib.crc32(memoryview(buf)[pos : pos + _PREFIX.size])) != crc:
-        return "CRC mismatch"
+        return _Bad(f"torn entry ({left} of {size + length} bytes)", True, (first_seq, count))
+    (crc,) = struct.unpack_from("<I", buf, pos + prefix.size)
+    view = memoryview(buf)
+    if zlib.crc32(view[pos + size : end], zlib.crc32(view[pos : pos + prefix.size])) != crc:
+        return _Bad("CRC mismatch", False, (first_seq, count))
     if count == 0:
-        return "entry with zero records"
-    return first_seq, count, end
+        return _Bad("entry with zero records", False, None)
+    return _Entry(first_seq, count, end, prev, pos + size)
 
 
 def _find_valid_entries(buf: bytes, start: int) -> tuple[int | None, int]:
     """Offset of the first valid-looking entry at or after ``start``, and the highest end seq."""
     first_hit: int | None = None
     top = 0
-    idx = buf.find(MAGIC, start)
+    idx = buf.find(b"SGW", start)  # the magic of either format
     while idx != -1:
         parsed = _parse_entry(buf, idx)
-        if not isinstance(parsed, str):
+        if isinstance(parsed, _Entry):
             first_hit = idx if first_hit is None else first_hit
-            top = max(top, parsed[0] + parsed[1])
-        idx = buf.find(MAGIC, idx + 1)
+            top = max(top, parsed.first + parsed.records)
+        idx = buf.find(b"SGW", idx + 1)
     return first_hit, top
 
 
@@ -158,8 +229,16 @@ class WriteAheadLog:
     least ``fsync_interval`` seconds after the previous fsync, and on :meth:`sync` / close
     (call :meth:`sync` from a periodic tick so a quiet tail does not stay unsynced);
     ``"never"`` leaves it to the OS, which survives a process kill but not a machine crash.
-    The ack watermark is saved at most every ``fsync_interval`` (and on sync / close): after
-    a crash, up to that much acked data is replayed again, for the consumer to drop.
+    The ack watermark is saved at most every ``fsync_interval`` (and on sync / close, and
+    before a segment is deleted): after a crash, up to that much acked data is replayed again,
+    for the consumer to drop.
+
+    ``on_corruption`` decides what opening a log does when recovery would lose records a
+    consumer may not have: ``"raise"`` (default) raises :class:`WalCorruptionError`; a repair
+    opens the log once with ``"truncate"``, which drops a damaged region with everything after
+    it, and gives up missing seqs together with every unacknowledged seq before them (a
+    consumer can only be told to skip a producer's seqs from the start: the ack watermark in
+    its HELLO). What that recovery did is in :attr:`corruption_report` (and logged).
     """
 
     def __init__(
@@ -201,12 +280,16 @@ class WriteAheadLog:
         self._unacked: deque[int] = deque()  # end seq of each entry not yet fully acked
         self._mutex = threading.Lock()
         self._cut_floor = 0
+        self._chain = 0  # seq after the last entry appended: the next entry's prev_end
+        self._boot = _boot_id()
         self.corrupt_tail_bytes = 0
         self.recovered_with_corruption = False
+        #: What recovery cut or gave up, in words (empty when the log opened clean).
+        self.corruption_report = ""
 
-        root = os.fspath(directory)
-        os.makedirs(root, mode=0o700, exist_ok=True)
-        self._dir = os.path.join(root, self._producer_id)
+        self._root = os.fspath(directory)
+        os.makedirs(self._root, mode=0o700, exist_ok=True)
+        self._dir = os.path.join(self._root, self._producer_id)
         if not os.path.isdir(self._dir):
             os.mkdir(self._dir, 0o700)
             os.chmod(self._dir, 0o700)  # mkdir's mode is filtered by the umask
@@ -217,7 +300,6 @@ class WriteAheadLog:
             self._release()
             raise
         self._last_sync = self._acked_saved_at = self._clock.monotonic()
-        self._acked_saved = self._acked
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -238,41 +320,50 @@ class WriteAheadLog:
         for name in os.listdir(self._dir):
             if name.endswith(".tmp"):  # an atomic replace that never finished
                 os.unlink(os.path.join(self._dir, name))
-        old_epoch, next_seq_hint = self._read_meta()
-        self._epoch = old_epoch + 1
-        self._acked = self._read_acked()
-        ends = self._scan_segments()
+        meta = self._read_meta()
+        self._epoch = meta.epoch + 1
+        self._acked, acked_known = self._read_acked()
+        self._acked_saved = self._acked_durable = self._acked
+        ends = self._scan_segments(meta, acked_known)
+        if self._acked != self._acked_saved:  # "truncate" gave seqs up: keep that decision
+            self._save_acked(durable=True)
         while len(self._segments) > 1 and self._segments[0].end_seq <= self._acked:
             os.unlink(self._segments.pop(0).path)
         self._unacked.extend(e for e in ends if e > self._acked)
-        floor = max(next_seq_hint, self._cut_floor)
+        floor = max(meta.next_seq, self._cut_floor)
         if self._segments:
             last = self._segments[-1]
             floor = max(floor, last.base, last.end_seq)
         # Never reuse a seq: a consumer may have delivered it and would drop the new record.
         self._next_seq = max(floor, self._acked)
-        self._write_meta()
-        if not self._segments:
-            self._new_segment(self._next_seq)
-        else:
+        if self._segments:
             self._fd = os.open(self._segments[-1].path, os.O_WRONLY | os.O_APPEND)
+            if self._durable:
+                # meta is about to record this log's end as durable: make sure it is (the
+                # previous run may have left it in the page cache, e.g. with "interval").
+                self._fsync(self._fd)
+        else:
+            # Before meta names it: a crash in between must not look like a lost segment.
+            self._new_segment(self._next_seq)
+        self._write_meta()
 
-    def _read_meta(self) -> tuple[int, int]:
-        """``(epoch, next_seq)`` recorded by the previous open, ``(0, 0)`` for a new log."""
+    def _read_meta(self) -> _Meta:
+        """What the previous open or close recorded; epoch and next_seq 0 for a new log."""
         path = os.path.join(self._dir, "meta")
         try:
             with open(path, "rb") as f:
                 meta = json.loads(f.read())
         except FileNotFoundError:
-            return 0, 0
+            return _Meta(0, 0, None, None, None, version=0)
         except ValueError as exc:
             raise WalCorruptionError(
                 f"write-ahead log meta file {path} is not valid JSON ({exc}); it holds the "
                 "producer epoch, so it is not guessed: restore it or remove the directory"
             ) from exc
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        if not isinstance(meta, dict) or meta.get("format") not in _META_FORMATS:
             raise WalCorruptionError(
-                f"{path} is not a format-{FORMAT_VERSION} sage-zmq write-ahead log meta file"
+                f"{path} is not a sage-zmq write-ahead log meta file of format "
+                f"{' or '.join(map(str, _META_FORMATS))} (a newer version wrote it?)"
             )
         if meta.get("producer_id") != self._producer_id:
             raise WalCorruptionError(
@@ -282,7 +373,20 @@ class WriteAheadLog:
         epoch, next_seq = meta.get("epoch"), meta.get("next_seq")
         if not isinstance(epoch, int) or not isinstance(next_seq, int):
             raise WalCorruptionError(f"{path} lacks integer 'epoch' and 'next_seq' fields")
-        return epoch, next_seq
+        end, newest, boot = meta.get("end"), meta.get("newest"), meta.get("boot")
+        version = meta["format"]
+        if version >= 2 and (
+            not isinstance(end, int) or not (newest is None or isinstance(newest, int))
+        ):
+            raise WalCorruptionError(f"{path} lacks an integer 'end' or 'newest' field")
+        return _Meta(
+            epoch,
+            next_seq,
+            end if isinstance(end, int) else None,
+            newest if isinstance(newest, int) else None,
+            boot if isinstance(boot, str) else None,
+            version=version,
+        )
 
     def _write_meta(self) -> None:
         meta = {
@@ -290,18 +394,24 @@ class WriteAheadLog:
             "producer_id": self._producer_id,
             "epoch": self._epoch,
             "next_seq": self._next_seq,
+            # Every unacked seq below "end" is in a segment now, and the newest segment is
+            # this one (segments are never deleted from the end): recovery checks both.
+            "end": self._chain,
+            "newest": self._segments[-1].base if self._segments else None,
+            "boot": self._boot,
         }
         # The epoch must never repeat, so it is made durable unless durability is off.
         self._replace("meta", json.dumps(meta).encode(), durable=self._durable)
 
-    def _read_acked(self) -> int:
+    def _read_acked(self) -> tuple[int, bool]:
+        """The saved ack watermark, and whether it could be read at all."""
         path = os.path.join(self._dir, "acked")
         try:
             with open(path, "rb") as f:
                 text = f.read()
-            return int(text)
+            return int(text), True
         except FileNotFoundError:
-            return 0
+            return 0, True
         except ValueError:
             # Only costs duplicates (which the consumer drops), so warn rather than fail.
             logger.warning(
@@ -310,7 +420,7 @@ class WriteAheadLog:
                 path,
                 text[:32],
             )
-            return 0
+            return 0, False
 
     def _replace(self, name: str, data: bytes, *, durable: bool) -> None:
         path = os.path.join(self._dir, name)
@@ -326,7 +436,7 @@ class WriteAheadLog:
         if durable:
             self._fsync_dir()
 
-    def _scan_segments(self) -> list[int]:
+    def _scan_segments(self, meta: _Meta, acked_known: bool) -> list[int]:
         """Load and validate every segment; return the end seq of every valid entry."""
         found = []
         for name in os.listdir(self._dir):
@@ -334,41 +444,182 @@ class WriteAheadLog:
             if m:
                 found.append((int(m.group(1)), os.path.join(self._dir, name)))
         found.sort()
+        same_boot = None if meta.boot is None or self._boot is None else meta.boot == self._boot
         ends: list[int] = []
-        bad: tuple[int, int, str] | None = None  # segment index, offset, reason
-        prev_end = 0
+        chain: int | None = None  # seq after the last valid entry so far
         for i, (base, path) in enumerate(found):
             with open(path, "rb") as f:
                 buf = f.read()
             seg = _Segment(base, path, len(buf), 0, base)
             self._segments.append(seg)
             pos = 0
-            while pos < len(buf) and bad is None:
+            while pos < len(buf):
                 parsed = _parse_entry(buf, pos)
-                if isinstance(parsed, str):
-                    bad = (i, pos, parsed)
-                    break
-                first, count, end = parsed
-                if first < max(prev_end, base):
-                    bad = (i, pos, f"seq {first} goes backwards (expected >= {prev_end})")
-                    break
-                prev_end = seg.end_seq = first + count
+                low = base if chain is None else max(chain, base)
+                if isinstance(parsed, _Entry) and parsed.first < low:
+                    parsed = _Bad(
+                        f"seq {parsed.first} goes backwards (expected >= {low})", False, None
+                    )
+                if isinstance(parsed, _Bad):
+                    self._check_tail(meta, found, chain, acked_known, newest_only=True)
+                    self._cut(i, pos, parsed, found, buf, chain, meta, same_boot)
+                    self._chain = self._acked if chain is None else chain
+                    return ends
+                if parsed.prev is not None:
+                    self._check_link(parsed, chain, f"{path} byte {pos}", acked_known, pos == 0)
+                chain = seg.end_seq = parsed.first + parsed.records
                 seg.entries += 1
-                ends.append(prev_end)
-                pos = end
-            if bad is not None:
-                self._cut(bad, found, buf)
-                break
+                ends.append(chain)
+                pos = parsed.end_pos
+        self._check_tail(meta, found, chain, acked_known)
+        self._chain = self._acked if chain is None else chain
         return ends
+
+    def _check_tail(
+        self,
+        meta: _Meta,
+        found: list[tuple[int, str]],
+        chain: int | None,
+        acked_known: bool,
+        *,
+        newest_only: bool = False,
+    ) -> None:
+        """Is the end of the log still where meta recorded it at the last open or close?"""
+        if not acked_known:
+            return  # every check below needs the watermark
+        acked = self._acked
+        at = acked if chain is None else max(chain, acked)
+        bases = {base for base, _ in found}
+        newest_gone = (
+            meta.version >= 2 and meta.newest is not None and meta.newest not in bases
+        ) or (
+            meta.version == 1 and not found  # that version never deleted its last segment
+        )
+        if newest_gone:
+            # Whatever was put after that open went with it, and how far it got is unknown.
+            known = max(meta.end or 0, meta.next_seq)
+            name = f"{meta.newest:020d}.seg" if meta.newest is not None else "its last segment"
+            self._missing(
+                at,
+                None,
+                max(at, known),
+                f"{name} was its newest segment when it was last opened, and it is gone"
+                + ("" if found else " (no segment file is left)"),
+            )
+            return
+        end = meta.end
+        if end is not None and end > at and not newest_only:
+            self._missing(
+                at,
+                end,
+                end,
+                f"it held entries up to seq {end - 1} when it was last opened or closed, but "
+                f"now ends at seq {at} ({found[-1][1] if found else 'no segment file left'}): "
+                "its newest segment was cut short",
+            )
+
+    def _check_link(
+        self, entry: _Entry, chain: int | None, where: str, acked_known: bool, seg_start: bool
+    ) -> None:
+        """Does ``entry`` follow the entry before it? Missing unacked entries are an error."""
+        prev = entry.prev
+        assert prev is not None
+        acked = self._acked
+        if chain is None:
+            # The oldest entry: everything before it must be acked (deleted whole segments).
+            if acked_known and prev > acked:
+                self._missing(
+                    acked,
+                    prev,
+                    entry.first,
+                    f"its oldest entry ({where}) follows one that ended at seq {prev}, but the "
+                    f"ack watermark is {acked}: a segment before it was removed",
+                )
+        elif prev > chain and prev > acked:
+            gone = "the segment before it was removed or cut" if seg_start else "entries are gone"
+            self._missing(
+                max(chain, acked),
+                prev,
+                entry.first,
+                f"the entry at {where} follows one that ended at seq {prev}, but the entry "
+                f"before it in the log ends at seq {chain}: {gone}",
+            )
+        elif prev < chain and chain > acked:
+            # Nothing is missing, but the entries do not belong together (a segment restored
+            # from an older copy, or one from another log): refuse to guess which is right.
+            if self._on_corruption == "raise":
+                raise WalCorruptionError(
+                    f"write-ahead log {self._dir}: the entry at {where} follows one that ended "
+                    f"at seq {prev}, but the entry before it in the log ends at seq {chain}: "
+                    "segments from different histories (restored from a copy?). Inspect them, "
+                    "or open once with on_corruption='truncate' to keep them as they are"
+                )
+            self._note(f"the entry at {where} does not follow the one before it; kept both")
+
+    def _missing(self, lo: int, hi: int | None, resume: int, why: str) -> None:
+        """Seqs ``lo..hi-1`` (at or above the ack watermark) are gone from the log.
+
+        ``hi`` None: from ``lo`` on, up to wherever the producer got (not recorded). The
+        consumer takes a producer's seqs strictly in order and would wait for them forever, so
+        without a repair the producer must not start. ``resume`` is the first seq still logged
+        after them (or the first not known to be used): "truncate" acknowledges everything
+        below it.
+        """
+        acked = self._acked
+        lost = f"every seq from {lo} on" if hi is None else _seqs(lo, hi)
+        # Giving seqs up moves the ack watermark past them, and with it past the unacked
+        # entries still logged before them (the only skip a consumer understands, §5 Failover).
+        before = f" and {_seqs(acked, lo)} logged before them" if lo > acked else ""
+        if self._on_corruption == "raise":
+            if hi is None:
+                fix = (
+                    "Restore the missing file if you can. Otherwise the seqs this producer used "
+                    "after that open are unknown (a consumer may hold some of them), so its "
+                    f"numbering cannot go on safely: start it under a new producer_id (and "
+                    f"remove {self._dir})"
+                )
+            else:
+                fix = (
+                    f"Restore the missing file(s) if you can; otherwise, to give up {lost}"
+                    f"{before} and go on, open the log once with WriteAheadLog("
+                    f"{self._root!r}, producer_id={self._producer_id!r}, "
+                    "on_corruption='truncate') and close it, then restart the producer"
+                )
+            raise WalCorruptionError(
+                f"write-ahead log {self._dir} is missing entries: {why}. Lost: {lost} (put, "
+                f"never acknowledged by a consumer, which would wait for them forever). {fix}"
+            )
+        self._acked = max(acked, resume)
+        reuse = (
+            "; seqs used after the last open are not known and may be used again (a consumer "
+            "that received them drops the new records)"
+            if hi is None
+            else ""
+        )
+        self._note(
+            f"{why}; gave up {lost}{before} (ack watermark {acked} -> {self._acked}, "
+            f"on_corruption='truncate'){reuse}"
+        )
+
+    def _note(self, what: str) -> None:
+        self.recovered_with_corruption = True
+        self.corruption_report = (
+            f"{self.corruption_report}; {what}" if self.corruption_report else what
+        )
+        logger.warning("WalCorruption: write-ahead log %s: %s", self._dir, what)
 
     def _cut(
         self,
-        bad: tuple[int, int, str],
+        idx: int,
+        pos: int,
+        bad: _Bad,
         found: list[tuple[int, str]],
         buf: bytes,
+        chain: int | None,
+        meta: _Meta,
+        same_boot: bool | None,
     ) -> None:
-        """Handle a bad entry at ``bad``: cut a torn tail, refuse to skip valid entries."""
-        idx, pos, reason = bad
+        """Handle a bad entry at ``pos``: cut a bad tail, refuse to skip valid entries."""
         path = found[idx][1]
         later: str | None = None
         hit, top = _find_valid_entries(buf, pos + 1)
@@ -385,9 +636,9 @@ class WriteAheadLog:
         cut = len(buf) - pos + sum(os.path.getsize(p) for _, p in found[idx + 1 :])
         if later is not None and self._on_corruption == "raise":
             raise WalCorruptionError(
-                f"write-ahead log {path} is corrupt at byte {pos} ({reason}) but a valid entry "
-                f"follows at {later}; refusing to skip it silently. Inspect the file, or open "
-                f"with on_corruption='truncate' to drop everything from byte {pos} on "
+                f"write-ahead log {path} is corrupt at byte {pos} ({bad.reason}) but a valid "
+                f"entry follows at {later}; refusing to skip it silently. Inspect the file, or "
+                f"open with on_corruption='truncate' to drop everything from byte {pos} on "
                 f"({cut} bytes)"
             )
         with open(path, "r+b") as f:
@@ -400,16 +651,66 @@ class WriteAheadLog:
         seg.size = pos
         del self._segments[idx + 1 :]
         self.corrupt_tail_bytes = cut
-        self.recovered_with_corruption = True
-        logger.warning(
-            "WalCorruption: %s at byte %d of %s (%s); kept the valid prefix, cut %d bytes%s",
-            "bad entry" if later is None else "mid-log corruption (on_corruption='truncate')",
-            pos,
-            path,
-            reason,
-            cut,
-            "" if later is None else f", including valid entries from {later}",
-        )
+        if later is not None:
+            what = (
+                f"mid-log corruption at byte {pos} of {path} ({bad.reason}); cut {cut} bytes, "
+                f"including valid entries from {later} (on_corruption='truncate')"
+            )
+        else:
+            what = self._describe_tail(pos, bad, path, buf, chain, meta, same_boot, cut)
+        self._note(what)
+
+    def _describe_tail(
+        self,
+        pos: int,
+        bad: _Bad,
+        path: str,
+        buf: bytes,
+        chain: int | None,
+        meta: _Meta,
+        same_boot: bool | None,
+        cut: int,
+    ) -> str:
+        """Why the log's last bytes were cut, and which seqs that lost, as far as known."""
+        after = chain if chain is not None else self._acked
+        head = f"the last entry, at byte {pos} of {path}, is invalid ({bad.reason})"
+        if meta.end is not None and meta.end > after:
+            # Those entries were complete (and synced, unless fsync='never') when meta was
+            # saved: whatever the bytes look like now, this is damage, not a torn write.
+            return (
+                f"{head}, but the log held seqs up to {meta.end - 1} when it was last opened or "
+                "closed: the file was damaged (cut short or overwritten) after they were "
+                f"written, not torn by a crash; cut {cut} bytes; lost: {_seqs(after, meta.end)}"
+            )
+        if bad.torn:
+            return (
+                f"{head}: an append that never completed (the process or the machine stopped "
+                f"during it), so with fsync='batch' its put had not returned; cut {cut} bytes"
+            )
+        if not any(buf[pos:]) and cut == len(buf) - pos:
+            return (
+                f"{head}: {cut} zero bytes, what an append leaves when the machine stops "
+                f"before its data reaches the disk; cut them"
+            )
+        if bad.reason.startswith("bad magic"):
+            return (
+                f"{head}: {cut} bytes that are not an entry (damage, or written by something "
+                "else); cut them, with any entry they overwrote"
+            )
+        if same_boot:
+            # One write() per entry: a process that dies during it leaves the entry short,
+            # never complete with a wrong checksum; only a machine crash could do that.
+            cause = "damaged after it was written (the machine has not restarted since)"
+        else:
+            cause = (
+                "damaged after it was written, or (if the machine crashed) its data never "
+                "fully reached the disk"
+            )
+        if bad.claim is not None and bad.claim[0] == after and bad.claim[1] >= 1:
+            lost = f"{_seqs(bad.claim[0], bad.claim[0] + bad.claim[1])} (per its header)"
+        else:
+            lost = "the seqs it held"
+        return f"{head}, yet complete: {cause}, not a torn write; cut {cut} bytes; lost: {lost}"
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -437,6 +738,10 @@ class WriteAheadLog:
         os.close(self._fd)
         self._fd = -1
         self._new_segment(base)
+        # meta names the newest segment, so that losing it (with what was put since the last
+        # open) is detected; once per roll, i.e. per segment_bytes, and under the same mutex
+        # as truncate, so the older segment cannot be deleted before meta names the new one.
+        self._write_meta()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -459,7 +764,7 @@ class WriteAheadLog:
         size = len(payload)
         if size > MAX_PAYLOAD:
             raise WalError(f"append payload is {size} bytes; at most {MAX_PAYLOAD} per entry")
-        prefix = _PREFIX.pack(MAGIC, size, first_seq, count)
+        prefix = _PREFIX.pack(MAGIC, size, first_seq, self._chain, count)
         crc = zlib.crc32(payload, zlib.crc32(prefix))
         entry = b"".join((prefix, struct.pack("<I", crc), payload))
         seg = self._segments[-1]
@@ -476,7 +781,7 @@ class WriteAheadLog:
             raise
         seg.size += len(entry)
         seg.entries += 1
-        seg.end_seq = self._next_seq = first_seq + count
+        seg.end_seq = self._next_seq = self._chain = first_seq + count
         self._unacked.append(self._next_seq)
         self._dirty = True
         if self._policy == "batch" or (
@@ -485,12 +790,17 @@ class WriteAheadLog:
         ):
             self._sync_now()
 
-    def _save_acked(self) -> None:
+    def _save_acked(self, *, durable: bool = False) -> None:
         # Throttled and not fsynced: replacing a file costs ~250 us on ext4, and a stale
-        # watermark after a crash only replays acked entries, which the consumer drops.
-        if self._acked != self._acked_saved:
-            self._replace("acked", b"%d\n" % self._acked, durable=False)
+        # watermark after a crash only replays acked entries, which the consumer drops. It is
+        # made durable before segments are deleted: recovery checks that the oldest entry left
+        # follows the watermark, and a stale one would look like a lost segment.
+        durable = durable and self._durable
+        if self._acked != (self._acked_durable if durable else self._acked_saved):
+            self._replace("acked", b"%d\n" % self._acked, durable=durable)
             self._acked_saved = self._acked
+            if durable:
+                self._acked_durable = self._acked
         self._acked_saved_at = self._clock.monotonic()
 
     def _sync_now(self) -> None:
@@ -527,8 +837,10 @@ class WriteAheadLog:
             self._save_acked()
         while self._unacked and self._unacked[0] <= acked:
             self._unacked.popleft()
-        while len(self._segments) > 1 and self._segments[0].end_seq <= acked:
-            os.unlink(self._segments.pop(0).path)
+        if len(self._segments) > 1 and self._segments[0].end_seq <= acked:
+            self._save_acked(durable=True)  # first: see _save_acked
+            while len(self._segments) > 1 and self._segments[0].end_seq <= acked:
+                os.unlink(self._segments.pop(0).path)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -540,29 +852,45 @@ class WriteAheadLog:
         with self._mutex:
             self._check_open()
             acked = self._acked
-            snapshot = [(s.path, s.size) for s in self._segments]
+            snapshot = [(s.path, s.size, s.end_seq) for s in self._segments]
         return self._replay(snapshot, acked)
 
     def _replay(
-        self, snapshot: list[tuple[str, int]], acked: int
+        self, snapshot: list[tuple[str, int, int]], acked: int
     ) -> Iterator[tuple[int, int, bytes]]:
-        for path, size in snapshot:
+        chain: int | None = None
+        for path, size, end_seq in snapshot:
             try:
                 with open(path, "rb") as f:
                     buf = f.read(size)
             except FileNotFoundError:
-                continue  # truncated away meanwhile: every entry in it is acked
+                if end_seq > self._acked:  # not truncated away: something else removed it
+                    raise WalCorruptionError(
+                        f"write-ahead log segment {path} disappeared under this handle while "
+                        f"it held unacknowledged seqs (below {end_seq}); is another tool "
+                        "deleting files in it?"
+                    ) from None
+                chain = None  # truncated away meanwhile: every entry in it is acked
+                continue
             pos = 0
             while pos < len(buf):
                 parsed = _parse_entry(buf, pos)
-                if isinstance(parsed, str):
+                if isinstance(parsed, _Bad) or (
+                    # The rule recovery applies: a break below the watermark is harmless.
+                    chain is not None
+                    and parsed.prev is not None
+                    and parsed.prev != chain
+                    and max(parsed.prev, chain) > acked
+                ):
+                    why = parsed.reason if isinstance(parsed, _Bad) else "out of sequence"
                     raise WalCorruptionError(
                         f"write-ahead log {path} changed under this handle: byte {pos} is no "
-                        f"longer a valid entry ({parsed}); is another tool writing to it?"
+                        f"longer a valid entry ({why}); is another tool writing to it?"
                     )
-                first, count, end = parsed
+                first, count, end = parsed.first, parsed.records, parsed.end_pos
                 if first + count > acked:
-                    yield first, count, buf[pos + HEADER_SIZE : end]
+                    yield first, count, buf[parsed.body_pos : end]
+                chain = first + count
                 pos = end
 
     # -- state -----------------------------------------------------------------------------
@@ -611,7 +939,12 @@ class WriteAheadLog:
         )
 
     def close(self) -> None:
-        """Flush per policy, record next_seq, release the directory. Idempotent."""
+        """Flush per policy, record next_seq, release the directory. Idempotent.
+
+        The newest segment stays, even when everything in it is acked: it is deleted once a
+        later one exists and its seqs are all acked (so up to ``segment_bytes`` of acked data
+        stays on disk).
+        """
         with self._mutex:
             if self._closed:
                 return
