@@ -198,6 +198,13 @@ def _after_fork_in_child() -> None:
     _lock = threading.RLock()
     _context = None
     _ticker = None
+    for handle in list(_handles.values()):
+        # A descriptor the parent used holds its producer's bound put (the fast path): in
+        # the child that would write to the parent's socket (lost, or a hang), or use a
+        # local queue's objects outside their process. Unbound, it opens its own end here.
+        unbind_all = getattr(handle, "unbind_all", None)  # a local queue's channel has none
+        if unbind_all is not None:
+            unbind_all()
     _handles.clear()
     _batching.clear()  # the parent's producers: their sockets are not ours to use
 

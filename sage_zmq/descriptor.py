@@ -11,10 +11,11 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import math
 import os
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,8 +91,21 @@ _FINAL_STATISTICS: dict[tuple[str, str], QueueStatistics] = {}
 """The last statistics of queue ends this process closed, by (queue type, endpoint)."""
 _FINAL_STATISTICS_KEPT = 1024
 
-_INT_KEYS = {"maxsize": 1, "upstreams": 1, "batch_size": 1}
-_FLOAT_KEYS = {"timeout", "flush_interval"}
+_INT_KEYS = {
+    "maxsize": 1,
+    "upstreams": 1,
+    "batch_size": 1,
+    "max_message_size": 1024,
+    "compression_min_bytes": 0,
+    "shm_threshold": 0,
+}
+# Finite numbers: (minimum, whether the minimum itself is allowed), as in the config.
+_FLOAT_KEYS = {
+    "timeout": (0.0, False),
+    "flush_interval": (0.0, False),  # 0 would make the flush timer spin
+    "shm_wait": (0.0, True),
+    "memory_pool_size": (0.0, True),
+}
 _BOOL_KEYS = ("allow_pickle", "zero_copy", "ack")
 
 
@@ -106,11 +120,20 @@ def _check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
                 raise DescriptorError(
                     f"metadata[{key!r}] must be an integer >= {minimum}, got {value!r}"
                 )
-    for key in _FLOAT_KEYS:
+    for key, (low, inclusive) in _FLOAT_KEYS.items():
         if key in meta:
             value = meta[key]
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise DescriptorError(f"metadata[{key!r}] must be a number > 0, got {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < low
+                or (value == low and not inclusive)
+            ):
+                bound = ">=" if inclusive else ">"
+                raise DescriptorError(
+                    f"metadata[{key!r}] must be a finite number {bound} {low:g}, got {value!r}"
+                )
     for key in _BOOL_KEYS:
         if key in meta:
             check_flag(key, meta[key])
@@ -490,7 +513,7 @@ class _QueueHandle:
         if producer is None:
             with self._lock:
                 if self._producer is None:
-                    self._producer = self.qtype.make_producer(self.descriptor)
+                    self._producer = self._make(self.qtype.make_producer)
                 producer = self._producer
         self._bind(bind_to, "put", producer.put)
         return producer
@@ -500,10 +523,32 @@ class _QueueHandle:
         if consumer is None:
             with self._lock:
                 if self._consumer is None:
-                    self._consumer = self.qtype.make_consumer(self.descriptor)
+                    self._consumer = self._make(self.qtype.make_consumer)
                 consumer = self._consumer
         self._bind(bind_to, "get", consumer.get)
         return consumer
+
+    def _make(self, make: Callable[[QueueDescriptor], Any]) -> Any:
+        try:
+            return make(self.descriptor)
+        except BaseException:
+            # An end that failed to open (bad CURVE files, say) must not leave this handle
+            # behind: every later descriptor for the endpoint would reuse its settings and
+            # fail the same way, even with correct ones.
+            if self._producer is None and self._consumer is None:
+                _runtime.forget_handle(self.key, self)
+                for alias in self.aliases:
+                    _runtime.forget_handle(alias, self)
+            raise
+
+    def unbind_all(self) -> None:
+        """Descriptors go back to looking up their handle (after close, or in a forked
+        child, where this process's ends are not theirs to use)."""
+        for ref in self._bound:
+            d = ref()
+            if d is not None:
+                d._unbind()
+        self._bound.clear()
 
     def _bind(self, descriptor: QueueDescriptor, name: str, method: Any) -> None:
         if descriptor.__dict__.get(name) is not method:
@@ -524,6 +569,10 @@ class _QueueHandle:
         stats = consumer.statistics()
         if producer is not None:
             p = producer.statistics()
+            # Both ends are here: what the consumer took is known exactly, without waiting
+            # for the report that tells the producer.
+            consumed = getattr(consumer, "consumed_from", None)
+            done = None if consumed is None else consumed(getattr(producer, "producer_id", ""))
             stats = replace(
                 stats,
                 role="producer+consumer",
@@ -532,7 +581,7 @@ class _QueueHandle:
                 batches_sent=p.batches_sent,
                 credit_waits=p.credit_waits,
                 encode_errors=p.encode_errors,
-                in_flight=p.in_flight,
+                in_flight=p.in_flight if done is None else max(0, p.sent - done),
             )
         return stats
 
@@ -541,11 +590,7 @@ class _QueueHandle:
         with self._lock:
             producer, consumer = self._producer, self._consumer
             self._producer = self._consumer = None
-        for ref in self._bound:
-            d = ref()
-            if d is not None:
-                d._unbind()
-        self._bound.clear()
+        self.unbind_all()
         _runtime.forget_handle(self.key, self)
         for alias in self.aliases:
             _runtime.forget_handle(alias, self)

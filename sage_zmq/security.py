@@ -494,9 +494,21 @@ def is_local_endpoint(endpoint: Any, queue_type: str) -> bool:
     return queue_type == "shm"  # no endpoint yet: shm derives a private ipc path
 
 
-def check_pickle_policy(allow_pickle: bool, *, curve: bool, local: bool, where: str) -> None:
+def check_pickle_policy(
+    allow_pickle: bool, *, curve: CurvePaths | None, local: bool, where: str
+) -> None:
     """Refuse pickle on a link that is neither authenticated (CURVE) nor host-local."""
-    if allow_pickle and not (curve or local):
+    if not allow_pickle or local:
+        return
+    if curve is not None and curve.authorized_keys == ALLOW_ANY:
+        # Encrypted, but any key pair gets in: a stranger's pickle would run here.
+        raise SecurityError(
+            f"pickle is enabled (security.allow_pickle) for {where}, whose CURVE allow-list "
+            "is '*' (any client key is admitted: encrypted, not authenticated), so a "
+            "stranger's pickle would run in this process. Name the permitted client keys in "
+            "curve.authorized_keys (a file or directory of public keys), or turn pickle off"
+        )
+    if curve is None:
         raise SecurityError(
             f"pickle is enabled (security.allow_pickle) for {where} without CURVE: "
             "unpickling bytes from an unauthenticated network peer runs its code. Enable "

@@ -20,6 +20,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import FrozenInstanceError
+from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -31,6 +32,7 @@ from sage_zmq.errors import (
     Empty,
     EncodeError,
     Full,
+    QueueClosed,
     SageZmqError,
 )
 from sage_zmq.flow.clock import FakeClock
@@ -43,6 +45,7 @@ __all__ = [
     "Worker",
     "assert_same_record",
     "check_backpressure",
+    "check_close_wakes_blocked_callers",
     "check_delivery_error",
     "check_end_of_stream",
     "check_end_of_stream_processes",
@@ -525,6 +528,57 @@ def check_timeouts(make_descriptor: DescriptorFactory, timeout: float = 0.2) -> 
         except stdlib_queue.Full:
             pass
         assert drain(qd, 2) == [1, 2]
+
+
+def _role_is_not(qd: QueueDescriptor, role: str) -> bool:
+    return qd.statistics().role != role
+
+
+def _waits_for_credit(qd: QueueDescriptor) -> bool:
+    return qd.statistics().credit_waits > 0
+
+
+def check_close_wakes_blocked_callers(make_descriptor: DescriptorFactory) -> None:
+    """``close()`` from another thread ends a ``get()`` / ``put()`` blocked without a timeout
+    (they raise ``QueueClosed``) and returns within its own timeout; ``empty()`` never waits
+    for a blocked ``get()`` (``queue.Queue.empty`` does not block)."""
+    for side in ("get", "put"):
+        qd = make_descriptor(maxsize=2)
+        outcome: list[str] = []
+
+        def blocked(qd: QueueDescriptor = qd, side: str = side, out: list[str] = outcome) -> None:
+            try:
+                if side == "get":
+                    qd.get()
+                else:
+                    for i in range(100):  # no consumer reads: blocks at maxsize + a batch
+                        qd.put(i)
+                out.append("returned")
+            except QueueClosed:
+                out.append("closed")
+            except BaseException as exc:
+                out.append(repr(exc))
+
+        with _closing(qd):
+            if side == "put":
+                qd.qsize()  # a tcp queue's consumer end was bound here: open it to close it
+            thread = threading.Thread(target=blocked, daemon=True)
+            thread.start()
+            if side == "get":
+                wait_until(partial(_role_is_not, qd, "idle"), what="get() to start")
+                t0 = time.monotonic()
+                qd.empty()
+                assert time.monotonic() - t0 < 0.5, "empty() waited for a blocked get()"
+            else:
+                wait_until(partial(_waits_for_credit, qd), what="put() to block")
+            t0 = time.monotonic()
+            with contextlib.suppress(DeliveryError):  # the put side: records nobody took
+                qd.close(timeout=1.0)
+            elapsed = time.monotonic() - t0
+            thread.join(GET_TIMEOUT)
+            assert not thread.is_alive(), f"close() did not end the blocked {side}()"
+            assert elapsed < 3.0, f"close() took {elapsed:.1f} s behind a blocked {side}()"
+            assert outcome == ["closed"], f"the blocked {side}() ended with {outcome}"
 
 
 def check_backpressure(

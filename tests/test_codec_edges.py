@@ -204,3 +204,15 @@ def test_the_consumer_error_reply_says_why_a_deep_body_was_rejected(
     finally:
         sock.close(linger=0)
         ctx.term()
+
+
+def test_an_empty_array_from_a_frame_is_read_only_like_the_others() -> None:
+    import numpy as np
+
+    from sage_zmq.wire.codec import Codec
+
+    codec = Codec()
+    frame, _, _ = codec.encode_batch("p", 0, [np.zeros(0, "<f8"), np.zeros(3, "<f8")])
+    empty, full = codec.decode(frame).fields[2]
+    assert empty.shape == (0,) and not empty.flags.writeable
+    assert not full.flags.writeable

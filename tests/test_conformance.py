@@ -24,6 +24,10 @@ def test_a_stage_that_waits_for_input_ships_its_tail(make_descriptor: Descriptor
     conf.check_waiting_stage_ships_its_tail(make_descriptor)
 
 
+def test_close_wakes_blocked_callers(make_descriptor: DescriptorFactory) -> None:
+    conf.check_close_wakes_blocked_callers(make_descriptor)
+
+
 def test_maxsize_backpressure(make_descriptor: DescriptorFactory) -> None:
     conf.check_backpressure(make_descriptor)
 

@@ -302,3 +302,27 @@ def test_every_metadata_key_is_documented() -> None:
     )
     missing = sorted(k for k in keys if f"`{k}`" not in section)
     assert not missing, f"docs/configuration.md 'Queue metadata' does not name {missing}"
+
+
+@pytest.mark.parametrize(
+    "qtype, key, value",
+    [
+        ("tcp", "max_message_size", 10),
+        ("tcp", "max_message_size", 1023),
+        ("shm", "flush_interval", math.nan),
+        ("shm", "flush_interval", math.inf),
+        ("shm", "flush_interval", 0),  # the flush timer would spin
+        ("shm", "timeout", math.nan),
+        ("shm", "timeout", math.inf),
+        ("tcp", "compression_min_bytes", -1),
+        ("shm", "shm_wait", math.nan),
+        ("shm", "shm_wait", -1),
+        ("shm", "shm_threshold", 1.5),
+        ("shm", "memory_pool_size", math.inf),
+    ],
+)
+def test_numeric_metadata_is_checked_when_the_descriptor_is_made(
+    qtype: str, key: str, value: Any
+) -> None:
+    with pytest.raises(DescriptorError, match=key):
+        QueueDescriptor(None, qtype, {key: value})

@@ -452,3 +452,22 @@ def test_processes_hash_route_over_shm_and_end_cleanly() -> None:
                 assert idx == sorted(idx)
     finally:
         close_quietly(*downs)
+
+
+def test_get_nowait_right_after_routing_sees_every_packet_routed_in_this_thread(
+    local_queues: Any,
+) -> None:
+    """A burst switches the producers to batching; the thread that routed it and then asks
+    (get_nowait, empty) must not miss the last partial batch until a flush interval later."""
+    queues = local_queues(3, metadata={"maxsize": 100_000})
+    router = HashRouter()
+    for i, q in enumerate(queues):
+        router.add_connection(Connection(0, i, "w", q))
+    for k in range(400):
+        router.route(Packet(payload=k, partition_key=f"key-{k}"))
+    got = 0
+    for q in queues:
+        while not q.empty():
+            q.get_nowait()
+            got += 1
+    assert got == 400

@@ -335,6 +335,19 @@ def test_pickle_works_with_curve(keys: dict[str, str]) -> None:
         close_quietly(qd)
 
 
+def test_pickle_is_refused_where_the_allow_list_admits_any_key(keys: dict[str, str]) -> None:
+    """'*' encrypts but admits any key pair: a stranger's pickle would run in the consumer."""
+    meta = {"curve": {**_curve_meta(keys), "authorized_keys": "*"}, "allow_pickle": True}
+    with pytest.raises(SecurityError, match="'\\*'"):
+        QueueDescriptor(None, "tcp", meta)
+    plain = QueueDescriptor(None, "tcp", {"curve": {**_curve_meta(keys), "authorized_keys": "*"}})
+    try:  # without pickle, '*' stays a valid (encrypted) set-up
+        plain.put([1])
+        assert plain.get(timeout=5) == [1]
+    finally:
+        close_quietly(plain)
+
+
 def test_pickle_works_on_ipc() -> None:
     qd = QueueDescriptor(None, "shm", {"allow_pickle": True})
     try:
@@ -581,3 +594,65 @@ def test_oversized_frame_is_dropped_and_the_queue_keeps_running() -> None:
     finally:
         peer.close()
         close_quietly(qd)
+
+
+_REFUSED_PRODUCER = """
+import sys, time
+from sage_zmq import QueueDescriptor
+qd = QueueDescriptor.from_json(sys.argv[1])
+qd.put({"i": 0}, timeout=2)
+started = time.monotonic()
+try:
+    qd.close(timeout=1)
+    print("closed")
+except Exception as exc:
+    print(type(exc).__name__, round(time.monotonic() - started, 1))
+"""
+
+
+@pytest.mark.parametrize("qtype, meta", [("sage", {"transport": "tcp"}), ("tcp", {"ack": True})])
+def test_a_refused_reliable_producer_closes_within_its_timeout(
+    keys: dict[str, str], qtype: str, meta: dict[str, Any]
+) -> None:
+    """CURVE refuses the producer's key, so it never has a connection: its sends (heartbeats,
+    CLOSE) must not block, and close() reports the records as undelivered on time."""
+    import subprocess
+    import sys
+
+    qd = QueueDescriptor(None, qtype, {**meta, "curve": _curve_meta(keys), "maxsize": 100})
+    try:
+        with pytest.raises(Empty):
+            qd.get(timeout=0.05)  # the consumer is up
+        as_intruder = qd.to_dict()
+        as_intruder["metadata"]["curve"] = {
+            "server_public_key": keys["server_public_key"],
+            "client_secret_key": keys["intruder_secret_key"],
+        }
+        proc = subprocess.run(
+            [sys.executable, "-c", _REFUSED_PRODUCER, json.dumps(as_intruder)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        what, seconds = proc.stdout.split()
+        assert what == "DeliveryError", proc.stderr[-2000:]
+        assert float(seconds) < 5
+    finally:
+        close_quietly(qd)
+
+
+def test_an_end_that_failed_to_open_does_not_poison_its_endpoint(keys: dict[str, str]) -> None:
+    """The second descriptor for an endpoint opens with its own settings, not the failed
+    first one's (the ends of one endpoint are shared in a process once open)."""
+    consumer = QueueDescriptor(None, "tcp", {"maxsize": 100})
+    endpoint = consumer.endpoint
+    wrong = {**_curve_meta(keys), "client_public_key": keys["intruder_public_key"]}
+    first = QueueDescriptor(None, "tcp", {"endpoint": endpoint, "curve": wrong})
+    second = QueueDescriptor(None, "tcp", {"endpoint": endpoint, "curve": False})
+    try:
+        with pytest.raises(SecurityError, match="does not belong"):
+            first.put(1)
+        second.put("fine")
+        assert consumer.get(timeout=5) == "fine"
+    finally:
+        close_quietly(first, second, consumer)

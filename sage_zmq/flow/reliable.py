@@ -219,6 +219,9 @@ class _KeepingLink:
         codec = inner.codec
         if getattr(codec, "shm_encoder", None) is not None:
             codec.shm_encoder = None
+        keep_unsent = getattr(inner, "keep_unsent", None)  # a test double may lack it
+        if keep_unsent is not None:
+            keep_unsent()  # frames are kept here: a send never needs to block
 
     def _watch(self) -> None:
         self.connections = 0
@@ -390,14 +393,8 @@ class ReliableProducer(Producer):
             except BaseException:
                 wal.close()
                 raise
-            if wal.recovered_with_corruption:
-                log.warning(
-                    "queue %s: write-ahead log %s had a torn tail of %d bytes (cut); records "
-                    "whose put had not returned may be missing",
-                    queue_id,
-                    wal.path,
-                    wal.corrupt_tail_bytes,
-                )
+            # What a damaged log's recovery did was logged by the log itself, precisely
+            # (a torn write vs damage after writing, and which seqs): see corruption_report.
         self._wal = wal
         try:
             link = _KeepingLink(open_link(), acked)
@@ -700,6 +697,7 @@ class ReliableProducer(Producer):
         if self._closed:
             return
         timeout = self._timeout if timeout is None else timeout
+        self._close_requested = True  # a put blocked for room gives up (see Producer)
         with self._lock:
             if self._closed:
                 return
@@ -823,13 +821,21 @@ class ReliableConsumer(Consumer):
         self._dedup: DedupState | None = None
         self._ends_path: str | None = None
         if settings.persist is not None:
-            _, path = persist_paths(settings.persist, queue_id)
-            self._dedup = DedupState(path)
-            # Beside the dedup state: the ends of stream it counted. A producer that ended
-            # (and closed) before this consumer restarted never sends its end again.
-            self._ends_path = path + ".ends"
-            self._ends_counted |= _load_ends(self._ends_path)
-            self._ended = len(self._ends_counted)
+            try:
+                _, path = persist_paths(settings.persist, queue_id)
+                self._dedup = DedupState(path)
+                # Beside the dedup state: the ends of stream it counted. A producer that
+                # ended (and closed) before this consumer restarted never sends its end again.
+                self._ends_path = path + ".ends"
+                self._ends_counted |= _load_ends(self._ends_path)
+                self._ended = len(self._ends_counted)
+            except BaseException:
+                # A damaged state file, say: the inlets bound for us must not outlive us.
+                _runtime.ticker().discard(self)
+                self._closed = True
+                for inlet in self._inlets:
+                    inlet.close()
+                raise
         _runtime.ticker().add(self, settings.tick)
 
     def _note_ends(self, inlet: ConsumerInlet) -> None:
@@ -898,6 +904,9 @@ class ReliableConsumer(Consumer):
             self._duplicates += received - seq
             records = records[received - seq :]
         up.received = end
+        if self._ended >= self._upstreams:
+            self._arrived_after_end(up, end, records)
+            return
         if up.persist:
             batch = _Marked(records)
             batch.consumer, batch.producer, batch.seq = self, up.producer, received
@@ -1016,6 +1025,7 @@ class ReliableConsumer(Consumer):
 
     # ----------------------------------------------------------------- lifecycle
     def close(self, timeout: float | None = None) -> None:
+        self._close_requested = True  # a get blocked in its read gives up (see Consumer)
         with self._lock:
             if self._closed:
                 return

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from itertools import chain
 from operator import length_hint
@@ -34,6 +34,7 @@ MAX_PRODUCERS_PER_PEER = 16
 _EMPTY_ITER: Iterator[Any] = iter(())
 _NOTHING: Any = object()  # what next() gives for an exhausted batch iterator
 _END_OF_STREAM = EndOfStream()  # what get() returns at the end; iteration stops on this object
+_LAST_SEQ = 2**63 - 1  # a CREDIT's limit stays a seq (PROTOCOL.md section 3)
 
 
 class _Upstream:
@@ -97,12 +98,16 @@ class Consumer:
         self._ended = 0
         self._lock = threading.RLock()
         self._closed = False
+        # Set by close() before it takes the lock: a get blocked in its read (holding the
+        # lock) sees it within half a second and raises QueueClosed, so close() can go on.
+        self._close_requested = False
         self._received = 0
         self._bytes = 0
         self._batches_in = 0
         self._duplicates = 0
         self._gaps = 0
         self._rejected = 0  # frames refused here (inlets count their own)
+        self._late: dict[str, int] = {}  # producer -> records that came after the end
         self._per_peer: dict[tuple[int, Any], int] = {}  # (inlet, peer) -> producer ids it owns
         self._latencies: LatencySamples = _observe.new_latency_window(2048)
         self._unreported: set[_Upstream] = set()  # consumed more than their last CREDIT says
@@ -152,7 +157,7 @@ class Consumer:
         deadline = None if timeout is None or not block else time.monotonic() + timeout
         with self._lock:
             while True:
-                if self._closed:
+                if self._closed or self._close_requested:
                     raise QueueClosed(f"queue {self.queue_id!r} was closed in this process")
                 for item in self._current:  # another thread may have refilled it
                     return item
@@ -161,17 +166,12 @@ class Consumer:
                     # Read what arrived, waiting if we may: one ZMQ_EVENTS check, then a
                     # blocking recv (each check costs a syscall inside libzmq).
                     wait = 0.0
-                    if block and self._ended < self._upstreams:
-                        wait = 0.5 if deadline is None else max(0.0, deadline - time.monotonic())
-                        mine = _runtime.batching_in_this_thread()
-                        if mine:
-                            # This thread is about to wait for input with partial batches of
-                            # its own pending (a stage that ran dry): ship them now rather
-                            # than a flush_interval later; unless input already arrived.
-                            self._pump(0)
-                            if not self._batches:
-                                for producer in mine:
-                                    producer.ship_partial()
+                    if self._ended < self._upstreams:
+                        if block:
+                            wait = (
+                                0.5 if deadline is None else max(0.0, deadline - time.monotonic())
+                            )
+                        self._ship_mine()
                     if not self._batches:
                         if wait > 0 and self._unreported:
                             due = self._report_consumed(time.monotonic())
@@ -188,6 +188,12 @@ class Consumer:
                             self._ends_counted.add(mark)
                             self._ended += 1
                             self._note_ends(up.inlet)
+                            if self._ended == self._upstreams:
+                                self._warn_if_open()
+                        continue
+                    if self._ended >= self._upstreams:
+                        self._queued -= len(records)
+                        self._arrived_after_end(up, end_seq, records)
                         continue
                     self._queued -= len(records)
                     self._cur_upstream, self._cur_end = up, end_seq
@@ -202,6 +208,56 @@ class Consumer:
                     raise Empty(f"queue {self.queue_id!r} is empty")
                 if deadline is not None and deadline <= time.monotonic():
                     raise Empty(f"queue {self.queue_id!r}: nothing arrived within {timeout} s")
+
+    def _ship_mine(self) -> None:
+        """Ship this thread's partial batches if nothing is here to read.
+
+        A thread about to wait for input (a stage that ran dry), or asking whether any is here
+        (``get_nowait``, ``empty``) right after putting, would otherwise miss its own records
+        until a flush_interval later: a router's last partial batch to a queue of this process.
+        """
+        mine = _runtime.batching_in_this_thread()
+        if mine:
+            self._pump(0)
+            if not self._batches:
+                for producer in mine:
+                    producer.ship_partial()
+
+    def _warn_if_open(self) -> None:
+        """The stream just ended: say so if a producer that sent records never ended."""
+        still_open = [u.producer for u in self._ups.values() if not u.ended and u.received > u.base]
+        if not still_open:
+            return
+        ends = Counter(producer for producer, _ in self._ends_counted)
+        repeated = [f"{p} ({n})" for p, n in ends.items() if n > 1]
+        log.warning(
+            "queue %s: end of stream after %d END frames (metadata upstreams=%d), but producer(s)"
+            " %s sent records and no END%s: whatever they send now is not delivered. Each"
+            " END counts as one upstream; set 'upstreams' to the number of EndOfStream puts",
+            self.queue_id,
+            self._ended,
+            self._upstreams,
+            ", ".join(still_open[:5]),
+            f"; ENDs per producer: {', '.join(repeated[:5])}" if repeated else "",
+        )
+
+    def _arrived_after_end(self, up: _Upstream, end_seq: int, records: list[Any]) -> None:
+        # get() says the stream ended and keeps saying it (a file at EOF): these are
+        # counted, acknowledged so their producer is not blocked, and named in a warning.
+        if up.producer not in self._late:
+            log.warning(
+                "queue %s: producer %s sent records after the end of the stream (all %d"
+                " upstreams had ended): not delivered; see statistics().extra['after_end']",
+                self.queue_id,
+                up.producer,
+                self._upstreams,
+            )
+        self._late[up.producer] = self._late.get(up.producer, 0) + len(records)
+        up.acked = end_seq
+        if up.acked >= up.grant_at:
+            self._grant(up)
+        else:
+            self._unreported.add(up)
 
     def _note_ends(self, inlet: ConsumerInlet) -> None:
         """Keep the ends counted where a restarted consumer finds them (see __init__)."""
@@ -248,7 +304,7 @@ class Consumer:
 
     def _grant(self, up: _Upstream) -> None:
         share = self._share()
-        limit = max(up.granted, up.acked + share)
+        limit = min(max(up.granted, up.acked + share), _LAST_SEQ)
         up.granted = limit
         # The next grant once an eighth of the share was consumed: routers read live load
         # from credits. (Kept per upstream: counting the active producers at every batch
@@ -371,6 +427,9 @@ class Consumer:
                 self._duplicates += skip
                 records = records[skip:]
             up.received = end
+            if self._ended >= self._upstreams:
+                self._arrived_after_end(up, end, records)
+                return
             self._batches.append((up, end, records))
             self._queued += len(records)
             self._received += len(records)
@@ -457,12 +516,39 @@ class Consumer:
         return length_hint(self._current) + self._queued
 
     def empty(self) -> bool:
-        with self._lock:
-            self._pump(0)
-            return self.qsize() == 0
+        # Never waits for the lock (queue.Queue.empty does not block): another thread may
+        # hold it for as long as its get() waits; then what was read so far answers.
+        if self._lock.acquire(blocking=False):
+            try:
+                if not self._closed:
+                    if not self._batches:
+                        self._ship_mine()
+                    self._pump(0)
+            finally:
+                self._lock.release()
+        return length_hint(self._current) + self._queued == 0
 
     def full(self) -> bool:
         return self.qsize() >= self._maxsize
+
+    def _taken_of_current(self) -> int:
+        """Records the application took from the batch it is reading (not yet in acked)."""
+        up = self._cur_upstream
+        if up is None:
+            return 0
+        return max(0, self._cur_end - length_hint(self._current) - up.acked)
+
+    def consumed_from(self, producer: str) -> int | None:
+        """Records of ``producer`` the application has taken (None: unknown producer)."""
+        up = self._ups.get(producer)
+        return None if up is None else self._consumed(up)
+
+    def _consumed(self, up: _Upstream) -> int:
+        # acked counts seqs, and each END takes one (several when threads sharing this
+        # producer each ended); the batch being read is not in acked yet.
+        ends = sum(1 for producer, seq in list(self._ends_counted) if producer == up.producer)
+        taken = self._taken_of_current() if up is self._cur_upstream else 0
+        return max(0, up.acked - up.base - ends + taken)
 
     def received_from(self, producer: str) -> int | None:
         """The seq below which every record of ``producer`` has arrived here (None: unknown)."""
@@ -489,18 +575,20 @@ class Consumer:
             producers=len(self._ups),
             upstreams=self._upstreams,
             upstreams_ended=self._ended,
-            # Records reported consumed to their producers (ends of stream not counted).
-            acked=sum(u.acked - u.base - u.ended for u in list(self._ups.values())),
+            # Records consumed (ends of stream not counted), the batch being read included.
+            acked=sum(self._consumed(u) for u in list(self._ups.values())),
             latency_p50=lat[len(lat) // 2] if lat else None,
             latency_p99=lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
             extra={
                 "gaps": self._gaps,
+                "after_end": sum(self._late.values()),
                 "session": self.session,
                 "latency_histogram": self._latencies.histogram(),
             },
         )
 
     def close(self, timeout: float | None = None) -> None:
+        self._close_requested = True
         with self._lock:
             if self._closed:
                 return

@@ -110,12 +110,18 @@ class Producer:
         self._limit = next_seq + window  # implicit first credit: both ends know maxsize
         self._received = next_seq
         self._acked = next_seq
+        self._start_seq = next_seq
+        self._lost = 0  # records at most, sent to a consumer that was replaced unconfirmed
+        self._end_seqs: list[int] = []  # ENDs take seqs but are not records (statistics)
         self._session: str | None = None
         self._room = window
         self._fast_limit = 0
         self._next_look = next_seq  # the seq at which _read_credit_if_due looks again
         self._errors: list[str] = []
         self._closed = False
+        # Set by close() before it takes the lock: a put blocked for room (holding the lock)
+        # sees it within half a second and gives up, so close() is not stuck behind it.
+        self._close_requested = False
         self._last_flush = 0.0
         self._back_at = 0.0  # when the caller came back for more (see ShmProducer.alloc)
         self._sent = 0
@@ -227,13 +233,28 @@ class Producer:
             return False
         self._credit_waits += 1
         deadline = None if timeout is None else time.monotonic() + timeout
+        rehello = getattr(self._link, "REHELLO_AFTER", None)
+        rehello_at = None if rehello is None else time.monotonic() + rehello
         while True:
             self._flush_locked()
             if self._room > 0:
                 return True
+            if rehello_at is not None and time.monotonic() >= rehello_at:
+                # The consumer that owes us credit may have died and another taken its
+                # endpoint: that one knows nothing of us until we speak. A consumer that
+                # knows us ignores a repeated HELLO (PROTOCOL.md section 4).
+                rehello_at += rehello
+                # acked = next_seq: this producer keeps nothing to resend, so a new consumer
+                # must not count what its predecessor took with it as in flight.
+                self._link.send_hello(self.producer_id, self.epoch, self._next_seq, self._next_seq)
             wait = 0.5 if deadline is None else deadline - time.monotonic()
             if wait <= 0:
                 return False
+            if self._close_requested:
+                raise QueueClosed(
+                    f"queue {self.queue_id!r} was closed while this put waited for room; "
+                    "the record was not accepted"
+                )
             self._apply(self._link.poll(min(wait, 0.5)))
             self._update_room()
             if self._room > 0:
@@ -248,6 +269,7 @@ class Producer:
                     "records are still waiting for credit from the consumer"
                 )
             self._link.send_end(self.producer_id, self._next_seq)
+            self._end_seqs.append(self._next_seq)
             self._next_seq += 1
             self._limit += 1  # the END marker takes a sequence number, not buffer space
             self._update_room()
@@ -416,12 +438,36 @@ class Producer:
                         credit.session,
                     )
                 self._session = credit.session
+            if credit.base is not None and credit.base > self._acked:
+                self._consumer_replaced(credit.base)
             if credit.limit > self._limit:
                 self._limit = credit.limit
             if credit.received > self._received:
                 self._received = credit.received
             if credit.acked > self._acked:
                 self._acked = credit.acked
+
+    def _consumer_replaced(self, base: int) -> None:
+        # This consumer's first seq from us (CREDIT base) is above what any consumer reported
+        # consumed: the seqs between went to a consumer that died or was replaced, and are
+        # gone with it. Nothing here resends (the reliable and ray links handle this
+        # themselves), so close() reports them.
+        if getattr(self._link, "REHELLO_AFTER", None) is None:
+            return
+        at_risk = base - self._acked
+        if at_risk > 0:
+            self._lost += at_risk
+            from sage_zmq.observe.logging import connection_event
+
+            connection_event(
+                "lost",
+                queue=self.queue_id,
+                peer=str(getattr(self._link, "endpoint", "")),
+                detail=f"up to {at_risk} records went to a consumer that was replaced before "
+                "confirming them; set metadata ack=True to have them resent",
+            )
+        self._received = max(self._received, base)
+        self._acked = max(self._acked, base)
 
     def _update_room(self) -> None:
         room = 0 if self._closed else self._limit - self._next_seq
@@ -458,6 +504,7 @@ class Producer:
         if self._closed:
             return
         timeout = self._timeout if timeout is None else timeout
+        self._close_requested = True
         with self._lock:
             if self._closed:
                 return
@@ -502,7 +549,7 @@ class Producer:
                 "and reading?)",
                 undelivered,
             )
-        lost = getattr(self._link, "lost", 0)
+        lost = getattr(self._link, "lost", 0) + self._lost
         if lost:
             raise DeliveryError(
                 f"queue {self.queue_id!r}: up to {lost} records went to a consumer that "
@@ -538,15 +585,10 @@ class Producer:
 
     def qsize(self) -> int:
         """Records this producer put that the consumer has not yet reported consumed."""
-        return self._next_seq - self._acked + len(self._pending)
+        self._hear_reports()
+        return self._unconsumed() + len(self._pending)
 
-    def full(self) -> bool:
-        with self._lock:
-            self._apply(self._link.poll(0))
-            self._update_room()
-            return self._room <= 0
-
-    def statistics(self) -> QueueStatistics:
+    def _hear_reports(self) -> None:
         # Read the consumer's reports that arrived (an idle producer reads its socket only
         # when it puts): unless this producer is busy in another thread right now.
         if self._lock.acquire(blocking=False):
@@ -556,7 +598,24 @@ class Producer:
                     self._update_room()
             finally:
                 self._lock.release()
-        in_flight = self._next_seq - self._acked
+
+    def _ends_unconsumed(self) -> int:
+        return sum(1 for seq in self._end_seqs if seq >= self._acked)
+
+    def _unconsumed(self) -> int:
+        """Records sent and not reported consumed (ENDs left out)."""
+        return self._next_seq - self._acked - self._ends_unconsumed()
+
+    def full(self) -> bool:
+        with self._lock:
+            self._apply(self._link.poll(0))
+            self._update_room()
+            return self._room <= 0
+
+    def statistics(self) -> QueueStatistics:
+        self._hear_reports()
+        in_flight = self._unconsumed()
+        ends_consumed = len(self._end_seqs) - self._ends_unconsumed()
         # Where the records go: for a ray queue, the consumer's tcp or same-node ipc endpoint.
         endpoint = getattr(self._link, "endpoint", None)
         return QueueStatistics(
@@ -568,7 +627,7 @@ class Producer:
             maxsize=self._window,
             bytes_sent=self._bytes,
             batches_sent=self._batches,
-            acked=self._acked,
+            acked=max(0, self._acked - self._start_seq - ends_consumed),
             in_flight=in_flight,
             credit_waits=self._credit_waits,
             encode_errors=self._encode_errors,

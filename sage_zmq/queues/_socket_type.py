@@ -111,9 +111,9 @@ class SocketQueueType(QueueType):
             from sage_zmq import security
 
             local = security.is_local_endpoint(meta.get("endpoint"), self.name)
-            curve = security.curve_paths(meta, cfg, default_on=not local) is not None
+            paths = security.curve_paths(meta, cfg, default_on=not local)
             where = f"queue {descriptor.queue_id!r} ({meta.get('endpoint') or self.name})"
-            security.check_pickle_policy(allow_pickle, curve=curve, local=local, where=where)
+            security.check_pickle_policy(allow_pickle, curve=paths, local=local, where=where)
         codec = Codec(
             allow_pickle=allow_pickle,
             limits=DecodeLimits(max_frame_bytes=size, max_decompressed_bytes=size),

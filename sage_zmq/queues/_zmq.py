@@ -26,6 +26,7 @@ import zmq
 from sage_zmq import _runtime
 from sage_zmq import observe as _observe
 from sage_zmq.errors import DecodeError, DeliveryError, DescriptorError
+from sage_zmq.packet import EndOfStream
 from sage_zmq.queues.base import Credit
 from sage_zmq.wire.codec import PLAIN_DATA_HEADER, Codec
 from sage_zmq.wire.frame import HEADER_SIZE, Kind
@@ -43,6 +44,16 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")  # kept out of ipc file names
 # pyzmq's Python-level Socket.send only adds DRAFT options (routing_id, group) to this one.
 _send: Callable[..., Any] = zmq.backend.Socket.send
 _TCP = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_]+|\*):(\d{1,5}|\*)$")
+
+_END_RECORD = (
+    "a DATA record is an EndOfStream: an upstream ends with an END frame, not a record "
+    "(PROTOCOL.md section 9); nest it in a container to send it as data"
+)
+
+
+def _ends_a_record(records: list[Any]) -> bool:
+    # A top-level EndOfStream would come out of get() like the real end of the stream.
+    return any(record.__class__ is EndOfStream for record in records)
 
 
 @dataclass(frozen=True)
@@ -175,7 +186,7 @@ class DealerLink:
         self.released: list[int] = []
         self.errors = 0
         self._rcvtimeo = -1  # libzmq's default
-        sock = _runtime.context().socket(zmq.DEALER)
+        sock = _new_socket(zmq.DEALER, queue_id)
         _apply_common(sock, opts)
         sock.setsockopt(zmq.RECONNECT_IVL, opts.reconnect_ivl_ms)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, opts.reconnect_ivl_max_ms)
@@ -188,14 +199,43 @@ class DealerLink:
         self._producer = ""
         _observe.link_opened("producer", endpoint, queue_id, codec)
 
+    REHELLO_AFTER: float | None = 1.0
+    """Seconds a producer waits for credit before it says HELLO again (a replaced consumer
+    has never heard of it). Read on the producer's own link: the reliable and ray links,
+    which reintroduce the producer themselves, do not have it."""
+    _send_flags = 0  # NOBLOCK once frames may stay unsent (see keep_unsent)
+    _unsent_noted_at = -1e9
+
+    def keep_unsent(self) -> None:
+        """Never block in a send: a frame with no connection to take it stays unsent.
+
+        For the reliable layer, which keeps every frame until acknowledged and resends after
+        a reconnect: a blocking send would hang ``put``, heartbeats and ``close`` (whatever
+        their timeouts) while no handshake succeeds, e.g. CURVE refusing this producer's key.
+        (HWMs are unlimited, so EAGAIN means exactly that: no connection at all.)
+        """
+        self._send_flags = _NOBLOCK
+
     def _send_frame(self, frame: bytes) -> None:
         try:
-            _send(self.sock, frame, 0, len(frame) < 65536)
+            _send(self.sock, frame, self._send_flags, len(frame) < 65536)
         except zmq.Again:
             # A DEALER blocks only when it has no connection object at all, e.g. every
             # handshake fails (CURVE refused this producer's key): report it, never hang.
             from sage_zmq.observe.logging import connection_event
 
+            if self._send_flags:
+                now = time.monotonic()
+                if now - self._unsent_noted_at >= 10.0:
+                    self._unsent_noted_at = now
+                    connection_event(
+                        "connect_failed",
+                        queue=self.queue_id,
+                        peer=self.endpoint,
+                        detail="no usable connection (is the consumer up? does it accept this "
+                        "producer's CURVE key?); frames are kept and resent",
+                    )
+                return
             connection_event(
                 "connect_failed",
                 queue=self.queue_id,
@@ -316,7 +356,7 @@ class RouterInlet:
         self.rejected = 0
         self._last_warning: dict[bytes, float] = {}
         self._rcvtimeo = -1  # libzmq's default
-        sock = _runtime.context().socket(zmq.ROUTER)
+        sock = _new_socket(zmq.ROUTER, queue_id)
         _apply_common(sock, opts)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, opts.max_message_size)
@@ -434,15 +474,21 @@ class RouterInlet:
         codec = self.codec
         codec.shm_origin = peer  # whom a shm slot in this frame is released to
         try:
+            ends = codec.end_records
             if frame[:HEADER_SIZE] == PLAIN_DATA_HEADER:  # most frames: no Message built
                 producer, seq, records = codec.decode_plain_data(frame)
-                return [("data", self, peer, producer, seq, records, len(frame))]
+                if codec.end_records == ends or not _ends_a_record(records):
+                    return [("data", self, peer, producer, seq, records, len(frame))]
+                raise DecodeError(_END_RECORD)
             msg = codec.decode(frame)
         except DecodeError as exc:
             self._reject(peer, str(exc))
             return []
         kind, f = msg.kind, msg.fields
         if kind is Kind.DATA:
+            if codec.end_records != ends and _ends_a_record(f[2]):
+                self._reject(peer, _END_RECORD)
+                return []
             return [("data", self, peer, f[0], f[1], f[2], msg.nbytes)]
         if kind is Kind.END:
             return [("end", self, peer, f[0], f[1])]
@@ -516,6 +562,21 @@ class RouterInlet:
         for identity in self._ipc_files:
             unlink_if_same(identity)
         _observe.link_closed("consumer", self.endpoint, self.queue_id)
+
+
+def _new_socket(kind: int, queue_id: str) -> zmq.Socket[Any]:
+    ctx = _runtime.context()
+    try:
+        return ctx.socket(kind)
+    except zmq.ZMQError as exc:
+        if exc.errno != errno.EMFILE:
+            raise
+        raise DescriptorError(
+            f"cannot open a socket for queue {queue_id!r}: this process has as many ZeroMQ "
+            f"sockets open as it may ({ctx.get(zmq.MAX_SOCKETS)}, or the file limit). Close "
+            "the descriptors you no longer use: a tcp descriptor made without an endpoint "
+            "binds its socket when it is created and holds it until close()"
+        ) from None
 
 
 def _busy(exc: OSError) -> bool:

@@ -162,6 +162,9 @@ class Codec:
         # Routing id of the frame being decoded: the consumer's inlet sets it so that the shm
         # decoder knows whom to send a slot's RELEASE.
         self.shm_origin: Any = None
+        # EndOfStream values decoded so far; a consumer that sees it move looks for one at the
+        # top level of a DATA frame, which it refuses (PROTOCOL §9), at no cost to other frames.
+        self.end_records = 0
         self.compression_min_bytes = 64
         self.lz4_policy = Lz4Policy()
         self._ext_depth = 0
@@ -416,8 +419,14 @@ class Codec:
                 return self._decode_ndarray(data)
             if code == EXT_END_OF_STREAM:
                 fields = self._unpack_inner(data)
-                source = fields[0] if isinstance(fields, list) and fields else None
-                return EndOfStream(source if isinstance(source, str) else None)
+                if (
+                    fields.__class__ is not list
+                    or len(fields) != 1
+                    or not (fields[0] is None or fields[0].__class__ is str)
+                ):
+                    raise DecodeError("EndOfStream extension must hold [source: str or nil]")
+                self.end_records += 1  # the consumer checks for a top-level one (PROTOCOL §9)
+                return EndOfStream(fields[0])
             if code == EXT_SHM_REF and self.shm_decoder is not None:
                 return self.shm_decoder(data)
             if code == EXT_PICKLE and self.allow_pickle:
@@ -479,7 +488,11 @@ class Codec:
                 f"ndarray data is {len(raw)} bytes; shape {shape} of {dtype} needs "
                 f"{count * dtype.itemsize}"
             )
-        arr = np.frombuffer(raw, dtype=dtype) if raw else np.empty(0, dtype=dtype)
+        if raw:
+            arr = np.frombuffer(raw, dtype=dtype)
+        else:
+            arr = np.empty(0, dtype=dtype)
+            arr.flags.writeable = False  # like every other view of a frame (README)
         arr = arr.reshape(shape)
         return arr if self.zero_copy else arr.copy()
 
@@ -531,8 +544,10 @@ def _check_data(value: Any, limits: DecodeLimits) -> tuple[str, int, list[Any]]:
     # (msgpack gives exact str/int/list; the class test also keeps bool out of seq.)
     if producer.__class__ is not str or not 0 < len(producer) <= MAX_PRODUCER_ID:
         _producer_id(producer)
-    if seq.__class__ is not int or not 0 <= seq < _SEQ_END:
+    # The seq after the batch must be a seq too: a CREDIT reports it as ``received``.
+    if seq.__class__ is not int or not 0 <= seq < _SEQ_END - len(records):
         _seq(seq)
+        raise DecodeError("DATA seq + record count must stay below 2^63")
     return producer, seq, records
 
 
@@ -540,6 +555,13 @@ def _check_seq_msg(value: Any, limits: DecodeLimits) -> tuple[str, int]:
     if not isinstance(value, list) or len(value) != 2:
         raise DecodeError("END/CLOSE body must be [producer, seq]")
     return _producer_id(value[0]), _seq(value[1])
+
+
+def _check_end(value: Any, limits: DecodeLimits) -> tuple[str, int]:
+    producer, seq = _check_seq_msg(value, limits)
+    if seq == _SEQ_END - 1:
+        raise DecodeError("END seq + 1 must stay below 2^63")
+    return producer, seq
 
 
 def _check_heartbeat(value: Any, limits: DecodeLimits) -> tuple[str]:
@@ -611,7 +633,7 @@ def _check_release(value: Any, limits: DecodeLimits) -> tuple[str, list[int]]:
 
 _VALIDATORS: dict[Kind, Callable[[Any, DecodeLimits], Any]] = {
     Kind.DATA: _check_data,
-    Kind.END: _check_seq_msg,
+    Kind.END: _check_end,
     Kind.CLOSE: _check_seq_msg,
     Kind.HEARTBEAT: _check_heartbeat,
     Kind.HELLO: _map_checker(Kind.HELLO),

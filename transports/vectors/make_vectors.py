@@ -265,6 +265,12 @@ def _invalid() -> list[dict[str, str]]:
         ("data_negative_seq", _raw(Kind.DATA, pack(["p", -1, []])), "seq below 0"),
         ("data_seq_2_63", _raw(Kind.DATA, pack(["p", 2**63, []])), "seq not below 2^63"),
         ("data_float_seq", _raw(Kind.DATA, pack(["p", 1.0, []])), "seq must be an int"),
+        (
+            "data_seq_past_2_63",
+            _raw(Kind.DATA, pack(["p", 2**63 - 2, [1, 2]])),
+            "seq + record count reaches 2^63: the seq after the batch must be below 2^63",
+        ),
+        ("end_seq_2_63_minus_1", _raw(Kind.END, pack(["p", 2**63 - 1])), "END seq + 1 reaches 2^63"),
         ("data_empty_producer", _raw(Kind.DATA, pack(["", 0, []])), "producer id empty"),
         ("data_long_producer", _raw(Kind.DATA, pack(["p" * 129, 0, []])), "producer id > 128"),
         ("data_bin_producer", _raw(Kind.DATA, pack([b"p", 0, []])), "producer id must be str"),
@@ -306,6 +312,16 @@ def _invalid() -> list[dict[str, str]]:
             "shm_ref_without_shm",
             _raw(Kind.DATA, pack(["p", 0, [msgpack.ExtType(4, pack(["s", 0, 1, 0, None, None]))]])),
             "extension 4 on a link without shared memory",
+        ),
+        (
+            "end_of_stream_int_source",
+            _raw(Kind.DATA, pack(["p", 0, [[msgpack.ExtType(3, pack([5]))]]])),
+            "an EndOfStream (extension 3) holds [source: str or nil]",
+        ),
+        (
+            "end_of_stream_empty",
+            _raw(Kind.DATA, pack(["p", 0, [[msgpack.ExtType(3, pack([]))]]])),
+            "an EndOfStream (extension 3) holds exactly one field",
         ),
         (
             "packet_five_fields",

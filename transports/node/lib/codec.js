@@ -369,8 +369,10 @@ class SzExtensions extends ExtensionCodec {
         return decodeNdArray(data, context);
       case EXT_END_OF_STREAM: {
         const fields = decodeValue(data, context);
-        const source = Array.isArray(fields) && fields.length ? fields[0] : null;
-        return new EndOfStream(typeof source === "string" ? source : null);
+        if (!Array.isArray(fields) || fields.length !== 1 || !(fields[0] === null || typeof fields[0] === "string")) {
+          throw new DecodeError("EndOfStream extension must hold [source: str or nil]");
+        }
+        return new EndOfStream(fields[0]);
       }
       default:
         throw new DecodeError(`unknown or disabled msgpack extension type ${type}`);
@@ -557,12 +559,21 @@ function checkFields(kind, body, limits) {
       if (records.length > limits.maxRecords) {
         throw new DecodeError(`DATA batch of ${records.length} records exceeds the limit`);
       }
-      return { producer: producerId(p), seq: seq(s), records };
+      // The seq after the batch must be a seq too: a CREDIT reports it as `received`.
+      if (BigInt(seq(s)) + BigInt(records.length) >= SEQ_LIMIT) {
+        throw new DecodeError("DATA seq + record count must stay below 2^63");
+      }
+      return { producer: producerId(p), seq: s, records };
     }
     case Kind.END:
-    case Kind.CLOSE:
+    case Kind.CLOSE: {
       arr(2, "END/CLOSE body must be [producer, seq]");
-      return { producer: producerId(body[0]), seq: seq(body[1]) };
+      const fields = { producer: producerId(body[0]), seq: seq(body[1]) };
+      if (kind === Kind.END && BigInt(fields.seq) + 1n >= SEQ_LIMIT) {
+        throw new DecodeError("END seq + 1 must stay below 2^63");
+      }
+      return fields;
+    }
     case Kind.HEARTBEAT:
       arr(1, "HEARTBEAT body must be [producer]");
       return { producer: producerId(body[0]) };

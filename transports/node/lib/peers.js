@@ -479,6 +479,11 @@ export class Consumer {
     const f = msg.fields;
     switch (msg.kind) {
       case Kind.DATA: {
+        if (f.records.some((r) => r instanceof EndOfStream)) {
+          // It would come out of get() like the real end (PROTOCOL.md section 9).
+          this._reject(peer, "a DATA record is an EndOfStream: an upstream ends with an END frame");
+          return;
+        }
         const seq = Number(f.seq);
         const up = this._upstream(f.producer, peer, seq);
         let records = f.records;
@@ -563,7 +568,7 @@ export class Consumer {
     return next.done ? new EndOfStream() : next.value;
   }
 
-  /** Records until every upstream has ended (an EndOfStream *record* is yielded as data). */
+  /** Records until every upstream has ended. */
   async *[Symbol.asyncIterator]() {
     for (;;) {
       const next = await this.next();
