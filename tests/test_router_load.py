@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -82,6 +82,133 @@ def test_light_load_avoids_the_slow_instance() -> None:
 def test_equal_instances_share_equally_when_saturated() -> None:
     shares = _simulate(LoadTracker(half_life=1.0), [50.0, 50.0, 50.0], 160.0, seconds=20.0)
     assert all(abs(s - 1 / 3) < 0.02 for s in shares), shares
+
+
+def _fifo_shares(
+    tracker: LoadTracker,
+    service: Callable[[int, int], float],
+    n: int,
+    *,
+    send_every: float = 0.002,
+    seconds: float = 4.0,
+    measure_from: float = 2.0,
+    tick: float = 0.001,
+) -> list[float]:
+    """Share of the records sent after ``measure_from`` that each instance got.
+
+    Like the router: every tick each instance reports its depth (records sent and not yet
+    consumed) and consumed total; one record every ``send_every`` s goes to ``least_loaded``.
+    Instance ``i`` serves its records one at a time, the ``k``-th (from 0) taking
+    ``service(i, k)`` seconds; nothing is served faster than a tick.
+    """
+    queue = [0] * n
+    consumed = [0] * n
+    busy_until = [0.0] * n
+    got = [0] * n
+    live = list(range(n))
+    next_send = 0.0
+    for step in range(int(seconds / tick)):
+        now = step * tick
+        for i in live:
+            if queue[i] and busy_until[i] <= now:  # the record in service is done
+                queue[i] -= 1
+                consumed[i] += 1
+                busy_until[i] = now + service(i, consumed[i]) if queue[i] else 0.0
+            tracker.observe(i, queue[i], now, consumed[i])
+        while next_send <= now:
+            next_send += send_every
+            i = tracker.least_loaded(live, now)
+            tracker.note_sent(i)
+            if not queue[i]:
+                busy_until[i] = now + service(i, consumed[i])
+            queue[i] += 1
+            if now >= measure_from:
+                got[i] += 1
+    total = sum(got)
+    return [g / total for g in got]
+
+
+def _exponential(seed: int, means: Callable[[int, int], float]) -> Callable[[int, int], float]:
+    """Service times drawn around ``means(i, k)``: jitter, so that no schedule locks in step."""
+    rng = random.Random(seed)
+    return lambda i, k: rng.expovariate(1.0 / means(i, k))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_instance_slow_for_one_record_gets_its_share_back(seed: int) -> None:
+    # Instance 0 takes 0.5 s for its first record (a consumer still starting), then is as fast
+    # as the others (3 ms a record, half busy with a fair share). Its old slowness must not
+    # keep it from traffic: once idle it is tried, found fast, and takes a share again. (It
+    # used to get nothing more, its estimate frozen at the 0.5 s record.)
+    jitter = _exponential(seed, lambda i, k: 0.003)
+
+    def service(i: int, k: int) -> float:
+        return 0.5 if i == 0 and k == 0 else jitter(i, k)
+
+    shares = _fifo_shares(LoadTracker(half_life=0.25), service, 3)
+    assert shares[0] > 0.1, shares  # a fair share is 1/3; it used to get none
+
+
+@pytest.mark.parametrize("send_every", [0.002, 0.005, 0.01])
+def test_probing_a_slow_instance_costs_little(send_every: float) -> None:
+    # 10x slower for good (20 ms a record) beside two 2 ms ones that keep up alone: it is
+    # tried now and then while idle, and each try shows it slow again.
+    service = _exponential(7, lambda i, k: 0.02 if i == 0 else 0.002)
+    shares = _fifo_shares(LoadTracker(half_life=0.25), service, 3, send_every=send_every)
+    assert shares[0] < 0.06, shares
+
+
+def _slow_once(half_life: float = 0.5) -> LoadTracker:
+    """Instance 0 measured slow (one record in its first second), 1 at 100/s; both drained."""
+    tr = LoadTracker(half_life=half_life)
+    for i in (0, 1):
+        tr.observe(i, 5, 0.0, 0)
+    tr.observe(0, 5, 1.0, 1)
+    tr.observe(1, 5, 1.0, 100)
+    tr.observe(0, 0, 1.1, 6)
+    tr.observe(1, 0, 1.1, 105)
+    return tr
+
+
+def _idle(tr: LoadTracker, *times: float) -> None:
+    for now in times:
+        tr.observe(0, 0, now, 6)
+        tr.observe(1, 0, now, 105)
+
+
+def test_idle_instance_with_a_stale_low_rate_ties_again() -> None:
+    tr = _slow_once()
+    measured = tr.service_rate(0)
+    assert measured < 50.0 and tr.least_loaded([0, 1], 1.1) == 1
+    # Idle from here on: the rate it is ranked by drifts to the other's in two half-lives ...
+    _idle(tr, 1.6)
+    assert measured * 2 < tr.service_rate(0) < tr.service_rate(1)
+    _idle(tr, 2.1, 2.2)
+    assert tr.service_rate(0) == pytest.approx(tr.service_rate(1))
+    assert sorted(tr.least_loaded([0, 1], 2.2) for _ in range(2)) == [0, 1]  # a tie again
+    # ... and the record it wins is a probe, judged at the next report: not served by then, the
+    # instance is ranked by its measurement again.
+    tr.note_sent(0)
+    tr.observe(0, 1, 2.3, 6)
+    assert tr.service_rate(0) <= measured
+
+
+def test_a_slow_probe_leaves_it_slow_and_a_fast_one_makes_it_fast() -> None:
+    slow = _slow_once()
+    _idle(slow, 2.2)
+    slow.note_sent(0)  # the probe, sent after the report at 2.2
+    slow.observe(0, 1, 2.3, 6)
+    slow.observe(0, 0, 2.45, 7)  # consumed within 0.25 s: at least 4/s is all it shows
+    assert slow.service_rate(0) < 10.0
+    assert slow.least_loaded([0, 1], 2.45) == 1
+    fast = _slow_once()
+    _idle(fast, 2.2)
+    fast.note_sent(0)
+    fast.observe(0, 0, 2.21, 7)  # served by the next report: as fast as the other, as far as known
+    assert fast.service_rate(0) == pytest.approx(fast.service_rate(1))
+    fast.note_sent(0)
+    fast.observe(0, 1, 2.22, 7)  # this one is still there at the next report: it stops drifting,
+    assert fast.service_rate(0) > 50.0  # but what the first one showed stands
 
 
 # -- prediction --------------------------------------------------------------------------------

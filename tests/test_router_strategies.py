@@ -222,6 +222,30 @@ def test_load_balance_without_noting_and_empty() -> None:
     assert tr.depth_estimate(0) == tr.depth_estimate(1) == 0
 
 
+@pytest.mark.parametrize("served", [True, False])
+def test_load_balance_tries_an_idle_instance_again(served: bool) -> None:
+    now = 0.0
+    tr = LoadTracker(half_life=0.5)
+    lb = LoadBalanceStrategy(tr, clock=lambda: now)
+    for step in range(16):  # 0 serves 2 records a second, 1 serves 100; both drained by 7.5 s
+        t = step * 0.5
+        tr.observe(0, max(0, 5 - max(0, step - 10)), t, step)
+        tr.observe(1, 5 if step < 10 else 0, t, 50 * min(step, 10) + (5 if step > 10 else 0))
+    now = 7.5
+    assert _picks(lb, (0, 1), 6) == [1] * 6  # measured slow: avoided
+    for t in (8.0, 8.5):  # two half-lives with nothing to do
+        tr.observe(0, 0, t, 15)
+        tr.observe(1, 0, t, 505)
+    now = 8.5
+    # Idle that long, it is as good a bet as the other again (it used to get nothing, ever).
+    assert _picks(lb, (0, 1), 6) == [0, 1, 0, 1, 0, 1]
+    # The next report judges: all 3 served by then, it stays an equal; not, it is slow again.
+    tr.observe(0, 0 if served else 3, 8.502, 18 if served else 15)
+    tr.observe(1, 0, 8.502, 508)
+    now = 8.502
+    assert _picks(lb, (0, 1), 6) == ([0, 1, 0, 1, 0, 1] if served else [1] * 6)
+
+
 # -- protocol and factory ----------------------------------------------------------------------
 
 

@@ -10,6 +10,19 @@ slow start do not stand for a whole half-life. Capacity is throughput / utilisat
 utilisation law), which stays right for a mostly idle instance, where throughput alone would
 only measure the traffic it happened to get.
 
+An idle instance (nothing queued, nothing consumed) is not being measured, so a low capacity
+from its past would never be corrected: it would get no traffic because it looks slow, and look
+slow because it gets no traffic (one slow first record, e.g. a consumer still starting, would
+starve it for good; so would a fleet mean pulled down by such an instance, for one never
+measured). So while an instance is idle, the capacity it is *ranked* by drifts from its own
+(or the fleet's) to the fastest other instance's, linearly over two half-lives: idle instances
+end up tied. A record it wins on the drifted rate is a probe, judged at the next report: served
+by then, it was served as fast as reports can tell, and the instance keeps its drifted rank;
+still queued, the instance is ranked by its measurement again. A probe consumed ``t`` seconds
+after it was sent shows a capacity of at least ``1 / t``: the measurement is raised to that (at
+most to the rate the probe was won with). A slow instance so costs a probe now and then and
+stays measured slow; one that was slow only for a while takes its share again.
+
 Time is always passed in (``now``, monotonic seconds); nothing here reads a clock.
 """
 
@@ -30,8 +43,12 @@ class _Stat:
         "arrival",
         "consumed",
         "depth",
+        "eff",
         "ewma_depth",
+        "idle_from",
         "own",
+        "probe_rate",
+        "probe_t",
         "rate",
         "rated",
         "sent",
@@ -52,6 +69,10 @@ class _Stat:
         self.own = 0.0  # our send rate, records/s
         self.rated = False  # slope and own hold a sample (else they start from it)
         self.rate: float | None = None  # capacity, records/s; None: use the fleet's
+        self.eff: float | None = None  # capacity to rank by: ``rate``, or drifted while idle
+        self.idle_from: float | None = None  # report time since which it is idle, if it is
+        self.probe_rate: float | None = None  # a probe is out, won with this ranking rate
+        self.probe_t = 0.0  # the last report before the probe was sent
         # EWMAs from zero; divide by ``weight`` (how much of them is data, 0: none yet).
         self.throughput = 0.0  # consumed/s
         self.util = 0.0  # fraction of time with work (depth > 0)
@@ -85,8 +106,10 @@ class LoadTracker:
     for an instance with no service-rate history while no instance has any; otherwise such an
     instance gets the mean rate of those that have one.
     Service rates are floored at ``min_service_rate`` so a stalled instance gets a large but
-    finite wait. Trend extrapolation past the last report is capped at ``max_extrapolation``
-    seconds (default: one half-life) so a silent instance's prediction does not run away.
+    finite wait; an idle instance's rate drifts toward the others' and is probed (module doc),
+    so a stale low estimate cannot starve it. Trend extrapolation past the last report is capped
+    at ``max_extrapolation`` seconds (default: one half-life) so a silent instance's prediction
+    does not run away.
     """
 
     def __init__(
@@ -115,6 +138,9 @@ class LoadTracker:
         self._predictive = mode == "predictive"
         self._stats: dict[int, _Stat] = {}
         self._fleet_rate = self.default_service_rate
+        # The two fastest measured instances: the fastest *other* one is what an idle instance
+        # drifts to, looked up per report, so not worth a pass over the fleet each time.
+        self._best: tuple[_Stat | None, float | None, float | None] = (None, None, None)
         self._last_pick: int | None = None
 
     # -- input ---------------------------------------------------------------------------
@@ -180,8 +206,23 @@ class LoadTracker:
                     if s.rate is None or floor > s.rate:
                         s.rate = floor
                         self._refresh_fleet_rate()
+                # A probe served by the first report since it went out (s.t is still the
+                # one before it): as fast as reports can tell, so it keeps drifting.
+                served = False
+                if s.probe_rate is not None:
+                    served = s.t == s.probe_t and done > 0 and depth == 0
+                    if done:
+                        self._probe_done(s, s.probe_rate, now)
+                    elif not depth:
+                        s.probe_rate = None  # left the queue unreported (lost, taken back)
+                if busy or done:
+                    if not served:
+                        s.idle_from = None
+                elif s.idle_from is None:
+                    s.idle_from = s.t  # idle since the previous report
             # A lower total means the receiver restarted: just take the new baseline.
             s.consumed = consumed_total
+            s.eff = self._ranking_rate(s, now)
         s.depth = depth
         s.t = now
         s.sent = 0
@@ -192,6 +233,12 @@ class LoadTracker:
         if s is None:
             s = self._stats[instance] = _Stat()
         s.sent += n
+        if s.idle_from is not None and s.probe_rate is None and s.t is not None:
+            base = self._fleet_rate if s.rate is None else s.rate
+            if s.eff is not None and s.eff > base:
+                # Won on the drifted rate: a probe, judged at the next report.
+                s.probe_rate = s.eff
+                s.probe_t = s.t
 
     def forget(self, instance: int) -> None:
         """Drop all state for an instance that left the group (unknown ones are ignored)."""
@@ -212,8 +259,49 @@ class LoadTracker:
         return tuple(sorted(self._stats))
 
     def _refresh_fleet_rate(self) -> None:
-        rates = [s.rate for s in self._stats.values() if s.rate is not None]
-        self._fleet_rate = sum(rates) / len(rates) if rates else self.default_service_rate
+        total = 0.0
+        n = 0
+        top: _Stat | None = None
+        first: float | None = None
+        second: float | None = None
+        for s in self._stats.values():
+            r = s.rate
+            if r is None:
+                continue
+            total += r
+            n += 1
+            if first is None or r > first:
+                top, first, second = s, r, first
+            elif second is None or r > second:
+                second = r
+        self._fleet_rate = total / n if n else self.default_service_rate
+        self._best = (top, first, second)
+
+    def _ranking_rate(self, s: _Stat, now: float) -> float | None:
+        """``s.rate``, or while ``s`` is idle, that drifted toward the fastest other's."""
+        if s.idle_from is None:
+            return s.rate
+        top, first, second = self._best
+        best = second if top is s else first
+        base = self._fleet_rate if s.rate is None else s.rate
+        if best is None or base >= best:
+            return s.rate  # nothing faster to drift to: it keeps its estimate while idle
+        # Linear, so that it does get there: idle instances then share by ties, where an
+        # exponential approach would leave this one forever just behind.
+        k = (now - s.idle_from) / (2.0 * self.half_life)
+        return best if k >= 1.0 else base + (best - base) * k
+
+    def _probe_done(self, s: _Stat, won_with: float, now: float) -> None:
+        """The probe sent to idle ``s`` was consumed by ``now``: a capacity it has shown."""
+        s.probe_rate = None
+        shown = min(1.0 / max(now - s.probe_t, 1e-9), won_with)
+        if s.rate is not None and shown <= s.rate:
+            return
+        s.rate = shown
+        # The EWMAs must say the same, or the next busy report would bring back the ratio of
+        # the old episode the probe has just outdated.
+        s.throughput = shown * s.util
+        self._refresh_fleet_rate()
 
     # -- output --------------------------------------------------------------------------
 
@@ -235,9 +323,12 @@ class LoadTracker:
         return d if d > 0 else 0.0
 
     def service_rate(self, instance: int) -> float:
-        """Records/s the instance is expected to consume (its history, else the fleet's)."""
+        """Records/s the instance is expected to consume (its history, else the fleet's).
+
+        While the instance is idle, its history drifted toward the others' (module doc).
+        """
         s = self._stats.get(instance)
-        r = self._fleet_rate if s is None or s.rate is None else s.rate
+        r = self._fleet_rate if s is None or s.eff is None else s.eff
         return r if r > self.min_service_rate else self.min_service_rate
 
     def predicted_wait(self, instance: int, now: float) -> float:
@@ -284,7 +375,7 @@ class LoadTracker:
                         d += (s.slope - s.own) * h
                         if d < 0:
                             d = 0.0
-                r = fleet if s.rate is None else s.rate
+                r = fleet if s.eff is None else s.eff
                 w = (d + 1.0) / (r if r > floor else floor)
             else:
                 w = float(s.depth + s.sent)
@@ -314,7 +405,7 @@ class LoadTracker:
             predicted_depth=self.predicted_depth(instance, now),
             mean_depth=s.ewma_depth,
             arrival_rate=s.arrival / s.weight if s.weight else None,
-            service_rate=s.rate,
+            service_rate=s.eff,
             predicted_wait=self.predicted_wait(instance, now),
         )
 

@@ -112,8 +112,10 @@ class RouterStatistics:
 
     ``routed`` counts packets delivered to every group; ``delivered`` counts packets per
     connection slot ``(broadcast_index, parallel_index)``; ``failures`` counts ``route`` calls
-    that raised; ``failovers`` counts puts that failed and moved on to another instance;
-    ``by_strategy`` counts routed packets per strategy actually used.
+    that raised; ``failovers`` counts puts that failed and moved on to another instance, and
+    instances declared dead whose unacknowledged records were taken back (once per death, and
+    not again when a put to it already failed over because of that death); ``by_strategy``
+    counts routed packets per strategy actually used.
     """
 
     strategy: str
@@ -133,6 +135,7 @@ class _Target:
     __slots__ = (
         "conn",
         "consumed",
+        "counted",
         "delivered",
         "held",
         "index",
@@ -157,6 +160,7 @@ class _Target:
         # False: looked up, not reliable.
         self.reliable: Any = None
         self.move_due = False  # its consumer was declared dead; unacked records not moved yet
+        self.counted = False  # that death is already in ``failovers`` (a put to it failed over)
         self.held: list[Any] = []  # taken back from it, for it alone: put again on its return
 
     @property
@@ -585,6 +589,8 @@ class BaseRouter:
                 if len(tried) > self.max_retries:
                     break
                 self._failovers += 1
+                if t.move_due:
+                    t.counted = True  # the move of its records is this same failover
                 if isinstance(error, Full):
                     wait = 0.0  # the time was spent; the others get a non-blocking try
             live = tuple(i for i in (g.live or g.connected) if i not in skip)
@@ -673,6 +679,7 @@ class BaseRouter:
             if g.targets.get(t.conn.parallel_index) is not t:
                 return  # removed since
             t.move_due = True
+            t.counted = False
             t.stalled_until = time.monotonic() + self.retry_interval
             t.probe = True
             g.relive()
@@ -702,6 +709,11 @@ class BaseRouter:
                     pass  # a key of its own, or no live instance: it waits for the instance
             t.held.append(record)
         if taken:
+            # A failover like a failed put's, even when load_balance had already steered clear
+            # of the instance and no put to it ever failed.
+            if not t.counted:
+                self._failovers += 1
+            t.counted = False
             self._failover_event(
                 t,
                 f"its consumer was declared dead; moved {moved} unacknowledged records to the "
