@@ -564,7 +564,7 @@ class RouterInlet:
         _observe.link_closed("consumer", self.endpoint, self.queue_id)
 
 
-def _new_socket(kind: int, queue_id: str) -> zmq.Socket[Any]:
+def _new_socket(kind: int, queue_id: str) -> Any:  # as Context[Any].socket: Any
     ctx = _runtime.context()
     try:
         return ctx.socket(kind)
