@@ -55,7 +55,12 @@ class DeliveryError(SageZmqError):
 
 
 class QueueClosed(SageZmqError):
-    """The queue was closed in this process; open a new descriptor handle to use it again."""
+    """The queue was closed in this process, while or before this call waited on it.
+
+    ``close()`` from another thread ends a blocked ``get``/``put`` with this error (the record
+    of a blocked ``put`` was not accepted). A later call through a descriptor opens the queue's
+    end again, as the first call did (a descriptor is a value, not a connection).
+    """
 
 
 class RoutingError(SageZmqError):
