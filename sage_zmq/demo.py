@@ -25,6 +25,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from sage_zmq import EndOfStream, Packet, QueueDescriptor
+from sage_zmq.cli._args import finite_number
 
 QUEUE_SIZE = 5000
 """maxsize of the demo's queues."""
@@ -321,7 +322,7 @@ def _records_arg(text: str) -> int:
 
 
 def _interval_arg(text: str) -> float:
-    value = _float_arg(text)
+    value = finite_number(text)
     if value < MIN_INTERVAL:
         raise argparse.ArgumentTypeError(
             f"must be a number of seconds >= {MIN_INTERVAL} (one progress line each), got {text}"
@@ -330,19 +331,9 @@ def _interval_arg(text: str) -> float:
 
 
 def _rate_arg(text: str) -> float:
-    value = _float_arg(text)
+    value = finite_number(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number of records/s, got {text}")
-    return value
-
-
-def _float_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
 
 

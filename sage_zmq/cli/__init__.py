@@ -16,7 +16,6 @@ import contextlib
 import importlib
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -25,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from unittest import mock
 
+from sage_zmq.cli._args import finite_number
 from sage_zmq.errors import SageZmqError
 
 __all__ = ["build_parser", "main"]
@@ -52,19 +52,9 @@ def _err(message: str) -> int:
 
 
 # ------------------------------------------------------------------ option value checks
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
 def _seconds(text: str) -> float:
     """A finite number of seconds > 0 (a negative wait means forever to ZeroMQ's poll)."""
-    value = _number(text)
+    value = finite_number(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
     return value
