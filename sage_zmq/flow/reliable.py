@@ -626,13 +626,7 @@ class ReliableProducer(Producer):
         if self._closed:
             return None
         flush_delay = super().tick(now)
-        if self._lock.acquire(blocking=False):
-            try:
-                if not self._closed:
-                    self._apply(self._keeping.poll(0))
-                    self._update_room()
-            finally:
-                self._lock.release()
+        self._hear_reports()  # self._keeping is this producer's link
         if flush_delay is None:
             return self._tick_interval
         return min(flush_delay, self._tick_interval)

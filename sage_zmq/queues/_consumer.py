@@ -228,7 +228,7 @@ class Consumer:
         still_open = [u.producer for u in self._ups.values() if not u.ended and u.received > u.base]
         if not still_open:
             return
-        ends = Counter(producer for producer, _ in self._ends_counted)
+        ends = self._ends_by_producer()
         repeated = [f"{p} ({n})" for p, n in ends.items() if n > 1]
         log.warning(
             "queue %s: end of stream after %d END frames (metadata upstreams=%d), but producer(s)"
@@ -541,14 +541,16 @@ class Consumer:
     def consumed_from(self, producer: str) -> int | None:
         """Records of ``producer`` the application has taken (None: unknown producer)."""
         up = self._ups.get(producer)
-        return None if up is None else self._consumed(up)
+        return None if up is None else self._consumed(up, self._ends_by_producer())
 
-    def _consumed(self, up: _Upstream) -> int:
+    def _ends_by_producer(self) -> Counter[str]:
+        return Counter(producer for producer, _ in list(self._ends_counted))
+
+    def _consumed(self, up: _Upstream, ends: Counter[str]) -> int:
         # acked counts seqs, and each END takes one (several when threads sharing this
         # producer each ended); the batch being read is not in acked yet.
-        ends = sum(1 for producer, seq in list(self._ends_counted) if producer == up.producer)
         taken = self._taken_of_current() if up is self._cur_upstream else 0
-        return max(0, up.acked - up.base - ends + taken)
+        return max(0, up.acked - up.base - ends[up.producer] + taken)
 
     def received_from(self, producer: str) -> int | None:
         """The seq below which every record of ``producer`` has arrived here (None: unknown)."""
@@ -561,6 +563,7 @@ class Consumer:
 
     def statistics(self) -> QueueStatistics:
         lat = sorted(self._latencies)
+        ends = self._ends_by_producer()
         return QueueStatistics(
             queue_id=self.queue_id,
             queue_type=self.queue_type,
@@ -576,7 +579,7 @@ class Consumer:
             upstreams=self._upstreams,
             upstreams_ended=self._ended,
             # Records consumed (ends of stream not counted), the batch being read included.
-            acked=sum(self._consumed(u) for u in list(self._ups.values())),
+            acked=sum(self._consumed(u, ends) for u in list(self._ups.values())),
             latency_p50=lat[len(lat) // 2] if lat else None,
             latency_p99=lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
             extra={
