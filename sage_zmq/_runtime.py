@@ -210,4 +210,25 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(lambda: shutdown(linger=0.0))
+_exiting = False
+
+
+def _at_exit() -> None:
+    global _exiting
+    _exiting = True
+    shutdown(linger=0.0)
+
+
+def stop_if_exiting() -> None:
+    """End a daemon thread quietly when the interpreter exits under it.
+
+    At exit the queues are closed (``_at_exit``), which wakes a ``get``/``put`` blocked in a
+    daemon thread. It would raise ``QueueClosed`` and print a traceback while the process
+    exits; ``SystemExit`` ends the thread silently instead, as if it had simply been left
+    blocked, which is what a daemon thread on ``queue.Queue`` gets.
+    """
+    if _exiting and threading.current_thread().daemon:
+        raise SystemExit
+
+
+atexit.register(_at_exit)

@@ -100,3 +100,35 @@ def test_records_another_process_got_are_not_reported_at_exit(queue_type: str) -
         qd.close()
     assert proc.returncode == 0, stderr
     assert "not confirmed" not in stderr, stderr
+
+
+_BLOCKED = {
+    # get: its consumer's lock is held (a get waits inside it); put: it waits for credit
+    "get": (
+        "def blocked():\n"
+        "    c = qd._handle()._consumer\n"
+        "    if c is None or c._lock.acquire(blocking=False) and not c._lock.release():\n"
+        "        return False\n"
+        "    return True\n"
+    ),
+    "put": "def blocked():\n    return qd.statistics().credit_waits > 0\n",
+}
+
+
+@pytest.mark.parametrize("queue_type", ["local", "shm", "tcp"])
+@pytest.mark.parametrize("side", ["get", "put"])
+def test_a_daemon_thread_blocked_on_a_queue_does_not_hold_up_exit(
+    queue_type: str, side: str
+) -> None:
+    """As with queue.Queue: the process exits at once and quietly (it hung: close at exit
+    waited for the lock the blocked call held)."""
+    call = "qd.get()" if side == "get" else "[qd.put(i) for i in range(100)]"
+    stderr = _run(
+        "import threading, sage_zmq, sage_zmq.testing\n"
+        f"qd = sage_zmq.QueueDescriptor(queue_type={queue_type!r}, metadata={{'maxsize': 2}})\n"
+        "qd.qsize()\n"  # this process's consumer end is open before the thread starts
+        + _BLOCKED[side]
+        + f"threading.Thread(target=lambda: {call}, daemon=True).start()\n"
+        "sage_zmq.testing.wait_until(blocked, 10, 'the call to block')\n"
+    )
+    assert "Traceback" not in stderr, stderr

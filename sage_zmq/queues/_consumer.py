@@ -158,6 +158,7 @@ class Consumer:
         with self._lock:
             while True:
                 if self._closed or self._close_requested:
+                    _runtime.stop_if_exiting()
                     raise QueueClosed(f"queue {self.queue_id!r} was closed in this process")
                 for item in self._current:  # another thread may have refilled it
                     return item

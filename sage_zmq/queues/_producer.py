@@ -251,6 +251,7 @@ class Producer:
             if wait <= 0:
                 return False
             if self._close_requested:
+                _runtime.stop_if_exiting()
                 raise QueueClosed(
                     f"queue {self.queue_id!r} was closed while this put waited for room; "
                     "the record was not accepted"
