@@ -254,11 +254,7 @@ class Consumer:
                 self._upstreams,
             )
         self._late[up.producer] = self._late.get(up.producer, 0) + len(records)
-        up.acked = end_seq
-        if up.acked >= up.grant_at:
-            self._grant(up)
-        else:
-            self._unreported.add(up)
+        self._consumed_to(up, end_seq)
 
     def _note_ends(self, inlet: ConsumerInlet) -> None:
         """Keep the ends counted where a restarted consumer finds them (see __init__)."""
@@ -272,7 +268,11 @@ class Consumer:
             return
         self._cur_upstream = None
         self._current = _EMPTY_ITER
-        up.acked = self._cur_end
+        self._consumed_to(up, self._cur_end)
+
+    def _consumed_to(self, up: _Upstream, end: int) -> None:
+        """Everything of ``up`` below ``end`` was consumed: grant now, or report it later."""
+        up.acked = end
         if up.acked >= up.grant_at:
             self._grant(up)
         else:
