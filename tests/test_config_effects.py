@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import logging
 import shutil
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -447,12 +448,15 @@ def test_reconnect_max_caps_the_backoff(use: Use, raw: RawConsumer, queues: Any)
         }
     )
     _introduce(raw, _sage(queues, raw))
-    raw.pump(1.2, lambda: len(raw.of(Kind.HELLO)) >= 7)
+    raw.pump(2.0, lambda: len(raw.of(Kind.HELLO)) >= 7)
     times = [at for at, _, _ in raw.of(Kind.HELLO)[1:]]
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert len(gaps) >= 4, gaps
-    # 0.04, 0.08, 0.16, then never longer than reconnect_max
-    assert gaps[0] < 0.13 and all(0.12 <= g <= 0.26 for g in gaps[2:]), gaps
+    # 0.04, 0.08, 0.16, then reconnect_max again and again. Uncapped, the gaps would go on
+    # doubling (0.32, 0.64, ...): six retries would not fit in the two seconds. The median
+    # of the later gaps, not each gap, is checked: one retry a loaded machine runs late
+    # makes one gap longer and the next one shorter.
+    assert len(gaps) >= 5, gaps
+    assert gaps[0] < 0.13 and 0.12 <= statistics.median(gaps[2:]) <= 0.26, gaps
 
 
 @pytest.mark.parametrize("ack_timeout", [0.2, 0.6])
