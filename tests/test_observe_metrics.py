@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -262,3 +265,33 @@ def test_the_level_an_application_chose_outlives_the_first_queue(
         qd.close()
         for handler in [h for h in logger.handlers if getattr(h, "_sage_zmq_handler", False)]:
             logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        'logging.getLogger("sage_zmq").setLevel(logging.INFO)',
+        "logging.basicConfig(level=logging.INFO)",
+    ],
+    ids=["setLevel", "basicConfig"],
+)
+def test_a_level_the_application_set_itself_outlives_the_first_queue(setup: str) -> None:
+    # The first queue applied observability.log_level (WARNING by default) over a level the
+    # application had set with plain logging, and the connection events at INFO vanished.
+    script = (
+        "import logging\n"
+        f"{setup}\n"
+        "import sage_zmq\n"
+        "qd = sage_zmq.QueueDescriptor(queue_type='tcp')\n"
+        "qd.put(1)\n"
+        "assert qd.get(timeout=10) == 1\n"
+        "print(logging.getLogger('sage_zmq').getEffectiveLevel())\n"
+        "qd.close()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SAGE_ZMQ_CONFIG"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(logging.INFO)], done.stdout
+    assert "bind tcp://127.0.0.1:" in done.stderr, done.stderr  # an INFO event, shown

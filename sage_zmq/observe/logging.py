@@ -2,8 +2,8 @@
 
 Library code only creates loggers (``sage_zmq.queue``, ``sage_zmq.connection``, ...); it never
 configures the root logger. ``observability.log_level`` sets the level of the ``sage_zmq``
-logger; when the application has configured no logging at all, a stderr handler is added so
-that the chosen level is actually visible. :func:`connection_event` is the one way connection
+logger where the application chose none (see :func:`apply_config_level`); when the application
+has configured no logging at all, a stderr handler is added so that the level is visible. :func:`connection_event` is the one way connection
 events (connect, bind, disconnect, reconnect, failover, peer declared dead) are reported.
 """
 
@@ -30,6 +30,7 @@ WARNING_EVENTS = frozenset({"failover", "peer_dead", "connect_failed", "lost"})
 _conn_log = logging.getLogger(f"{LOGGER_NAME}.connection")
 _OWN_HANDLER = "_sage_zmq_handler"
 _level_from_app = False  # configure_logging() was called: its level wins over the config's
+_level_set_here: int | None = None  # the level apply_config_level last gave the logger
 
 
 def _level(level: int | str) -> int:
@@ -70,27 +71,41 @@ def configure_logging(
     old = _own_handler(logger)
     if old is not None:
         logger.removeHandler(old)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    logger.addHandler(_stderr_handler(stream or sys.stderr, fmt))
+    return logger
+
+
+def _stderr_handler(stream: IO[str], fmt: str) -> logging.Handler:
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter(fmt))
     setattr(handler, _OWN_HANDLER, True)
-    logger.addHandler(handler)
-    return logger
+    return handler
 
 
 def apply_config_level(level: int | str) -> None:
     """Set the ``sage_zmq`` logger's level; add a stderr handler only if nothing logs anywhere.
 
-    A level the application chose with :func:`configure_logging` stays: the config's applies
-    when queues first start (and on config changes) only where the application chose none.
+    The config's level applies when queues first start (and on config changes) only where
+    the application chose none: a level set with :func:`configure_logging` or with
+    ``logging.getLogger("sage_zmq").setLevel(...)`` stays. The default, WARNING, also leaves
+    the logger to an application that configured logging itself (its root logger has a
+    handler): ``logging.basicConfig(level=logging.INFO)`` then shows sage-zmq's INFO events
+    too, as it does every other library's.
     """
-    global _level_from_app
+    global _level_set_here
     if _level_from_app:
         return
     logger = logging.getLogger(LOGGER_NAME)
-    logger.setLevel(_level(level))
-    if not logger.handlers and not logging.getLogger().handlers:
-        configure_logging(level)
-        _level_from_app = False  # the config chose it: a later config still applies
+    root_configured = bool(logging.getLogger().handlers)
+    if logger.level in (logging.NOTSET, _level_set_here):  # else the application set it
+        value = _level(level)
+        if value == logging.WARNING and root_configured:
+            value = logging.NOTSET  # inherit the application's level
+        logger.setLevel(value)
+        _level_set_here = value
+    if not logger.handlers and not root_configured:
+        # Nothing logs anywhere: without a handler, logging's last resort shows warnings only.
+        logger.addHandler(_stderr_handler(sys.stderr, FORMAT))
 
 
 def connection_event(
