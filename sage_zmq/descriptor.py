@@ -582,6 +582,7 @@ class _QueueHandle:
                 credit_waits=p.credit_waits,
                 encode_errors=p.encode_errors,
                 in_flight=p.in_flight if done is None else max(0, p.sent - done),
+                uptime=max(p.uptime, stats.uptime),
             )
         return stats
 

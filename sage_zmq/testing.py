@@ -818,6 +818,14 @@ def check_inspection(make_descriptor: DescriptorFactory) -> None:
         assert stats.sent == 3 and stats.received == 3 and stats.depth == 0, stats
         if not _by_reference(qd):
             assert stats.bytes_sent > 0 and stats.bytes_received > 0, stats
+        assert stats.bytes == stats.bytes_sent + stats.bytes_received, stats
+        # Rates: uptime grows between snapshots, and the averages follow the counts.
+        assert stats.uptime > 0 and stats.send_rate == stats.sent / stats.uptime, stats
+        assert stats.receive_rate == stats.received / stats.uptime, stats
+        qd.put(3, timeout=GET_TIMEOUT)
+        assert qd.get(timeout=GET_TIMEOUT) == 3
+        later = qd.statistics()
+        assert later.uptime > stats.uptime and later.sent == 4, (stats, later)
         try:
             stats.sent = 0  # type: ignore[misc]
             raise AssertionError("QueueStatistics is not frozen")

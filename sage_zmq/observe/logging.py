@@ -3,8 +3,9 @@
 Library code only creates loggers (``sage_zmq.queue``, ``sage_zmq.connection``, ...); it never
 configures the root logger. ``observability.log_level`` sets the level of the ``sage_zmq``
 logger where the application chose none (see :func:`apply_config_level`); when the application
-has configured no logging at all, a stderr handler is added so that the level is visible. :func:`connection_event` is the one way connection
-events (connect, bind, disconnect, reconnect, failover, peer declared dead) are reported.
+has configured no logging at all, a stderr handler is added so that the level is visible.
+:func:`connection_event` is the one way connection events (connect, bind, disconnect,
+reconnect, failover, peer declared dead) are reported.
 """
 
 from __future__ import annotations

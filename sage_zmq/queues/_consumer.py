@@ -120,6 +120,7 @@ class Consumer:
             if restore is not None:
                 self._ends_counted |= restore()
         self._ended = len(self._ends_counted)
+        self._opened_at = time.monotonic()
         _runtime.ticker().add(self, self.SERVICE_INTERVAL)
 
     # ---------------------------------------------------------------- hot path
@@ -589,6 +590,7 @@ class Consumer:
                 "session": self.session,
                 "latency_histogram": self._latencies.histogram(),
             },
+            uptime=time.monotonic() - self._opened_at,
         )
 
     def close(self, timeout: float | None = None) -> None:

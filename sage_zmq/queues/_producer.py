@@ -129,6 +129,7 @@ class Producer:
         self._batches = 0
         self._credit_waits = 0
         self._encode_errors = 0
+        self._opened_at = time.monotonic()
         # Set when this process also consumes the queue: its consumer's assist (reads what
         # arrived) and received_from (what it has of a producer), so close need not wait for
         # a CREDIT to learn what the consumer beside it already holds.
@@ -633,4 +634,5 @@ class Producer:
             credit_waits=self._credit_waits,
             encode_errors=self._encode_errors,
             extra={"endpoint": endpoint} if isinstance(endpoint, str) and endpoint else None,
+            uptime=time.monotonic() - self._opened_at,
         )

@@ -232,8 +232,26 @@ class QueueStatistics:
     latency_p50: float | None = None
     latency_p99: float | None = None
     extra: dict[str, Any] | None = None
+    uptime: float = 0.0
+    """Seconds since this process opened its end (the first of its two ends): two snapshots
+    give the exact rate between them, ``(b.sent - a.sent) / (b.uptime - a.uptime)``."""
 
     @property
     def utilisation(self) -> float:
         """Depth as a fraction of ``maxsize`` (0 when unbounded)."""
         return self.depth / self.maxsize if self.maxsize else 0.0
+
+    @property
+    def send_rate(self) -> float:
+        """Records sent per second, on average since the end opened (see ``uptime``)."""
+        return self.sent / self.uptime if self.uptime > 0 else 0.0
+
+    @property
+    def receive_rate(self) -> float:
+        """Records received per second, on average since the end opened."""
+        return self.received / self.uptime if self.uptime > 0 else 0.0
+
+    @property
+    def bytes(self) -> int:
+        """Bytes this process moved through the queue, sent plus received."""
+        return self.bytes_sent + self.bytes_received

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import queue as stdlib_queue
 import threading
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -156,6 +157,7 @@ class WrappedProducer:
         self._maxsize = maxsize
         self._sent = 0
         self._closed = False
+        self._opened_at = time.monotonic()
         self.assist: Any = None
         self.local_receipts: Any = None
 
@@ -187,7 +189,12 @@ class WrappedProducer:
 
     def statistics(self) -> QueueStatistics:
         return QueueStatistics(
-            self._queue_id, "wrapped", "producer", sent=self._sent, maxsize=self._maxsize
+            self._queue_id,
+            "wrapped",
+            "producer",
+            sent=self._sent,
+            maxsize=self._maxsize,
+            uptime=time.monotonic() - self._opened_at,
         )
 
 
@@ -203,6 +210,7 @@ class WrappedConsumer:
         self._received = 0
         self._closed = False
         self._lock = threading.Lock()
+        self._opened_at = time.monotonic()
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         if self._closed:
@@ -254,6 +262,7 @@ class WrappedConsumer:
             maxsize=self._maxsize,
             upstreams=self._upstreams,
             upstreams_ended=self._ended,
+            uptime=time.monotonic() - self._opened_at,
         )
 
 
