@@ -292,8 +292,15 @@ class QueueDescriptor:
         try:
             return json.dumps(self.to_dict(), sort_keys=True)
         except TypeError as exc:
+            hint = (
+                "; a wrapped queue object has no JSON form: pickle the descriptor (a "
+                "ray.util.queue.Queue), pass it to a multiprocessing.Process it starts (a "
+                "multiprocessing.Queue), or use an shm/tcp queue"
+                if self.queue_type == "wrapped"
+                else ""
+            )
             raise DescriptorError(
-                f"descriptor {self.queue_id!r} has metadata that JSON cannot carry: {exc}"
+                f"descriptor {self.queue_id!r} has metadata that JSON cannot carry: {exc}{hint}"
             ) from None
 
     @classmethod

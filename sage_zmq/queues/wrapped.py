@@ -113,6 +113,20 @@ class _Carried:
         self.queue = queue
 
     def __reduce__(self) -> tuple[Any, ...]:
+        import multiprocessing.context
+        import multiprocessing.queues
+
+        if (
+            isinstance(self.queue, multiprocessing.queues.Queue)
+            and multiprocessing.context.get_spawning_popen() is None
+        ):
+            # multiprocessing would raise a bare RuntimeError naming no way out.
+            raise DescriptorError(
+                "a descriptor wrapping a multiprocessing.Queue travels only as the queue "
+                "itself does: as an argument of a multiprocessing.Process it starts (not by "
+                "pickle, a pipe or another queue); to hand a queue to any process, use "
+                "QueueDescriptor(queue_type='shm') or 'tcp', or qd.as_type('shm')"
+            )
         return (_Carried, (self.queue,))
 
     def __eq__(self, other: object) -> bool:
