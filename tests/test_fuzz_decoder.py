@@ -268,9 +268,9 @@ _packets = st.builds(
     headers=st.one_of(st.none(), st.dictionaries(st.text(max_size=5), st.text(max_size=5))),
     timestamp=st.floats(0, 2e9),
 )
-_records = st.one_of(
-    _plain, _arrays, _packets, st.builds(EndOfStream, st.one_of(st.none(), st.text(max_size=8)))
-)
+_ends = st.builds(EndOfStream, st.one_of(st.none(), st.text(max_size=8)))
+# Nested: a top-level EndOfStream record is refused by the decoder (PROTOCOL §9).
+_records = st.one_of(_plain, _arrays, _packets, st.lists(_ends, min_size=1, max_size=2))
 
 
 @FAST

@@ -16,7 +16,7 @@ from hypothesis.extra import numpy as hnp
 from sage_zmq import DecodeError, EncodeError, SageZmqError
 from sage_zmq.packet import EndOfStream, Packet
 from sage_zmq.testing import assert_same_record, sample_records
-from sage_zmq.wire.codec import EXT_PICKLE, Codec, DecodeLimits
+from sage_zmq.wire.codec import EXT_PICKLE, PLAIN_DATA_HEADER, Codec, DecodeLimits
 from sage_zmq.wire.frame import FLAG_LZ4, FLAG_PICKLE, HEADER_SIZE, MAGIC, VERSION, Kind, header
 
 PRODUCER = "host:1:abcd"
@@ -195,9 +195,24 @@ def test_ndarray_with_inconsistent_data_is_rejected() -> None:
         Codec().decode(header(Kind.DATA) + body)
 
 
-def test_end_of_stream_record_keeps_its_source() -> None:
-    (back,) = _round_trip([EndOfStream("upstream-1")])
+def test_end_of_stream_value_keeps_its_source() -> None:
+    ((back,),) = _round_trip([[EndOfStream("upstream-1")]])  # nested: data
     assert isinstance(back, EndOfStream) and back.source == "upstream-1"
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_top_level_end_of_stream_record_is_refused(compress: bool) -> None:
+    # It would come out of a consumer's get() like the real end of the stream (PROTOCOL §9);
+    # an upstream ends with an END frame. Both decode paths refuse it (plain and flagged).
+    codec = Codec()
+    codec.compression_min_bytes = 0
+    frame, _, _ = codec.encode_batch("p", 0, ["a" * 500, EndOfStream()], compress=compress)
+    assert (frame[:HEADER_SIZE] != PLAIN_DATA_HEADER) == compress  # compressed: flagged
+    with pytest.raises(DecodeError, match="a DATA record is an EndOfStream"):
+        codec.decode(frame)
+    if not compress:
+        with pytest.raises(DecodeError, match="a DATA record is an EndOfStream"):
+            codec.decode_plain_data(frame)
 
 
 def test_encode_error_is_a_sage_error_naming_the_type() -> None:

@@ -26,7 +26,6 @@ import zmq
 from sage_zmq import _runtime
 from sage_zmq import observe as _observe
 from sage_zmq.errors import DecodeError, DeliveryError, DescriptorError
-from sage_zmq.packet import EndOfStream
 from sage_zmq.queues.base import Credit
 from sage_zmq.wire.codec import PLAIN_DATA_HEADER, Codec
 from sage_zmq.wire.frame import HEADER_SIZE, Kind
@@ -44,16 +43,6 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")  # kept out of ipc file names
 # pyzmq's Python-level Socket.send only adds DRAFT options (routing_id, group) to this one.
 _send: Callable[..., Any] = zmq.backend.Socket.send
 _TCP = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_]+|\*):(\d{1,5}|\*)$")
-
-_END_RECORD = (
-    "a DATA record is an EndOfStream: an upstream ends with an END frame, not a record "
-    "(PROTOCOL.md section 9); nest it in a container to send it as data"
-)
-
-
-def _ends_a_record(records: list[Any]) -> bool:
-    # A top-level EndOfStream would come out of get() like the real end of the stream.
-    return any(record.__class__ is EndOfStream for record in records)
 
 
 @dataclass(frozen=True)
@@ -474,21 +463,15 @@ class RouterInlet:
         codec = self.codec
         codec.shm_origin = peer  # whom a shm slot in this frame is released to
         try:
-            ends = codec.end_records
             if frame[:HEADER_SIZE] == PLAIN_DATA_HEADER:  # most frames: no Message built
                 producer, seq, records = codec.decode_plain_data(frame)
-                if codec.end_records == ends or not _ends_a_record(records):
-                    return [("data", self, peer, producer, seq, records, len(frame))]
-                raise DecodeError(_END_RECORD)
+                return [("data", self, peer, producer, seq, records, len(frame))]
             msg = codec.decode(frame)
         except DecodeError as exc:
             self._reject(peer, str(exc))
             return []
         kind, f = msg.kind, msg.fields
         if kind is Kind.DATA:
-            if codec.end_records != ends and _ends_a_record(f[2]):
-                self._reject(peer, _END_RECORD)
-                return []
             return [("data", self, peer, f[0], f[1], f[2], msg.nbytes)]
         if kind is Kind.END:
             return [("end", self, peer, f[0], f[1])]

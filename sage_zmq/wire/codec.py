@@ -162,8 +162,8 @@ class Codec:
         # Routing id of the frame being decoded: the consumer's inlet sets it so that the shm
         # decoder knows whom to send a slot's RELEASE.
         self.shm_origin: Any = None
-        # EndOfStream values decoded so far; a consumer that sees it move looks for one at the
-        # top level of a DATA frame, which it refuses (PROTOCOL §9), at no cost to other frames.
+        # EndOfStream values decoded so far: when a DATA frame moves it, the decoder looks for
+        # one at the top level, which it refuses (PROTOCOL §9), at no cost to other frames.
         self.end_records = 0
         self.compression_min_bytes = 64
         self.lz4_policy = Lz4Policy()
@@ -358,8 +358,12 @@ class Codec:
             body = self._decompress(body)
         if flags & FLAG_PICKLE and not self.allow_pickle:
             raise DecodeError("frame is marked as carrying pickle, but pickle is not enabled")
+        ends = self.end_records
         value = self._unpack_body(body, kind)
-        return Message(kind, _VALIDATORS[kind](value, self.limits), nbytes)
+        fields = _VALIDATORS[kind](value, self.limits)
+        if kind is Kind.DATA and self.end_records != ends:
+            _refuse_end_records(fields[2])
+        return Message(kind, fields, nbytes)
 
     def decode_plain_data(self, frame: bytes) -> tuple[str, int, list[Any]]:
         """``(producer, seq, records)`` of a DATA frame without flags (``frame[:8]`` is
@@ -369,7 +373,11 @@ class Codec:
             raise DecodeError(f"frame of {nbytes} bytes exceeds the limit")
         # A small body is cheaper to copy than to wrap in a memoryview; a large one is not.
         body = frame[HEADER_SIZE:] if nbytes <= 65536 else memoryview(frame)[HEADER_SIZE:]
-        return _check_data(self._unpack_body(body, Kind.DATA), self.limits)
+        ends = self.end_records
+        fields = _check_data(self._unpack_body(body, Kind.DATA), self.limits)
+        if self.end_records != ends:  # the ext hook counts them: no scan of every batch
+            _refuse_end_records(fields[2])
+        return fields
 
     def _unpack_body(self, body: bytes | memoryview, kind: Kind) -> Any:
         try:
@@ -425,7 +433,7 @@ class Codec:
                     or not (fields[0] is None or fields[0].__class__ is str)
                 ):
                     raise DecodeError("EndOfStream extension must hold [source: str or nil]")
-                self.end_records += 1  # the consumer checks for a top-level one (PROTOCOL §9)
+                self.end_records += 1  # DATA refuses a top-level one (PROTOCOL §9)
                 return EndOfStream(fields[0])
             if code == EXT_SHM_REF and self.shm_decoder is not None:
                 return self.shm_decoder(data)
@@ -549,6 +557,15 @@ def _check_data(value: Any, limits: DecodeLimits) -> tuple[str, int, list[Any]]:
         _seq(seq)
         raise DecodeError("DATA seq + record count must stay below 2^63")
     return producer, seq, records
+
+
+def _refuse_end_records(records: list[Any]) -> None:
+    # A top-level EndOfStream would come out of get() like the real end of the stream.
+    if any(record.__class__ is EndOfStream for record in records):
+        raise DecodeError(
+            "a DATA record is an EndOfStream: an upstream ends with an END frame, not a "
+            "record (PROTOCOL.md section 9); nest it in a container to send it as data"
+        )
 
 
 def _check_seq_msg(value: Any, limits: DecodeLimits) -> tuple[str, int]:

@@ -162,7 +162,8 @@ def _records() -> dict[str, list[Any]]:
             np.array(7, dtype="<i8"),
             np.array([(1, 2.5), (3, -1.0)], dtype=[("x", "<i4"), ("y", "<f8")]),
         ],
-        "data_end_of_stream_records": [EndOfStream(), EndOfStream("upstream-1"), "after"],
+        # Nested: as a top-level record an EndOfStream is refused (see the invalid vectors).
+        "data_end_of_stream_records": [[EndOfStream(), EndOfStream("upstream-1")], "after"],
         "data_empty_batch": [],
     }
 
@@ -312,6 +313,11 @@ def _invalid() -> list[dict[str, str]]:
             "shm_ref_without_shm",
             _raw(Kind.DATA, pack(["p", 0, [msgpack.ExtType(4, pack(["s", 0, 1, 0, None, None]))]])),
             "extension 4 on a link without shared memory",
+        ),
+        (
+            "end_of_stream_top_level_record",
+            _raw(Kind.DATA, pack(["p", 0, ["a", msgpack.ExtType(3, pack([None]))]])),
+            "a top-level DATA record is an EndOfStream (an upstream ends with END, PROTOCOL §9)",
         ),
         (
             "end_of_stream_int_source",

@@ -563,6 +563,12 @@ function checkFields(kind, body, limits) {
       if (BigInt(seq(s)) + BigInt(records.length) >= SEQ_LIMIT) {
         throw new DecodeError("DATA seq + record count must stay below 2^63");
       }
+      // A top-level EndOfStream would come out of a consumer like the real end (PROTOCOL §9).
+      if (records.some((r) => r instanceof EndOfStream)) {
+        throw new DecodeError(
+          "a DATA record is an EndOfStream: an upstream ends with an END frame, not a record",
+        );
+      }
       return { producer: producerId(p), seq: s, records };
     }
     case Kind.END:
