@@ -1005,17 +1005,29 @@ class ReliableConsumer(Consumer):
         """Timer thread: read (answering heartbeats) and report acks nobody reported yet."""
         if self._closed:
             return None
+        busy = True  # unless this tick finds nothing to do
         if self._lock.acquire(blocking=False):
             try:
                 if not self._closed:
-                    self._read_arrived(self.ASSIST_MESSAGES)
+                    busy = self._read_arrived(self.ASSIST_MESSAGES) > 0
                     self._ack_partial()
                     for up in list(self._ups.values()):
-                        if up.acked > up.reported and now - up.reported_at >= self._report_after:
-                            self._grant(up)
+                        if up.acked > up.reported:
+                            busy = True
+                            if now - up.reported_at >= self._report_after:
+                                self._grant(up)
+                    self._look_for_gone_producers(now)
             finally:
                 self._lock.release()
-        return min(self.SERVICE_INTERVAL, self._settings.tick)
+        pace = min(self.SERVICE_INTERVAL, self._settings.tick)
+        if busy:
+            self._idle_ticks = 0
+            return pace
+        # Idle: back off as a plain consumer does, but never past the reliability tick
+        # (heartbeats must be answered well within their interval).
+        self._idle_ticks += 1
+        slowest = min(self.IDLE_INTERVAL, max(pace, self._settings.tick))
+        return min(pace * (1 << min(self._idle_ticks, 5)), slowest)
 
     # ----------------------------------------------------------------- lifecycle
     def close(self, timeout: float | None = None) -> None:

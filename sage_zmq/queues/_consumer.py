@@ -45,6 +45,7 @@ class _Upstream:
         "base",
         "closing",
         "ended",
+        "gone",
         "grant_at",
         "granted",
         "inlet",
@@ -68,6 +69,7 @@ class _Upstream:
         self.reported_at = 0.0
         self.closing = False
         self.ended = False
+        self.gone = False  # its connection went away without CLOSE (killed): no share
 
 
 class Consumer:
@@ -121,6 +123,8 @@ class Consumer:
                 self._ends_counted |= restore()
         self._ended = len(self._ends_counted)
         self._opened_at = time.monotonic()
+        self._next_gone_look = 0.0
+        self._idle_ticks = 0  # background ticks in a row that found nothing to do
         _runtime.ticker().add(self, self.SERVICE_INTERVAL)
 
     # ---------------------------------------------------------------- hot path
@@ -156,6 +160,9 @@ class Consumer:
 
             timeout = check_timeout(timeout, "get")
         deadline = None if timeout is None or not block else time.monotonic() + timeout
+        if self._idle_ticks > 1:
+            self._idle_ticks = 0  # in use again: the background tick comes back to its pace
+            _runtime.ticker().add(self, self.SERVICE_INTERVAL)
         with self._lock:
             while True:
                 if self._closed or self._close_requested:
@@ -301,8 +308,31 @@ class Consumer:
         return due
 
     def _share(self) -> int:
-        active = sum(1 for u in self._ups.values() if not u.closing) or 1
+        active = sum(1 for u in self._ups.values() if not (u.closing or u.gone)) or 1
         return max(1, self._maxsize // active)
+
+    GONE_LOOK_INTERVAL = 1.0
+    """Seconds between two looks for producers whose connection went away without a CLOSE."""
+
+    def _look_for_gone_producers(self, now: float) -> None:
+        """A producer killed without CLOSE stops taking a share of the window (PROTOCOL §4).
+
+        Else every dead producer would keep shrinking the live ones' credit for good. Its
+        records are safe either way: it never sends again on that connection.
+        """
+        if now < self._next_gone_look:
+            return
+        self._next_gone_look = now + self.GONE_LOOK_INTERVAL
+        active = [u for u in self._ups.values() if not (u.closing or u.gone)]
+        if len(active) < 2:
+            return  # alone, a producer's share is the whole window anyway
+        for up in active:
+            # A cumulative CREDIT is harmless to a live producer; ROUTER_MANDATORY makes the
+            # send fail once the producer's connection is gone.
+            probe = Credit(self.session, up.received, up.acked, up.granted)
+            if not up.inlet.send_credit(up.peer, probe):
+                up.gone = True
+                log.info("queue %s: producer %s is gone (no CLOSE)", self.queue_id, up.producer)
 
     def _grant(self, up: _Upstream) -> None:
         share = self._share()
@@ -325,11 +355,13 @@ class Consumer:
             self._on_event(event)
         return len(events)
 
-    def _read_arrived(self, limit: int) -> None:
-        """Read up to ``limit`` messages that are already here (inlets return one per call)."""
-        for _ in range(limit):
+    def _read_arrived(self, limit: int) -> int:
+        """Read up to ``limit`` messages that are already here (inlets return one per call);
+        returns how many were read."""
+        for n in range(limit):
             if not self._pump(0):
-                return
+                return n
+        return limit
 
     def _recv_any(self, timeout: float) -> list[tuple[Any, ...]]:
         # Several inlets (a promoted local queue): poll each briefly until one has something.
@@ -390,6 +422,7 @@ class Consumer:
         new = (id(inlet), peer)
         self._per_peer[new] = self._per_peer.get(new, 0) + 1
         up.inlet, up.peer = inlet, peer
+        up.gone = False  # it came back on a new connection
         return True
 
     def _refuse(self, inlet: ConsumerInlet, peer: Any, why: str) -> None:
@@ -481,30 +514,53 @@ class Consumer:
         """
         if self._closed:
             return None
-        self.assist()
-        return self.SERVICE_INTERVAL
+        if self.assist(now):
+            self._idle_ticks = 0
+            return self.SERVICE_INTERVAL
+        # Nothing arrived and nothing was left to report: look less often, up to
+        # IDLE_INTERVAL (a process may hold hundreds of idle consumers). A get() restores the
+        # pace at once.
+        self._idle_ticks += 1
+        return min(self.SERVICE_INTERVAL * (1 << min(self._idle_ticks, 5)), self.IDLE_INTERVAL)
 
-    def _retire_taken(self) -> None:
+    IDLE_INTERVAL = 0.16
+    """The longest background tick of a consumer that has had nothing to do for a while."""
+
+    def _retire_taken(self) -> bool:
+        """True if there was consumption to count or report."""
         # The application took the last record of its batch and has not come back: count
         # that consumption now, not at its next get (a producer waiting for room, a router
         # reading load or a statistics reader would wait for a get that may never come).
+        busy = False
         if self._cur_upstream is not None and length_hint(self._current) == 0:
             self._retire_current()
+            busy = True
         if self._unreported:
             self._report_consumed(time.monotonic())
+            busy = True
+        return busy
 
     ASSIST_MESSAGES = 64
     """Messages one background read takes at most (credit bounds what can be waiting)."""
 
-    def assist(self) -> None:
-        """Read what has arrived without waiting (a producer in this process is waiting)."""
-        if self._lock.acquire(blocking=False):
-            try:
-                if not self._closed:
-                    self._retire_taken()
-                    self._read_arrived(self.ASSIST_MESSAGES)
-            finally:
-                self._lock.release()
+    def assist(self, now: float | None = None) -> bool:
+        """Read what has arrived without waiting (a producer in this process is waiting).
+
+        True if there was anything to do (or the consumer is busy in another thread). With
+        ``now`` (the background tick), also looks for producers that went away.
+        """
+        if not self._lock.acquire(blocking=False):
+            return True  # a get or another assist holds it: the queue is in use
+        try:
+            if self._closed:
+                return False
+            busy = self._retire_taken()
+            busy = self._read_arrived(self.ASSIST_MESSAGES) > 0 or busy
+            if now is not None:
+                self._look_for_gone_producers(now)
+            return busy
+        finally:
+            self._lock.release()
 
     # -------------------------------------------------------------- inspection
     def qsize(self) -> int:
