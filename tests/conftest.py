@@ -48,11 +48,15 @@ def pytest_configure(config: pytest.Config) -> None:
 def _log_level_chosen_by_the_config() -> Iterator[None]:
     # configure_logging() (the CLI calls it) pins the level for the process; a test that
     # calls it must not pin it for the tests after it.
+    import logging
+
     from sage_zmq.observe import logging as sz_logging
 
-    saved = sz_logging._level_from_app
+    logger = logging.getLogger(sz_logging.LOGGER_NAME)
+    saved = sz_logging._level_from_app, sz_logging._level_set_here, logger.level
     yield
-    sz_logging._level_from_app = saved
+    sz_logging._level_from_app, sz_logging._level_set_here, level = saved
+    logger.setLevel(level)  # a level a test set by hand would count as the application's
 
 
 @pytest.fixture(params=QUEUE_TYPES)
