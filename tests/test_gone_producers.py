@@ -7,6 +7,7 @@ import contextlib
 import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -103,5 +104,19 @@ def test_a_closing_producer_gets_its_receipt_from_an_idle_consumer(queue_type: s
         )
         assert done.returncode == -signal.SIGKILL, done.stderr
         assert qd.get(timeout=10) == "from a producer about to die"
+    finally:
+        close_quietly(qd)
+
+
+def test_a_consumer_that_binds_late_gets_what_was_put_without_waiting_out_a_backoff() -> None:
+    # The producer's connect fails until the consumer binds (at its first get); libzmq's
+    # retries backed off to 2 s, so a get long after the put waited up to 2 s for the next.
+    qd = QueueDescriptor(None, "shm")
+    try:
+        qd.put("early")
+        time.sleep(3.5)  # the scenario, not a handshake: the consumer comes this late
+        started = time.monotonic()
+        assert qd.get(timeout=10) == "early"
+        assert time.monotonic() - started < 1.2  # retries every 0.25 s on ipc (was 1.6 s)
     finally:
         close_quietly(qd)
