@@ -95,6 +95,27 @@ def test_connection_resolves_descriptor_from_handles(local_queues: Any) -> None:
         Connection(0, 0, "a", qd).parallel_index = 3  # type: ignore[misc]
 
 
+def test_router_statistics_add_up_its_target_queues() -> None:
+    # Issue 7: a router's statistics carry bytes, depth and utilisation, rates (uptime).
+    qds = [QueueDescriptor(queue_type="tcp", metadata={"maxsize": 50}) for _ in range(2)]
+    try:
+        router = _router(RoundRobinRouter, qds)
+        for i in range(6):
+            router.route(Packet({"i": i}))
+        stats = router.statistics()
+        per_queue = [qd.statistics() for qd in qds]
+        assert stats.bytes_sent == sum(q.bytes_sent for q in per_queue) > 0, stats
+        assert stats.maxsize == 100 and stats.depth == sum(q.depth for q in per_queue)
+        assert stats.utilisation == stats.depth / 100
+        assert stats.uptime > 0 and stats.route_rate == stats.routed / stats.uptime
+        for qd in qds:
+            assert [qd.get(timeout=10).payload["i"] % 2 for _ in range(3)] in ([0] * 3, [1] * 3)
+        wait_until(lambda: router.statistics().depth == 0, what="the targets' depth to drain")
+        router.close()
+    finally:
+        close_quietly(*qds)
+
+
 # -- strategies through routers ------------------------------------------------------------------
 
 

@@ -116,6 +116,11 @@ class RouterStatistics:
     instances declared dead whose unacknowledged records were taken back (once per death, and
     not again when a put to it already failed over because of that death); ``by_strategy``
     counts routed packets per strategy actually used.
+
+    The queue figures add up this process's ends of the router's target queues (each queue
+    once): ``bytes_sent``, ``depth`` (records put and not yet consumed, or still waiting to
+    leave), ``maxsize``, ``credit_waits``, ``retransmits``. ``uptime`` is the seconds since
+    the router was made, so two snapshots give the routing rate between them.
     """
 
     strategy: str
@@ -127,6 +132,22 @@ class RouterStatistics:
     stop_signals: int
     connections: int
     stalled: tuple[tuple[int, int], ...]
+    bytes_sent: int = 0
+    depth: int = 0
+    maxsize: int = 0
+    credit_waits: int = 0
+    retransmits: int = 0
+    uptime: float = 0.0
+
+    @property
+    def utilisation(self) -> float:
+        """Depth as a fraction of the target queues' summed ``maxsize``."""
+        return self.depth / self.maxsize if self.maxsize else 0.0
+
+    @property
+    def route_rate(self) -> float:
+        """Packets routed per second, on average since the router was made."""
+        return self.routed / self.uptime if self.uptime > 0 else 0.0
 
 
 class _Target:
@@ -296,6 +317,7 @@ class BaseRouter:
         self._ended = False
         self._signalled: set[tuple[str, str]] = set()
         self._routed = 0
+        self._made_at = time.monotonic()
         self._by_strategy: dict[str, int] = {}
         self._failures = 0
         self._failovers = 0
@@ -854,7 +876,21 @@ class BaseRouter:
         for name, n in ((self.strategy, default), *by_strategy.items()):
             key = _canonical(name)
             merged[key] = merged.get(key, 0) + n
+        queues: dict[tuple[str, str], QueueDescriptor] = {}
+        for g in self._groups:
+            for t in g.targets.values():
+                queues.setdefault((t.qd.queue_type, t.qd.queue_id), t.qd)
+        totals = dict.fromkeys(("bytes_sent", "depth", "maxsize", "credit_waits", "retransmits"), 0)
+        for qd in queues.values():
+            try:
+                qs = qd.statistics()
+            except SageZmqError:
+                continue  # a queue that cannot report (closed elsewhere) adds nothing
+            for name in totals:
+                totals[name] += getattr(qs, name)
         return RouterStatistics(
+            **totals,
+            uptime=time.monotonic() - self._made_at,
             strategy=self.strategy,
             routed=self._routed,
             delivered=MappingProxyType(dict(sorted(delivered.items()))),
