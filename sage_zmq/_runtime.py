@@ -118,7 +118,60 @@ def runtime_dir() -> str:
             f"runtime directory {base} must be owned by uid {os.getuid()} with mode 0700; "
             "remove it or set SAGE_ZMQ_RUNTIME_DIR to a private directory"
         )
+    global _swept_by
+    if _swept_by != os.getpid():
+        _swept_by = os.getpid()
+        sweep_stale_ipc_files(base)
     return base
+
+
+_swept_by = 0  # the process that last swept the runtime directory
+STALE_AFTER = 60.0
+"""Seconds a socket file must have existed before a sweep may judge it (a consumer that is
+still between its bind and its listen refuses connections too)."""
+
+
+def sweep_stale_ipc_files(directory: str, limit: int = 256) -> list[str]:
+    """Remove ipc socket files nobody listens on any more (their consumer was killed).
+
+    A consumer removes its socket file when it closes; one killed by a signal leaves it
+    behind, and a later process sweeps it here (as the shared-memory pool sweeps segments).
+    Only ``*.sock`` files older than :data:`STALE_AFTER` that refuse a connection go, at most
+    ``limit`` per sweep. Returns the paths removed.
+    """
+    import socket
+    import stat
+
+    removed: list[str] = []
+    now = time.time()
+    try:
+        names = [n for n in os.listdir(directory) if n.endswith(".sock")][:limit]
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISSOCK(st.st_mode) or now - st.st_mtime < STALE_AFTER:
+            continue
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(0.1)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            with contextlib.suppress(OSError):
+                if os.lstat(path).st_ino == st.st_ino:  # not replaced meanwhile
+                    os.unlink(path)
+                    removed.append(path)
+        except OSError:
+            pass  # busy or unreadable: leave it
+        finally:
+            probe.close()
+    if removed:
+        log.debug("removed %d stale ipc socket files from %s", len(removed), directory)
+    return removed
 
 
 class Tickable(Protocol):
