@@ -145,17 +145,19 @@ def sweep_stale_ipc_files(directory: str, limit: int = 256) -> list[str]:
     removed: list[str] = []
     now = time.time()
     try:
-        names = [n for n in os.listdir(directory) if n.endswith(".sock")][:limit]
+        names = [n for n in os.listdir(directory) if n.endswith(".sock")]
     except OSError:
         return removed
+    candidates = []
     for name in names:
         path = os.path.join(directory, name)
         try:
             st = os.lstat(path)
         except OSError:
             continue
-        if not stat.S_ISSOCK(st.st_mode) or now - st.st_mtime < STALE_AFTER:
-            continue
+        if stat.S_ISSOCK(st.st_mode) and now - st.st_mtime >= STALE_AFTER:
+            candidates.append((path, st))
+    for path, st in candidates[:limit]:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.settimeout(0.1)
         try:

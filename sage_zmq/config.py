@@ -191,7 +191,7 @@ class ObservabilityConfig(_Section):
     _section = "observability"
     metrics_port: int | None = None
     trace_sample_rate: float = 0.0
-    log_level: str = "WARNING"
+    log_level: str | None = None  # None: leave the level to the application (root logger)
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,7 @@ def test_defaults() -> None:
     assert cfg.security.curve.authorized_keys is None
     assert cfg.observability.metrics_port is None
     assert cfg.observability.trace_sample_rate == 0.0
-    assert cfg.observability.log_level == "WARNING"
+    assert cfg.observability.log_level is None  # the application's logging decides
 
 
 def test_frozen() -> None:

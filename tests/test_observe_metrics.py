@@ -268,14 +268,19 @@ def test_the_level_an_application_chose_outlives_the_first_queue(
 
 
 @pytest.mark.parametrize(
-    "setup",
+    ("setup", "config_level", "level"),
     [
-        'logging.getLogger("sage_zmq").setLevel(logging.INFO)',
-        "logging.basicConfig(level=logging.INFO)",
+        ('logging.getLogger("sage_zmq").setLevel(logging.INFO)', None, logging.INFO),
+        ('logging.getLogger("sage_zmq").setLevel(logging.INFO)', "ERROR", logging.INFO),
+        ("logging.basicConfig(level=logging.INFO)", None, logging.INFO),
+        # A level the config names applies over the root logger's (only its absence defers).
+        ("logging.basicConfig(level=logging.INFO)", "WARNING", logging.WARNING),
     ],
-    ids=["setLevel", "basicConfig"],
+    ids=["setLevel", "setLevel-over-config", "basicConfig", "basicConfig-config-WARNING"],
 )
-def test_a_level_the_application_set_itself_outlives_the_first_queue(setup: str) -> None:
+def test_a_level_the_application_set_itself_outlives_the_first_queue(
+    setup: str, config_level: str | None, level: int
+) -> None:
     # The first queue applied observability.log_level (WARNING by default) over a level the
     # application had set with plain logging, and the connection events at INFO vanished.
     script = (
@@ -288,10 +293,14 @@ def test_a_level_the_application_set_itself_outlives_the_first_queue(setup: str)
         "print(logging.getLogger('sage_zmq').getEffectiveLevel())\n"
         "qd.close()\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "SAGE_ZMQ_CONFIG"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_ZMQ_")}
+    if config_level is not None:
+        env["SAGE_ZMQ__OBSERVABILITY__LOG_LEVEL"] = config_level
+    env["SAGE_ZMQ_RUNTIME_DIR"] = os.environ.get("SAGE_ZMQ_RUNTIME_DIR", "")
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == [str(logging.INFO)], done.stdout
-    assert "bind tcp://127.0.0.1:" in done.stderr, done.stderr  # an INFO event, shown
+    assert done.stdout.split() == [str(level)], done.stdout
+    shown = "bind tcp://127.0.0.1:" in done.stderr  # an INFO event
+    assert shown == (level == logging.INFO), done.stderr

@@ -1005,7 +1005,7 @@ class ReliableConsumer(Consumer):
         """Timer thread: read (answering heartbeats) and report acks nobody reported yet."""
         if self._closed:
             return None
-        busy = True  # unless this tick finds nothing to do
+        busy = not self._waiting  # a get waiting for input holds the lock: idle all the same
         if self._lock.acquire(blocking=False):
             try:
                 if not self._closed:
@@ -1017,6 +1017,7 @@ class ReliableConsumer(Consumer):
                             if now - up.reported_at >= self._report_after:
                                 self._grant(up)
                     self._look_for_gone_producers(now)
+                    busy = busy or any(getattr(i, "pending_work", False) for i in self._inlets)
             finally:
                 self._lock.release()
         pace = min(self.SERVICE_INTERVAL, self._settings.tick)

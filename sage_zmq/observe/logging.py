@@ -64,7 +64,7 @@ def configure_logging(
     if level is None:
         from sage_zmq.config import current_config
 
-        level = current_config().observability.log_level
+        level = current_config().observability.log_level or "WARNING"
     global _level_from_app
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(_level(level))
@@ -83,28 +83,25 @@ def _stderr_handler(stream: IO[str], fmt: str) -> logging.Handler:
     return handler
 
 
-def apply_config_level(level: int | str) -> None:
+def apply_config_level(level: int | str | None) -> None:
     """Set the ``sage_zmq`` logger's level; add a stderr handler only if nothing logs anywhere.
 
     The config's level applies when queues first start (and on config changes) only where
     the application chose none: a level set with :func:`configure_logging` or with
-    ``logging.getLogger("sage_zmq").setLevel(...)`` stays. The default, WARNING, also leaves
-    the logger to an application that configured logging itself (its root logger has a
-    handler): ``logging.basicConfig(level=logging.INFO)`` then shows sage-zmq's INFO events
-    too, as it does every other library's.
+    ``logging.getLogger("sage_zmq").setLevel(...)`` stays. ``None`` (the default) leaves the
+    logger to the application's logging: ``logging.basicConfig(level=logging.INFO)`` shows
+    sage-zmq's INFO events as it does every other library's, and with no logging configured
+    at all the level is the root logger's, WARNING.
     """
     global _level_set_here
     if _level_from_app:
         return
     logger = logging.getLogger(LOGGER_NAME)
-    root_configured = bool(logging.getLogger().handlers)
     if logger.level in (logging.NOTSET, _level_set_here):  # else the application set it
-        value = _level(level)
-        if value == logging.WARNING and root_configured:
-            value = logging.NOTSET  # inherit the application's level
+        value = logging.NOTSET if level is None else _level(level)
         logger.setLevel(value)
         _level_set_here = value
-    if not logger.handlers and not root_configured:
+    if not logger.handlers and not logging.getLogger().handlers:
         # Nothing logs anywhere: without a handler, logging's last resort shows warnings only.
         logger.addHandler(_stderr_handler(sys.stderr, FORMAT))
 

@@ -125,6 +125,7 @@ class Consumer:
         self._opened_at = time.monotonic()
         self._next_gone_look = 0.0
         self._idle_ticks = 0  # background ticks in a row that found nothing to do
+        self._waiting = False  # a get is blocked reading the socket (it holds the lock)
         _runtime.ticker().add(self, self.SERVICE_INTERVAL)
 
     # ---------------------------------------------------------------- hot path
@@ -182,11 +183,23 @@ class Consumer:
                             )
                         self._ship_mine()
                     if not self._batches:
-                        if wait > 0 and self._unreported:
-                            due = self._report_consumed(time.monotonic())
-                            if due is not None:
-                                wait = min(wait, due)
-                        self._pump(min(wait, 0.5))
+                        if wait > 0:
+                            now = time.monotonic()
+                            if self._unreported:
+                                due = self._report_consumed(now)
+                                if due is not None:
+                                    wait = min(wait, due)
+                            if now >= self._next_gone_look:
+                                self._look_for_gone_producers(now)
+                            # The background tick finds the lock taken while this waits: it
+                            # is idle all the same (this read serves the socket).
+                            self._waiting = True
+                            try:
+                                self._pump(min(wait, 0.5))
+                            finally:
+                                self._waiting = False
+                        else:
+                            self._pump(0)
                 while self._batches:
                     up, end_seq, records = self._batches.popleft()
                     if records is _END:
@@ -324,12 +337,16 @@ class Consumer:
             return
         self._next_gone_look = now + self.GONE_LOOK_INTERVAL
         active = [u for u in self._ups.values() if not (u.closing or u.gone)]
-        if len(active) < 2:
-            return  # alone, a producer's share is the whole window anyway
+        if len(active) < 2 or all(u.received < u.granted for u in active):
+            # Alone, a producer's share is the whole window; and while none has used up its
+            # credit, none waits for the share a gone producer holds (no probe traffic then).
+            return
         for up in active:
-            # A cumulative CREDIT is harmless to a live producer; ROUTER_MANDATORY makes the
-            # send fail once the producer's connection is gone.
-            probe = Credit(self.session, up.received, up.acked, up.granted)
+            if not getattr(up.inlet, "CAN_TELL_GONE", False):
+                continue  # an in-process inlet: its producers cannot vanish on their own
+            # A cumulative CREDIT (its last grant again) is harmless to a live producer;
+            # ROUTER_MANDATORY makes the send fail once the producer's connection is gone.
+            probe = Credit(self.session, up.received, up.acked, up.granted, up.base, self._pid)
             if not up.inlet.send_credit(up.peer, probe):
                 up.gone = True
                 log.info("queue %s: producer %s is gone (no CLOSE)", self.queue_id, up.producer)
@@ -550,15 +567,18 @@ class Consumer:
         ``now`` (the background tick), also looks for producers that went away.
         """
         if not self._lock.acquire(blocking=False):
-            return True  # a get or another assist holds it: the queue is in use
+            # A get or another assist holds it: the queue is in use, unless that get is just
+            # waiting for input (it reads the socket itself meanwhile).
+            return not self._waiting
         try:
             if self._closed:
                 return False
-            busy = self._retire_taken()
+            busy = self._retire_taken() or self._cur_upstream is not None
             busy = self._read_arrived(self.ASSIST_MESSAGES) > 0 or busy
             if now is not None:
                 self._look_for_gone_producers(now)
-            return busy
+            # Work an inlet holds back (an shm inlet's batched RELEASEs) goes out on a tick.
+            return busy or any(getattr(i, "pending_work", False) for i in self._inlets)
         finally:
             self._lock.release()
 

@@ -336,6 +336,10 @@ class RouterInlet:
 
     SAME_HOST = False
     """Whether every producer is on this host (then CREDITs name this process)."""
+    CAN_TELL_GONE = True
+    """A send to a producer whose connection is gone fails (ROUTER_MANDATORY)."""
+    pending_work = False
+    """Whether the inlet holds work back for a later read (see ShmInlet)."""
 
     def __init__(
         self, endpoint: str, codec: Codec, opts: SocketOptions, *, queue_id: str = ""

@@ -314,6 +314,10 @@ class ShmInlet(RouterInlet):
         self.shm = ShmReceiver(codec, zero_copy=codec.zero_copy)
         codec.shm_decoder = self.shm.decode
 
+    @property
+    def pending_work(self) -> bool:  # type: ignore[override]
+        return bool(self.shm.unsent_releases)
+
     def recv(self, timeout: float) -> list[tuple[Any, ...]]:
         shm = self.shm
         if shm.unsent_releases:

@@ -882,6 +882,8 @@ class BaseRouter:
                 queues.setdefault((t.qd.queue_type, t.qd.queue_id), t.qd)
         totals = dict.fromkeys(("bytes_sent", "depth", "maxsize", "credit_waits", "retransmits"), 0)
         for qd in queues.values():
+            if qd._existing_handle() is None:
+                continue  # not opened here yet: nothing to add (and no handle to create)
             try:
                 qs = qd.statistics()
             except SageZmqError:
