@@ -62,10 +62,6 @@ RELIABILITY_METADATA_KEYS = frozenset(
 )
 
 
-_IPC_RECONNECT_MAX_MS = 250
-"""Longest wait between libzmq's connect retries on an ipc endpoint."""
-
-
 class SocketQueueType(QueueType):
     """A queue carried by a DEALER/ROUTER pair."""
 
@@ -133,11 +129,6 @@ class SocketQueueType(QueueType):
         meta = descriptor.metadata
         max_size = int(meta.get("max_message_size", cfg.performance.max_message_size))
         curve = self.curve(descriptor, cfg)
-        # A consumer binds at its first get, often after its producers connected: libzmq
-        # retries their connect with a backoff, and the consumer waits for the next retry.
-        # On ipc a retry is one local syscall, so it stays frequent (puts first on 20 shm
-        # queues, then a get from each, took 33 s with retries backing off to 2 s).
-        ipc = str(meta.get("endpoint", "")).startswith("ipc://")
         if not self.reliable(descriptor):
             # A send that cannot even be queued (no connection at all) fails after the
             # queue's timeout instead of hanging; the reliable layer keeps frames and retries.
@@ -146,7 +137,6 @@ class SocketQueueType(QueueType):
                 max_message_size=max_size,
                 curve=curve,
                 send_timeout_ms=send_timeout,
-                reconnect_ivl_max_ms=_IPC_RECONNECT_MAX_MS if ipc else 2000,
             )
         from sage_zmq.flow.reliable import ReliabilitySettings
 
@@ -158,9 +148,7 @@ class SocketQueueType(QueueType):
             # the next retry, not reconnect_initial later), doubling up to reconnect_max.
             # reconnect_initial paces the reliable layer's recreation of a dead peer's socket.
             reconnect_ivl_ms=max(1, round(min(0.1, t.reconnect_initial) * 1000)),
-            reconnect_ivl_max_ms=max(1, round(t.reconnect_max * 1000))
-            if not ipc
-            else min(_IPC_RECONNECT_MAX_MS, max(1, round(t.reconnect_max * 1000))),
+            reconnect_ivl_max_ms=max(1, round(t.reconnect_max * 1000)),
             heartbeat_ivl_ms=max(1, round(t.heartbeat_interval * 1000)),
             heartbeat_timeout_ms=max(1, round(t.heartbeat_interval * t.liveness * 1000)),
             curve=curve,

@@ -45,6 +45,10 @@ _send: Callable[..., Any] = zmq.backend.Socket.send
 _TCP = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_]+|\*):(\d{1,5}|\*)$")
 
 
+IPC_RECONNECT_MAX_MS = 250
+"""Longest wait between a producer's connect retries on an ipc endpoint (ray links too)."""
+
+
 @dataclass(frozen=True)
 class SocketOptions:
     """Options applied to every socket of a queue."""
@@ -178,7 +182,14 @@ class DealerLink:
         sock = _new_socket(zmq.DEALER, queue_id)
         _apply_common(sock, opts)
         sock.setsockopt(zmq.RECONNECT_IVL, opts.reconnect_ivl_ms)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, opts.reconnect_ivl_max_ms)
+        ivl_max = opts.reconnect_ivl_max_ms
+        if endpoint.startswith("ipc://"):
+            # A consumer binds at its first get, often after its producers connected: libzmq
+            # retries their connect with a backoff, and the consumer waits for the next one.
+            # On ipc a retry is one local syscall, so it stays frequent (puts first on 20 shm
+            # queues, then a get from each, took 33 s with retries backing off to 2 s).
+            ivl_max = min(ivl_max, IPC_RECONNECT_MAX_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, ivl_max)
         sock.setsockopt(zmq.SNDTIMEO, opts.send_timeout_ms)
         if opts.curve is not None:
             opts.curve.apply_client(sock)
