@@ -304,3 +304,28 @@ def test_a_level_the_application_set_itself_outlives_the_first_queue(
     assert done.stdout.split() == [str(level)], done.stdout
     shown = "bind tcp://127.0.0.1:" in done.stderr  # an INFO event
     assert shown == (level == logging.INFO), done.stderr
+
+
+def test_logging_configured_after_the_first_queue_prints_each_record_once() -> None:
+    # Where nothing logged, the first queue adds a stderr handler; an application that calls
+    # basicConfig later got every sage-zmq record twice (that handler and the root's).
+    script = (
+        "import logging, sys\n"
+        "import sage_zmq\n"
+        "qd = sage_zmq.QueueDescriptor(queue_type='tcp')\n"
+        "qd.put(1)\n"
+        "assert qd.get(timeout=10) == 1\n"
+        "log = logging.getLogger('sage_zmq.connection')\n"
+        "log.warning('before basicConfig')\n"
+        "logging.basicConfig(format='ROOT %(message)s')\n"
+        "log.warning('after basicConfig')\n"
+        "qd.close()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SAGE_ZMQ_CONFIG"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("before basicConfig") == 1, done.stderr  # shown: no other handler
+    assert done.stderr.count("after basicConfig") == 1, done.stderr
+    assert "ROOT after basicConfig" in done.stderr, done.stderr

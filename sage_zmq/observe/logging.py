@@ -76,11 +76,21 @@ def configure_logging(
     return logger
 
 
-def _stderr_handler(stream: IO[str], fmt: str) -> logging.Handler:
-    handler = logging.StreamHandler(stream)
+def _stderr_handler(stream: IO[str], fmt: str, *, fallback: bool = False) -> logging.Handler:
+    handler = _FallbackHandler(stream) if fallback else logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter(fmt))
     setattr(handler, _OWN_HANDLER, True)
     return handler
+
+
+class _FallbackHandler(logging.StreamHandler):
+    """The handler added where nothing logged: silent once the application configures its own
+    logging (``basicConfig`` after the first queue), whose handlers then print each record."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger(LOGGER_NAME).propagate and logging.getLogger().handlers:
+            return
+        super().emit(record)
 
 
 def apply_config_level(level: int | str | None) -> None:
@@ -103,7 +113,7 @@ def apply_config_level(level: int | str | None) -> None:
         _level_set_here = value
     if not logger.handlers and not logging.getLogger().handlers:
         # Nothing logs anywhere: without a handler, logging's last resort shows warnings only.
-        logger.addHandler(_stderr_handler(sys.stderr, FORMAT))
+        logger.addHandler(_stderr_handler(sys.stderr, FORMAT, fallback=True))
 
 
 def connection_event(
