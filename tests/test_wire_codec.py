@@ -195,6 +195,17 @@ def test_ndarray_with_inconsistent_data_is_rejected() -> None:
         Codec().decode(header(Kind.DATA) + body)
 
 
+def test_a_pickled_top_level_end_of_stream_record_is_refused_too() -> None:
+    # With pickle on, an EndOfStream can arrive pickled (ext 127) instead of as ext 3.
+    codec = Codec(allow_pickle=True)
+    pickled = msgpack.ExtType(EXT_PICKLE, pickle.dumps(EndOfStream()))
+    top = msgpack.packb([PRODUCER, 0, ["a", pickled]], use_bin_type=True)
+    with pytest.raises(DecodeError, match="a DATA record is an EndOfStream"):
+        codec.decode(header(Kind.DATA, FLAG_PICKLE) + top)
+    nested = msgpack.packb([PRODUCER, 0, ["a", [pickled]]], use_bin_type=True)
+    assert codec.decode(header(Kind.DATA, FLAG_PICKLE) + nested).fields[2] == ["a", [EndOfStream()]]
+
+
 def test_end_of_stream_value_keeps_its_source() -> None:
     ((back,),) = _round_trip([[EndOfStream("upstream-1")]])  # nested: data
     assert isinstance(back, EndOfStream) and back.source == "upstream-1"

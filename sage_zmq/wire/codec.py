@@ -438,7 +438,7 @@ class Codec:
             if code == EXT_SHM_REF and self.shm_decoder is not None:
                 return self.shm_decoder(data)
             if code == EXT_PICKLE and self.allow_pickle:
-                return pickle.loads(data)
+                return self._counted(pickle.loads(data))
             if code == EXT_PICKLE_OOB and self.allow_pickle:
                 fields = self._unpack_inner(data)
                 if (
@@ -448,7 +448,7 @@ class Codec:
                     or not isinstance(fields[1], list)
                 ):
                     raise DecodeError("pickle-5 extension must hold [pickle, [buffers]]")
-                return pickle.loads(fields[0], buffers=fields[1])
+                return self._counted(pickle.loads(fields[0], buffers=fields[1]))
         except DecodeError:
             raise
         except Exception as exc:
@@ -471,6 +471,13 @@ class Codec:
             )
         finally:
             self._ext_depth = depth
+
+    def _counted(self, value: Any) -> Any:
+        """An unpickled value; an EndOfStream counts as one decoded (a DATA frame must not
+        carry one at the top level, pickled or not)."""
+        if isinstance(value, EndOfStream):
+            self.end_records += 1
+        return value
 
     def _decode_ndarray(self, data: bytes) -> np.ndarray:
         import numpy as np  # the first array received imports it
