@@ -25,7 +25,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from sage_zmq import EndOfStream, Packet, QueueDescriptor
-from sage_zmq.cli._args import finite_number
+from sage_zmq.cli._args import finite_number, whole_number
 
 QUEUE_SIZE = 5000
 """maxsize of the demo's queues."""
@@ -312,13 +312,7 @@ def _finite(value: Any) -> bool:
 
 
 def _records_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
+    return whole_number(text, 1)
 
 
 def _interval_arg(text: str) -> float:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from unittest import mock
 
-from sage_zmq.cli._args import finite_number
+from sage_zmq.cli._args import finite_number, whole_number
 from sage_zmq.errors import SageZmqError
 
 __all__ = ["build_parser", "main"]
@@ -61,13 +61,7 @@ def _seconds(text: str) -> float:
 
 
 def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+    return whole_number(text, 0)
 
 
 def _log_level(text: str) -> str:
