@@ -210,7 +210,10 @@ class QueueDescriptor:
         self.queue_id = queue_id
         self.queue_type = queue_type
         self.metadata = meta
-        self.metadata = _check_metadata(qtype.prepare(self))
+        prepared = qtype.prepare(self)
+        if qtype.carries_maxsize and "maxsize" not in prepared:
+            prepared["maxsize"] = current_config().communication.queue.max_size
+        self.metadata = _check_metadata(prepared)
         _warn_typos(qtype, self.metadata)
 
     # ---------------------------------------------------------------- value

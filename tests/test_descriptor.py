@@ -92,6 +92,26 @@ def test_metadata_not_a_mapping(bad: Any) -> None:
     _assert_descriptor_error(exc, "metadata")
 
 
+@pytest.mark.parametrize("queue_type", ["local", "shm", "tcp", "sage"])
+def test_a_new_descriptor_carries_the_maxsize_every_end_must_agree_on(queue_type: str) -> None:
+    from sage_zmq.config import current_config, reset_config, set_config
+
+    default = current_config().communication.queue.max_size
+    made = [QueueDescriptor(queue_type=queue_type)]
+    qd = made[0]
+    try:
+        assert qd.metadata["maxsize"] == default
+        assert json.loads(qd.to_json())["metadata"]["maxsize"] == default
+        # A process with another config (here: this one, after a change) still agrees.
+        set_config({"communication": {"queue": {"max_size": 7}}})
+        assert QueueDescriptor.from_json(qd.to_json()).maxsize == default
+        made.append(QueueDescriptor(queue_type=queue_type))
+        assert made[-1].maxsize == 7
+    finally:
+        reset_config()
+        conf.close_quietly(*made)
+
+
 def test_keyword_options_land_in_metadata() -> None:
     qd = QueueDescriptor("q", "local", {"upstreams": 2}, maxsize=7)
     assert qd.metadata["maxsize"] == 7 and qd.maxsize == 7

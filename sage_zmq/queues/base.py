@@ -145,6 +145,11 @@ class QueueType(ABC):
     """Metadata keys this type reads. Other keys are the user's own and pass, but one that is
     close to a key here (``maxsise``) is likely a typo: it is warned about at creation."""
 
+    carries_maxsize: ClassVar[bool] = True
+    """Whether ``maxsize`` is a credit window that every end must agree on: a new descriptor
+    then carries it (the config's ``max_size`` when not given), so a process with another
+    config cannot disagree. A wrapped queue's bound is its queue object's own."""
+
     def prepare(self, descriptor: QueueDescriptor) -> dict[str, Any]:
         """Metadata to store in a new descriptor (e.g. a derived endpoint); validates input."""
         return dict(descriptor.metadata)

@@ -186,7 +186,8 @@ class WrappedProducer:
                 + (f" and stayed full for {timeout} s" if block and timeout is not None else "")
                 + "; get() from it or put with a longer timeout"
             ) from None
-        self._sent += 1
+        if not isinstance(item, EndOfStream):  # as on every queue: ENDs are not records
+            self._sent += 1
 
     def flush(self, timeout: float | None = None) -> None:
         """Items are in the queue as soon as ``put`` returns."""
@@ -272,6 +273,7 @@ class WrappedConsumer:
             "wrapped",
             "consumer",
             received=self._received,
+            acked=self._received,  # what get() returned is consumed: nothing is in flight
             depth=_qsize(self._q),
             maxsize=self._maxsize,
             upstreams=self._upstreams,
@@ -298,6 +300,7 @@ class WrappedQueueType(QueueType):
         extra="queue.Queue: this process; multiprocessing.Queue: children it is passed to "
         "at start; ray.util.queue.Queue: any Ray worker",
     )
+    carries_maxsize: ClassVar[bool] = False
     metadata_keys: ClassVar[frozenset[str]] = COMMON_METADATA_KEYS | {
         "kind",
         "owner",
