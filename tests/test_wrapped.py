@@ -9,6 +9,7 @@ import multiprocessing
 import pickle
 import queue
 import threading
+from typing import Any
 
 import pytest
 
@@ -138,3 +139,23 @@ def test_multiprocessing_queue_reaches_a_spawned_child() -> None:
     wrapped.forget(qd)
     q.close()
     q.join_thread()
+
+
+@pytest.mark.parametrize("kind", ["queue", "multiprocessing"])
+def test_statistics_count_records_as_every_queue_type_does(kind: str) -> None:
+    target: Any = queue.Queue() if kind == "queue" else multiprocessing.get_context("spawn").Queue()
+    qd = QueueDescriptor.from_existing(target)
+    try:
+        for i in range(2):
+            qd.put(i)
+        qd.put(EndOfStream())
+        assert list(qd) == [0, 1]
+        stats = qd.statistics()
+        # ENDs are not records; what get() returned is consumed.
+        assert (stats.sent, stats.received, stats.acked, stats.in_flight) == (2, 2, 2, 0)
+        assert stats.upstreams_ended == 1
+    finally:
+        qd.close()
+        if kind == "multiprocessing":
+            target.close()
+            target.join_thread()
