@@ -254,7 +254,10 @@ def test_full_instance_is_skipped_and_packets_never_vanish(
     assert sorted(p.payload for p in received) == list(range(30))
 
 
-def test_hash_to_full_owner_raises_after_timeout(local_queues: Any) -> None:
+def test_hash_to_full_owner_raises_after_timeout(
+    local_queues: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="sage_zmq.connection")
     (qd,) = local_queues(1, maxsize=1)
     router = HashRouter(timeout=0.05)
     router.add_connection(Connection(0, 0, "only", qd))
@@ -267,6 +270,31 @@ def test_hash_to_full_owner_raises_after_timeout(local_queues: Any) -> None:
     router.route(Packet(3, partition_key="k"))  # room again: the probe succeeds
     assert router.statistics().stalled == ()
     assert [p.payload for p in _drain(qd)] == [3]
+    # The log says what hash routing does: the key's packets do not go elsewhere.
+    (event,) = [r for r in caplog.records if getattr(r, "sage_event", "") == "failover"]
+    assert "never sent to another instance" in event.getMessage()
+    assert "other instances take" not in event.getMessage()
+
+
+def test_removed_instance_gets_an_end_of_stream_only_when_asked(local_queues: Any) -> None:
+    kept, paused, retired = local_queues(3)
+    router = RoundRobinRouter()
+    conns = [
+        Connection(0, i, name, qd)
+        for i, (name, qd) in enumerate((("kept", kept), ("paused", paused), ("retired", retired)))
+    ]
+    for conn in conns:
+        router.add_connection(conn)
+    for i in range(6):
+        router.route(Packet(i))
+    assert router.remove_connection(conns[1]) == 2  # two records wait in its queue
+    assert router.remove_connection(conns[2], end_stream=True) == 2
+    assert router.send_stop_signal() == 1  # the retired one was ended already: not twice
+    assert isinstance(_drain(kept)[-1], EndOfStream)
+    assert not any(isinstance(x, EndOfStream) for x in _drain(paused))
+    ended = _drain(retired)
+    assert [p.payload for p in ended[:-1]] == [2, 5] and isinstance(ended[-1], EndOfStream)
+    assert router.statistics().stop_signals == 2
 
 
 def test_broadcast_partial_failure_names_the_target(local_queues: Any) -> None:

@@ -374,8 +374,15 @@ class BaseRouter:
             group.relive()
             self._retain_load(group)
 
-    def remove_connection(self, conn: Connection, *, rescale: bool = False) -> int:
+    def remove_connection(
+        self, conn: Connection, *, rescale: bool = False, end_stream: bool = False
+    ) -> int:
         """Stop sending to ``conn``'s instance (safe while packets flow).
+
+        The instance gets no end of stream from this router unless ``end_stream=True`` (an
+        instance being retired: its consumer then counts this router's end as at
+        ``send_stop_signal``, which only reaches the connections still there). Leave it off
+        for an instance that may come back.
 
         Returns how many records put through it are not yet reported consumed: they stay in
         that queue (delivered if its consumer reads them; a ``DeliveryError`` on the
@@ -422,7 +429,26 @@ class BaseRouter:
             if not targets and not group.configured:
                 self._groups = tuple(g for g in self._groups if g is not group)
             self._retain_load(group)
+        if end_stream:
+            self._end_removed(target)
         return target.qd.backlog() if target.used else 0
+
+    def _end_removed(self, target: _Target) -> None:
+        key = target.conn.queue_key
+        if key in self._signalled or any(c.queue_key == key for c in self.connections()):
+            return  # ended already, or the queue is still fed through another connection
+        try:
+            self._return_held(target, self.timeout)
+            self._put_to(target, EndOfStream(self.name), self.timeout)
+        except SageZmqError as exc:
+            raise NotDelivered(
+                f"{self.name}: {target.conn.describe()} was removed, but its end of stream was "
+                f"not delivered: {exc}",
+                (),
+                (f"{target.conn.describe()}: {exc}",),
+            ) from exc
+        self._signalled.add(key)
+        self._stop_signals += 1
 
     def connections(self) -> list[Connection]:
         """The connected connections, by group and instance."""
@@ -547,7 +573,7 @@ class BaseRouter:
 
     def _put_fixed(self, g: _Group, t: _Target, packet: Packet, fan: bool) -> Connection:
         probe = t.probe
-        error = self._try_put(g, t, self._item(t, packet, fan), self.timeout)
+        error = self._try_put(g, t, self._item(t, packet, fan), self.timeout, movable=False)
         if error is not None:
             how = " (stalled after an earlier failure: probed without waiting)" if probe else ""
             raise RoutingError(
@@ -565,7 +591,7 @@ class BaseRouter:
         failed: list[str] = []
         for p in order:
             t = targets[p]
-            error = self._try_put(g, t, self._item(t, packet, fan), self.timeout)
+            error = self._try_put(g, t, self._item(t, packet, fan), self.timeout, movable=False)
             if error is None:
                 delivered.append(t.conn)
             else:
@@ -626,7 +652,9 @@ class BaseRouter:
             tuple(tried),
         )
 
-    def _try_put(self, g: _Group, t: _Target, item: Packet, wait: float) -> SageZmqError | None:
+    def _try_put(
+        self, g: _Group, t: _Target, item: Packet, wait: float, *, movable: bool = True
+    ) -> SageZmqError | None:
         qd = t.qd
         if t.reliable is None:
             self._watch(g, t)
@@ -639,7 +667,7 @@ class BaseRouter:
                 qd.put(item, True, wait)  # the common case, without a call more per packet
         except _PUT_FAILURES as exc:
             t.used = True
-            self._stall(g, t, exc)
+            self._stall(g, t, exc, movable)
             return exc
         except EncodeError as exc:
             # The record itself cannot travel: no other instance would do better.
@@ -751,18 +779,23 @@ class BaseRouter:
             self._put_to(t, t.held[0], wait)
             del t.held[0]
 
-    def _stall(self, g: _Group, t: _Target, why: Exception) -> None:
+    def _stall(self, g: _Group, t: _Target, why: Exception, movable: bool = True) -> None:
         with self._lock:
             first = not t.probe  # a failed probe of a stalled instance is not news
             t.stalled_until = time.monotonic() + self.retry_interval
             t.probe = True
             g.relive()
         if first:
-            self._failover_event(
-                t,
-                f"{why}; the group's other instances take its packets, and it is tried again "
-                f"in {self.retry_interval:g} s",
+            # Only round robin and load balance may send a packet elsewhere: a key's owner
+            # and a broadcast's every instance cannot be stood in for.
+            then = (
+                f"the group's other instances take its packets, and it is tried again in "
+                f"{self.retry_interval:g} s"
+                if movable
+                else "its packets are never sent to another instance: until it takes one "
+                "again, each is tried without waiting and reported as not delivered"
             )
+            self._failover_event(t, f"{why}; {then}")
 
     def _failover_event(self, t: _Target, detail: str, **fields: Any) -> None:
         connection_event(
