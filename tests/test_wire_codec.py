@@ -226,6 +226,17 @@ def test_a_top_level_end_of_stream_record_is_refused(compress: bool) -> None:
             codec.decode_plain_data(frame)
 
 
+def test_an_integer_beyond_64_bits_is_refused_saying_why() -> None:
+    _, sent, errors = Codec().encode_batch(
+        PRODUCER, 0, [2**64 - 1, {"id": 2**64}, Packet(1, partition_key=-(2**63) - 1)]
+    )
+    assert sent == [2**64 - 1]
+    assert len(errors) == 2
+    assert "builtins.dict" in errors[0] and "the integer 18446744073709551616" in errors[0]
+    assert "sage_zmq.packet.Packet" in errors[1] and "-9223372036854775809" in errors[1]
+    assert all("-2**63 to 2**64-1" in e and "as a str" in e for e in errors)
+
+
 def test_encode_error_is_a_sage_error_naming_the_type() -> None:
     codec = Codec()
     with pytest.raises(EncodeError, match=r"builtins\.object") as exc:

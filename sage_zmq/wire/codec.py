@@ -204,6 +204,14 @@ class Codec:
                 return obj.item()
         if cls is EndOfStream:
             return msgpack.ExtType(EXT_END_OF_STREAM, self._pack_inner([obj.source]))
+        if cls is int:  # msgpack hands over only the integers it has no format for
+            # A ValueError, not EncodeError: the caller's message then names the record.
+            text = str(obj)
+            raise ValueError(
+                f"it holds the integer {text[:40]}{'...' if len(text) > 40 else ''}, and "
+                "msgpack carries integers from -2**63 to 2**64-1 only; send a larger one as a "
+                "str (as a partition key, str(n) hashes exactly as n does)"
+            )
         if isinstance(obj, memoryview | bytearray):
             return bytes(obj)
         if self.allow_pickle:
