@@ -703,9 +703,14 @@ def main(argv: list[str] | None = None) -> int:
         help="run only these sections (repeatable)",
     )
     args = parser.parse_args(argv)
-    if args.plot:
+    if args.plot:  # checked before minutes of measuring
+        where = os.path.dirname(os.path.abspath(args.plot))
+        if os.path.isdir(args.plot) or not os.access(where, os.W_OK):
+            parser.error(
+                f"--plot {args.plot}: cannot write a file there (is {where} a writable directory?)"
+            )
         try:
-            import matplotlib  # noqa: F401  (checked before minutes of measuring)
+            import matplotlib  # noqa: F401
         except ImportError:
             parser.error("--plot needs matplotlib: pip install 'sage-zmq[plot]'")
     sections = args.only or [s for s in SECTIONS if s != "ray" or args.ray]

@@ -297,7 +297,7 @@ def keys_main(argv: Sequence[str]) -> int:
     try:
         public_path, secret_path = generate_keys(args.directory, args.name)
     except (SecurityError, OSError) as exc:
-        print(f"sage-zmq keys: {exc}", file=sys.stderr)
+        print(f"sage-zmq: error: {exc}", file=sys.stderr)
         return 1
     print(f"public key: {public_path}")
     print(f"secret key: {secret_path}  (keep private; never put its content in a descriptor)")

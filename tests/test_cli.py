@@ -169,6 +169,11 @@ def test_keys_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     code = main(["keys", "generate", str(tmp_path / "keys")])
     assert code == 0, capsys.readouterr()
     assert any((tmp_path / "keys").iterdir())
+    # A failure is one line in the format every command uses.
+    assert main(["keys", "generate", str(tmp_path / "keys")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sage-zmq: error: ") and "already exists" in err, err
+    assert err.count("\n") == 1, err
 
 
 def test_bench_is_delegated(capsys: pytest.CaptureFixture[str]) -> None:
@@ -176,6 +181,17 @@ def test_bench_is_delegated(capsys: pytest.CaptureFixture[str]) -> None:
         pytest.skip("sage_zmq.bench is not there yet")
     assert main(["bench", "--help"]) == 0
     assert "--quick" in capsys.readouterr().out
+
+
+def test_bench_refuses_a_plot_path_it_cannot_write_before_measuring(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started = time.monotonic()
+    for path in (tmp_path / "missing-dir" / "x.png", tmp_path):
+        assert main(["bench", "--quick", "--only", "core", "--plot", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "cannot write a file there" in err, err
+    assert time.monotonic() - started < 10  # nothing was measured
 
 
 def test_demo_quick(capsys: pytest.CaptureFixture[str]) -> None:

@@ -37,7 +37,7 @@ _DELEGATES: dict[str, tuple[str, str, str]] = {
 }
 _HELP = {
     "demo": "run the demo pipeline: source -> 2 workers -> sink across processes",
-    "bench": "run the benchmarks (--quick, --json, --plot FILE.png)",
+    "bench": "run the benchmarks (--quick, --json, --plot FILE.png, --ray, --only SECTION)",
     "keys": "manage CURVE keys (keys generate DIR)",
 }
 # The global options that take a value: the command is the first word that is neither one of
