@@ -110,6 +110,10 @@ class Consumer:
         self.qd.close()
         return out
 
+    def close(self) -> bool:
+        self.qd.close()
+        return True
+
     def stats(self) -> dict[str, Any]:
         s = self.qd.statistics()
         return {
@@ -180,6 +184,9 @@ def test_bad_ray_metadata_is_clear() -> None:
             QueueDescriptor("rq-bad", "ray", {"host": host})
     with pytest.raises(DescriptorError, match="not an IPv4 address"):
         QueueDescriptor("rq-bad", "ray", {"host": "256.1.1.1"})
+    for bind in ("tcp://127.0.0.1:0", 42):  # the consumer picks its port; host names the address
+        with pytest.raises(DescriptorError, match=r"'bind'\] does not apply.*metadata\['host'\]"):
+            QueueDescriptor("rq-bad", "ray", {"bind": bind})
     with pytest.raises(DescriptorError, match="leave endpoint out"):
         QueueDescriptor.from_dict(
             {"queue_id": "a", "queue_type": "ray", "metadata": {"endpoint": "ray://b"}}
@@ -322,6 +329,38 @@ def test_producer_before_consumer_and_backpressure_without_drops() -> None:
         _close_quietly(qd)
 
 
+@pytest.mark.parametrize("ack", [False, True])
+def test_records_put_between_two_consumers_wait_for_the_second(
+    ack: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A consumer that closes unpublishes itself; what is put before the next one appears
+    waits in the producer (it went into the closed one's socket and was lost)."""
+    caplog.set_level("INFO", logger="sage_zmq.connection")
+    qd = QueueDescriptor(f"rq-between-{ack}", "ray", {"maxsize": 1000, "ack": ack})
+    first = Consumer.options(**ON_B).remote(qd)
+    second = None
+    try:
+        for i in range(10):
+            qd.put(i, timeout=WAIT)
+        assert ray.get(first.take.remote(10), timeout=WAIT) == list(range(10))
+        ray.get(first.close.remote(), timeout=WAIT)
+        assert lookup_consumer(qd) is None
+        for i in range(10, 60):  # nobody consumes now
+            qd.put(i, timeout=WAIT)
+        second = Consumer.options(**ON_B).remote(qd)
+        drained = second.drain.remote()
+        qd.put(EndOfStream())
+        qd.close(timeout=WAIT)  # nothing lost: no DeliveryError
+        assert ray.get(drained, timeout=WAIT) == list(range(10, 60))
+        events = [getattr(r, "sage_event", "") for r in caplog.records]
+        assert "reconnect" in events and "lost" not in events
+    finally:
+        _close_quietly(qd)
+        for actor in (first, second):
+            if actor is not None:
+                ray.kill(actor)
+
+
 def _close_quietly(qd: QueueDescriptor) -> None:
     with contextlib.suppress(Exception):
         qd.close(timeout=2)
@@ -405,10 +444,11 @@ def test_consumer_restart_producers_follow(caplog: pytest.LogCaptureFixture) -> 
     for error in errors:
         assert isinstance(error, DeliveryError) and "restarted" in str(error), errors
         assert error.undelivered >= lost, (error.undelivered, lost)
-    warned = [r.getMessage() for r in caplog.records if "consumer restarted" in r.getMessage()]
-    assert warned, "the producer did not report the switch to the new consumer"
+    told = [r for r in caplog.records if "consumer restarted" in r.getMessage()]
+    assert [r.sage_event for r in told][:1] == ["reconnect"], "the switch was not reported"
     if lost:
-        assert "ack" in warned[0] and "up to" in warned[0], warned
+        (warned,) = [r.getMessage() for r in told if r.sage_event == "lost"]
+        assert "ack" in warned and "up to" in warned, warned
 
 
 @pytest.mark.parametrize("placement", [ON_B, ON_A], ids=["tcp", "ipc"])

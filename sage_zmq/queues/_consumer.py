@@ -676,7 +676,12 @@ class Consumer:
                 return
             _runtime.ticker().discard(self)
             try:
-                # Last receipts: producers closing right now learn that what they sent arrived.
+                # Last receipts: producers closing right now learn that what they sent arrived,
+                # and that every record get() returned, the batch being read included, was
+                # consumed (a ray producer's next consumer would otherwise get them again).
+                cur = self._cur_upstream
+                if cur is not None:
+                    cur.acked = max(cur.acked, self._cur_end - length_hint(self._current))
                 self._read_arrived(4096)
                 for up in self._ups.values():
                     if not up.ended:

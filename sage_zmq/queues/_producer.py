@@ -554,9 +554,9 @@ class Producer:
         lost = getattr(self._link, "lost", 0) + self._lost
         if lost:
             raise DeliveryError(
-                f"queue {self.queue_id!r}: up to {lost} records went to a consumer that "
-                "restarted before confirming them, and are lost; set metadata ack=True to have "
-                "them retransmitted",
+                f"queue {self.queue_id!r}: up to {lost} records went to a consumer that was "
+                "replaced (it restarted, or closed and another took over) before confirming "
+                "them, and are lost; set metadata ack=True to have them retransmitted",
                 lost,
             )
         if errors:
@@ -620,6 +620,12 @@ class Producer:
         ends_consumed = len(self._end_seqs) - self._ends_unconsumed()
         # Where the records go: for a ray queue, the consumer's tcp or same-node ipc endpoint.
         endpoint = getattr(self._link, "endpoint", None)
+        extra: dict[str, Any] = {}
+        if isinstance(endpoint, str) and endpoint:
+            extra["endpoint"] = endpoint
+        lost = getattr(self._link, "lost", 0) + self._lost
+        if lost:
+            extra["lost"] = lost  # at most: sent to a consumer replaced before confirming them
         return QueueStatistics(
             queue_id=self.queue_id,
             queue_type=self.queue_type,
@@ -633,6 +639,6 @@ class Producer:
             in_flight=in_flight,
             credit_waits=self._credit_waits,
             encode_errors=self._encode_errors,
-            extra={"endpoint": endpoint} if isinstance(endpoint, str) and endpoint else None,
+            extra=extra or None,
             uptime=time.monotonic() - self._opened_at,
         )

@@ -263,7 +263,10 @@ class RayProducerLink:
     records) and ``poll`` keeps looking; once found, they go out in order. When the socket
     reports the consumer gone, or no credit came for ``STALL`` seconds while records are
     unconfirmed, the link looks again; a new entry (token) means a new consumer: the link
-    connects to it and introduces the producer with a HELLO from the last acked seq.
+    connects to it and introduces the producer with a HELLO from the last acked seq. No entry
+    at all means the consumer closed and none took its place: the link drops its socket (whose
+    frames would wait for a reconnect to an endpoint nobody will bind again) and frames wait
+    here again for the next consumer.
     """
 
     LOOKUP_MIN = 0.01
@@ -308,6 +311,9 @@ class RayProducerLink:
         self._next_watch = 0.0
         self._closed = False
         self._read_at_switch: list[Credit] = []  # the old consumer's last reports, for poll()
+        # The seq where the frames sent to a consumer that closed (unpublished) ended; the
+        # backlog holds what was put after it, for the next consumer. None: no such gap.
+        self._parked_at: int | None = None
         # The ticker thread resolves and follows the consumer while the producer is idle.
         self._lock = threading.RLock()
         self._lookup()
@@ -336,10 +342,40 @@ class RayProducerLink:
         except Exception as exc:  # a GCS hiccup: keep the current socket, try again later
             log.debug("queue %s: consumer lookup failed: %s", self.queue_id, exc)
             return False
-        if entry is None or (self._entry is not None and entry.token == self._entry.token):
+        if entry is None:
+            if self._inner is not None and self._suspect:
+                self._park()
+            return False
+        if self._entry is not None and entry.token == self._entry.token and self._inner:
             return False
         self._switch(entry)
         return True
+
+    def _park(self) -> None:
+        """The consumer closed (it unpublished itself) and none replaced it: stop sending into
+        its socket, where frames would wait for an endpoint nobody binds again; later frames
+        wait in the backlog for the next consumer."""
+        old = self._inner
+        assert old is not None
+        # Its last reports, the reliable layer's too: what they confirm is not sent again.
+        self._read_final_reports(old)
+        self._drop_socket(linger=0)
+        self._parked_at = self._sent_seq
+        connection_event(
+            "peer_dead",
+            queue=self.queue_id,
+            peer=self._endpoint,
+            detail="the consumer closed and none took its place; records wait for the next",
+        )
+        _runtime.ticker().add(self, self.LOOKUP_MIN)
+
+    def _read_final_reports(self, old: DealerLink) -> None:
+        # Reports the old consumer sent before it went: what they confirm is not lost.
+        with contextlib.suppress(zmq.ZMQError):
+            credits = old.poll(0)
+            if credits:
+                self._on_credits(credits)
+                self._read_at_switch.extend(credits)
 
     def _route(self, entry: ConsumerEntry) -> str:
         """The consumer's ipc endpoint if it is on this node and reachable, else its tcp one."""
@@ -356,13 +392,8 @@ class RayProducerLink:
     def _switch(self, entry: ConsumerEntry) -> None:
         old = self._inner
         if old is not None and not self._reliable:
-            # Reports the old consumer sent before it went: what they confirm is not lost.
             # (The reliable layer retransmits what was not acked, and follows sessions itself.)
-            with contextlib.suppress(zmq.ZMQError):
-                credits = old.poll(0)
-                if credits:
-                    self._on_credits(credits)
-                    self._read_at_switch.extend(credits)
+            self._read_final_reports(old)
         endpoint = self._route(entry)
         inner = self._make(endpoint)
         monitor = inner.sock.get_monitor_socket(_MONITOR_EVENTS)
@@ -372,38 +403,47 @@ class RayProducerLink:
         self._suspect = False
         self._gap = self.LOOKUP_MIN
         self._last_credit = time.monotonic()
-        if old is None:
-            backlog, self._backlog = self._backlog, []
+        parked, self._parked_at = self._parked_at, None
+        backlog, self._backlog = self._backlog, []
+        if old is None and parked is None:  # the first consumer: the backlog starts with HELLO
             for send in backlog:
                 send(inner)
             return
         self.reconnects += 1
-        at_risk = self._sent_seq - self._acked
+        # What went into the previous consumer's socket ends here; the backlog comes after.
+        sent_before = self._sent_seq if parked is None else parked
+        why = (
+            "the consumer restarted"
+            if parked is None
+            else "a consumer took over from one that closed"
+        )
+        connection_event("reconnect", queue=self.queue_id, peer=endpoint, detail=why)
+        at_risk = sent_before - self._acked
         if at_risk > 0 and not self._reliable:
             self.lost += at_risk
             connection_event(
                 "lost",
                 queue=self.queue_id,
                 peer=endpoint,
-                detail=f"the consumer restarted; up to {at_risk} records sent to the old one "
-                f"(seq {self._acked}..{self._sent_seq - 1}) were not acked and are lost; set "
+                detail=f"{why}; up to {at_risk} records sent to the old one "
+                f"(seq {self._acked}..{sent_before - 1}) were not acked and are lost; set "
                 "metadata ack=True to have them retransmitted",
                 records=at_risk,
             )
-        else:
-            connection_event(
-                "reconnect", queue=self.queue_id, peer=endpoint, detail="the consumer restarted"
-            )
         if self._hello is not None:
             producer, epoch = self._hello
-            if not self._reliable:
+            if self._reliable:
+                # The reliable layer's frames pass through send_frame, which does not read
+                # their seqs, so what was acked may be ahead of what this link saw sent.
+                self._sent_seq = max(self._sent_seq, self._acked)
+                inner.send_hello(producer, epoch, self._sent_seq, self._acked)
+            else:
                 # Nothing will retransmit the lost range: start the new consumer after it,
                 # or it would wait for seqs that never come and grant no credit.
-                self._acked = self._received = self._sent_seq
-            # The reliable layer's frames pass through send_frame, which does not read their
-            # seqs, so what was acked may be ahead of what this link saw sent.
-            self._sent_seq = max(self._sent_seq, self._acked)
-            inner.send_hello(producer, epoch, self._sent_seq, self._acked)
+                self._acked = self._received = sent_before
+                inner.send_hello(producer, epoch, sent_before, sent_before)
+        for send in backlog:  # what was put while no consumer was published
+            send(inner)
 
     def _drop_socket(self, linger: int | None) -> None:
         inner, monitor = self._inner, self._monitor
@@ -579,7 +619,7 @@ class RayQueueType(SocketQueueType):
         cross_host=True,
         extra="Ray finds the consumer (GCS KV store); ZeroMQ tcp carries the data",
     )
-    metadata_keys: ClassVar[frozenset[str]] = SocketQueueType.metadata_keys | {
+    metadata_keys: ClassVar[frozenset[str]] = (SocketQueueType.metadata_keys - {"bind"}) | {
         "host",
         "ipc",
         "namespace",
@@ -602,6 +642,12 @@ class RayQueueType(SocketQueueType):
             raise DescriptorError(
                 f"a ray queue's endpoint is ray://<queue_id> (here {_SCHEME}{queue_id}), got "
                 f"{endpoint!r}: leave endpoint out; Ray finds the consumer's tcp address itself"
+            )
+        if "bind" in meta:
+            raise DescriptorError(
+                "metadata['bind'] does not apply to a ray queue: its consumer binds a port the "
+                "OS picks on its own node and publishes it; name the address with "
+                "metadata['host'] (default: the node's IP)"
             )
         for key in ("host", "namespace"):
             value = meta.get(key)
