@@ -174,6 +174,44 @@ def test_client_with_unknown_key_delivers_nothing(
         link.close()
 
 
+def test_a_refused_producer_keeps_to_its_timeouts(
+    secure_queue: QueueDescriptor, keys: dict[str, str]
+) -> None:
+    # No connection takes its frames (the handshake is refused): a send must not block, or
+    # put and close would hang for as long as it did, whatever their own timeouts.
+    import time
+
+    from sage_zmq import DeliveryError, Full
+    from sage_zmq.queues._producer import Producer
+
+    intruder = security.CurveSetup(
+        security.CurvePaths(
+            server_public_key=keys["server_public_key"],
+            client_secret_key=keys["intruder_secret_key"],
+        )
+    )
+    link = DealerLink(str(secure_queue.endpoint), Codec(), SocketOptions(curve=intruder))
+    producer = Producer(
+        link,
+        queue_id="x",
+        queue_type="tcp",
+        window=5,
+        batch_size=1,
+        flush_interval=0.01,
+        timeout=60,
+    )
+    started = time.monotonic()
+    for i in range(5):
+        producer.put(i, timeout=0.3)  # within the window: accepted at once
+    with pytest.raises(Full):
+        producer.put(5, timeout=0.3)
+    with pytest.raises(DeliveryError, match="CURVE key") as info:
+        producer.close(timeout=0.3)
+    assert info.value.undelivered == 5
+    assert time.monotonic() - started < 10  # it took 60 s (the queue's timeout) per send
+    _assert_delivers_nothing(secure_queue)
+
+
 def test_client_with_wrong_server_key_delivers_nothing(
     secure_queue: QueueDescriptor, keys: dict[str, str]
 ) -> None:

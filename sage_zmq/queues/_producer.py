@@ -539,16 +539,22 @@ class Producer:
                 self._apply(self._link.poll(min(wait, 0.5)))
                 self._hear_local_consumer()
             undelivered = unsent + max(0, self._next_seq - self._received)
+            stuck = getattr(self._link, "unsent_frames", 0)
             self._closed = True
             self._leave_runtime()
             self._update_room()
             self._link.close()
             errors, self._errors = self._errors, []
         if undelivered:
+            why = (
+                f"{stuck} frames found no connection to take them: is the consumer up, and "
+                "does it accept this producer's CURVE key?"
+                if stuck
+                else "is the consumer running and reading?"
+            )
             raise DeliveryError(
                 f"queue {self.queue_id!r}: {undelivered} records put were not confirmed "
-                f"as received by the consumer within {timeout} s (is the consumer running "
-                "and reading?)",
+                f"as received by the consumer within {timeout} s ({why})",
                 undelivered,
             )
         lost = getattr(self._link, "lost", 0) + self._lost

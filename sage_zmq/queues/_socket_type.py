@@ -130,14 +130,7 @@ class SocketQueueType(QueueType):
         max_size = int(meta.get("max_message_size", cfg.performance.max_message_size))
         curve = self.curve(descriptor, cfg)
         if not self.reliable(descriptor):
-            # A send that cannot even be queued (no connection at all) fails after the
-            # queue's timeout instead of hanging; the reliable layer keeps frames and retries.
-            send_timeout = max(1, round(descriptor.settings().timeout * 1000))
-            return SocketOptions(
-                max_message_size=max_size,
-                curve=curve,
-                send_timeout_ms=send_timeout,
-            )
+            return SocketOptions(max_message_size=max_size, curve=curve)
         from sage_zmq.flow.reliable import ReliabilitySettings
 
         t = ReliabilitySettings.from_metadata(meta).timing

@@ -17,6 +17,7 @@ import re
 import socket
 import stat
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ import zmq
 
 from sage_zmq import _runtime
 from sage_zmq import observe as _observe
-from sage_zmq.errors import DecodeError, DeliveryError, DescriptorError
+from sage_zmq.errors import DecodeError, DescriptorError
 from sage_zmq.queues.base import Credit
 from sage_zmq.wire.codec import PLAIN_DATA_HEADER, Codec
 from sage_zmq.wire.frame import HEADER_SIZE, Kind
@@ -59,7 +60,6 @@ class SocketOptions:
     heartbeat_ivl_ms: int = 0
     heartbeat_timeout_ms: int = 0
     linger_ms: int = 1000
-    send_timeout_ms: int = -1  # -1: block; else a send with no connection at all fails
     curve: Any = None  # sage_zmq.security.CurveSetup or None
 
 
@@ -190,7 +190,6 @@ class DealerLink:
             # queues, then a get from each, took 33 s with retries backing off to 2 s).
             ivl_max = min(ivl_max, IPC_RECONNECT_MAX_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, ivl_max)
-        sock.setsockopt(zmq.SNDTIMEO, opts.send_timeout_ms)
         if opts.curve is not None:
             opts.curve.apply_client(sock)
         _allow_ipv6(sock, endpoint)
@@ -203,50 +202,66 @@ class DealerLink:
     """Seconds a producer waits for credit before it says HELLO again (a replaced consumer
     has never heard of it). Read on the producer's own link: the reliable and ray links,
     which reintroduce the producer themselves, do not have it."""
-    _send_flags = 0  # NOBLOCK once frames may stay unsent (see keep_unsent)
     _unsent_noted_at = -1e9
+    _kept = False  # the reliable layer keeps frames itself: an unsent one is just dropped
+    _unsent: deque[bytes] | None = None  # frames no connection took yet, oldest first
 
     def keep_unsent(self) -> None:
-        """Never block in a send: a frame with no connection to take it stays unsent.
+        """Frames with no connection to take them are the caller's to resend, not ours.
 
         For the reliable layer, which keeps every frame until acknowledged and resends after
-        a reconnect: a blocking send would hang ``put``, heartbeats and ``close`` (whatever
-        their timeouts) while no handshake succeeds, e.g. CURVE refusing this producer's key.
-        (HWMs are unlimited, so EAGAIN means exactly that: no connection at all.)
+        a reconnect.
         """
-        self._send_flags = _NOBLOCK
+        self._kept = True
+
+    @property
+    def unsent_frames(self) -> int:
+        """Frames waiting here because no connection would take them (none: 0)."""
+        return len(self._unsent) if self._unsent else 0
 
     def _send_frame(self, frame: bytes) -> None:
+        # Never blocks: with unlimited HWMs a DEALER refuses a frame (EAGAIN) only when it has
+        # no connection object at all, e.g. every handshake fails (CURVE refused this
+        # producer's key). A blocking send would then hang put, heartbeats and close whatever
+        # their timeouts; instead the frame waits here, in order, and the caller's own
+        # deadline (credit for put, receipts for close) decides when to give up.
+        if self._unsent and not self._send_unsent():
+            self._hold(frame)
+            return
         try:
-            _send(self.sock, frame, self._send_flags, len(frame) < 65536)
+            _send(self.sock, frame, _NOBLOCK, len(frame) < 65536)
         except zmq.Again:
-            # A DEALER blocks only when it has no connection object at all, e.g. every
-            # handshake fails (CURVE refused this producer's key): report it, never hang.
+            self._hold(frame)
+
+    def _hold(self, frame: bytes) -> None:
+        now = time.monotonic()
+        if now - self._unsent_noted_at >= 10.0:
+            self._unsent_noted_at = now
             from sage_zmq.observe.logging import connection_event
 
-            if self._send_flags:
-                now = time.monotonic()
-                if now - self._unsent_noted_at >= 10.0:
-                    self._unsent_noted_at = now
-                    connection_event(
-                        "connect_failed",
-                        queue=self.queue_id,
-                        peer=self.endpoint,
-                        detail="no usable connection (is the consumer up? does it accept this "
-                        "producer's CURVE key?); frames are kept and resent",
-                    )
-                return
             connection_event(
                 "connect_failed",
                 queue=self.queue_id,
                 peer=self.endpoint,
-                detail="no usable connection to hand a frame to",
+                detail="no usable connection (is the consumer up? does it accept this "
+                "producer's CURVE key?); frames are kept and sent once one is",
             )
-            raise DeliveryError(
-                f"queue {self.queue_id!r}: could not hand a frame to ZeroMQ for "
-                f"{self.endpoint}: no usable connection (is the consumer up? does it accept "
-                "this producer's CURVE key?)"
-            ) from None
+        if self._kept:
+            return
+        if self._unsent is None:
+            self._unsent = deque()
+        self._unsent.append(frame)
+
+    def _send_unsent(self) -> bool:
+        """Send what waits here, in order; True once nothing does."""
+        unsent = self._unsent
+        while unsent:
+            try:
+                _send(self.sock, unsent[0], _NOBLOCK, len(unsent[0]) < 65536)
+            except zmq.Again:
+                return False
+            unsent.popleft()
+        return True
 
     def send_hello(self, producer: str, epoch: int, next_seq: int, acked: int) -> None:
         self._producer = producer
@@ -289,6 +304,8 @@ class DealerLink:
 
     def poll(self, timeout: float) -> list[Credit]:
         sock = self.sock
+        if self._unsent:
+            self._send_unsent()
         first: Any = None
         if not sock.get(_EVENTS) & _POLLIN:
             if timeout <= 0:

@@ -330,6 +330,11 @@ class RayProducerLink:
     def errors(self) -> int:
         return 0 if self._inner is None else self._inner.errors
 
+    @property
+    def unsent_frames(self) -> int:
+        """Frames no connection to the consumer took (see ``DealerLink.unsent_frames``)."""
+        return 0 if self._inner is None else self._inner.unsent_frames
+
     def _lookup(self) -> bool:
         """Look the consumer up; True if the link moved to a new one."""
         now = time.monotonic()
