@@ -62,6 +62,21 @@ def test_close_without_consumer_reports_delivery_error(
     conf.check_delivery_error(make_descriptor)
 
 
+def test_closing_with_unread_records_says_so(
+    make_descriptor: DescriptorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="sage_zmq.queue")
+    qd = make_descriptor(maxsize=100)
+    for i in range(10):
+        qd.put(i, timeout=conf.GET_TIMEOUT)
+    qd.flush()
+    assert [qd.get(timeout=conf.GET_TIMEOUT) for _ in range(3)] == [0, 1, 2]
+    conf.wait_until(lambda: qd.qsize() == 7, what="the other records to arrive")
+    qd.close()
+    warned = [r.getMessage() for r in caplog.records if "never read" in r.getMessage()]
+    assert len(warned) == 1 and "7 records" in warned[0], warned
+
+
 # ------------------------------------------------------------------ across processes
 def test_spawned_producers_fifo(make_remote_descriptor: DescriptorFactory) -> None:
     conf.check_process_producers(make_remote_descriptor)

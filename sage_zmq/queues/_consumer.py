@@ -688,6 +688,15 @@ class Consumer:
                         self._grant(up)
             except Exception as exc:
                 log.debug("queue %s: last read before close failed: %s", self.queue_id, exc)
+            unread = length_hint(self._current) + self._queued
+            if unread:
+                # Delivered to this process and confirmed to their producers, then dropped by
+                # the application's close: the one place records go without an error.
+                log.warning(
+                    "queue %s: closed with %d records received and never read; they are gone",
+                    self.queue_id,
+                    unread,
+                )
             self._closed = True
             self._batches.clear()
             self._current = _EMPTY_ITER
