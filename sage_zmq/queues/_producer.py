@@ -532,7 +532,7 @@ class Producer:
                 self._apply(self._link.poll(0))
             while self._received < self._next_seq:
                 wait = deadline - time.monotonic()
-                if wait <= 0:
+                if wait <= 0 or getattr(self._link, "refused", None):
                     break
                 if self.assist is not None:
                     wait = min(wait, 0.01)
@@ -540,12 +540,20 @@ class Producer:
                 self._hear_local_consumer()
             undelivered = unsent + max(0, self._next_seq - self._received)
             stuck = getattr(self._link, "unsent_frames", 0)
+            refused = getattr(self._link, "refused", None)
             self._closed = True
             self._leave_runtime()
             self._update_room()
             self._link.close()
             errors, self._errors = self._errors, []
         if undelivered:
+            if refused:
+                raise DeliveryError(
+                    f"queue {self.queue_id!r}: {undelivered} records put were refused by the "
+                    f"consumer at {getattr(self._link, 'endpoint', '?')}, which serves another "
+                    f"queue ({refused}); is the endpoint stale?",
+                    undelivered,
+                )
             why = (
                 f"{stuck} frames found no connection to take them: is the consumer up, and "
                 "does it accept this producer's CURVE key?"

@@ -46,6 +46,9 @@ _send: Callable[..., Any] = zmq.backend.Socket.send
 _TCP = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_]+|\*):(\d{1,5}|\*)$")
 
 
+WRONG_QUEUE = "wrong_queue"
+"""ERROR code: the connection's HELLO named another queue; none of its frames is taken."""
+
 IPC_RECONNECT_MAX_MS = 250
 """Longest wait between a producer's connect retries on an ipc endpoint (ray links too)."""
 
@@ -203,6 +206,8 @@ class DealerLink:
     has never heard of it). Read on the producer's own link: the reliable and ray links,
     which reintroduce the producer themselves, do not have it."""
     _unsent_noted_at = -1e9
+    refused: str | None = None
+    """Why the consumer refuses everything from this link (it belongs to another queue)."""
     _kept = False  # the reliable layer keeps frames itself: an unsent one is just dropped
     _unsent: deque[bytes] | None = None  # frames no connection took yet, oldest first
 
@@ -343,6 +348,8 @@ class DealerLink:
                 self.released.extend(msg.fields[1])
             elif msg.kind is Kind.ERROR:
                 self.errors += 1
+                if msg.fields["code"] == WRONG_QUEUE:
+                    self.refused = str(msg.fields["message"])
                 log.warning(
                     "queue %s: consumer rejected a frame: %s (%s)",
                     self.queue_id,
@@ -376,6 +383,10 @@ class RouterInlet:
         self.queue_id = queue_id
         self.rejected = 0
         self._last_warning: dict[bytes, float] = {}
+        # Connections whose HELLO named another queue -> that queue: every later frame of
+        # theirs is refused too (a producer that reached the wrong queue, e.g. a stale
+        # endpoint now bound by another one, must not have its records taken here).
+        self._foreign: dict[bytes, str] = {}
         self._rcvtimeo = -1  # libzmq's default
         sock = _new_socket(zmq.ROUTER, queue_id)
         _apply_common(sock, opts)
@@ -492,6 +503,13 @@ class RouterInlet:
             self._reject(peer, f"expected one frame per message, got {1 + extra}")
             return []
         frame = part.bytes
+        foreign = self._foreign
+        if foreign and peer in foreign and not self._corrects_queue(peer, frame):
+            why = (
+                f"this connection's HELLO named queue {foreign[peer]!r}; this is {self.queue_id!r}"
+            )
+            self._reject(peer, why, WRONG_QUEUE)
+            return []
         codec = self.codec
         codec.shm_origin = peer  # whom a shm slot in this frame is released to
         try:
@@ -510,7 +528,11 @@ class RouterInlet:
         if kind is Kind.HELLO:
             if f.get("queue") and self.queue_id and f["queue"] != self.queue_id:
                 # A producer of another queue (e.g. a stale endpoint after a restart).
-                self._reject(peer, f"HELLO names queue {f['queue']!r}; this is {self.queue_id!r}")
+                if len(self._foreign) >= 4096:
+                    del self._foreign[next(iter(self._foreign))]
+                self._foreign[peer] = str(f["queue"])
+                why = f"HELLO names queue {f['queue']!r}; this is {self.queue_id!r}"
+                self._reject(peer, why, WRONG_QUEUE)
                 return []
             if f.get("acked", 0) > f["next_seq"]:
                 self._reject(peer, "HELLO acked must not exceed next_seq")
@@ -527,7 +549,18 @@ class RouterInlet:
         """Count a refused frame, warn once per peer per interval, answer ERROR."""
         self._reject(peer, why)
 
-    def _reject(self, peer: bytes, why: str) -> None:
+    def _corrects_queue(self, peer: bytes, frame: bytes) -> bool:
+        """Whether ``frame`` is a HELLO naming this queue (the connection is ours after all)."""
+        try:
+            msg = self.codec.decode(frame)
+        except DecodeError:
+            return False
+        if msg.kind is Kind.HELLO and msg.fields.get("queue") in (None, self.queue_id):
+            del self._foreign[peer]
+            return True
+        return False
+
+    def _reject(self, peer: bytes, why: str, code: str = "rejected") -> None:
         self.rejected += 1
         now = time.monotonic()
         if now - self._last_warning.get(peer, -1e9) > 10.0:
@@ -538,7 +571,7 @@ class RouterInlet:
                 "queue %s: rejected a frame from peer %s: %s", self.queue_id, peer.hex(), why
             )
         try:
-            body = {"code": "rejected", "message": why[:200]}
+            body = {"code": code, "message": why[:200]}
             self.sock.send_multipart(
                 [peer, self.codec.encode_control(Kind.ERROR, body)], zmq.NOBLOCK
             )

@@ -331,6 +331,11 @@ class RayProducerLink:
         return 0 if self._inner is None else self._inner.errors
 
     @property
+    def refused(self) -> str | None:
+        """Why the consumer refuses this producer (see ``DealerLink.refused``)."""
+        return None if self._inner is None else self._inner.refused
+
+    @property
     def unsent_frames(self) -> int:
         """Frames no connection to the consumer took (see ``DealerLink.unsent_frames``)."""
         return 0 if self._inner is None else self._inner.unsent_frames
