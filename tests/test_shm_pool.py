@@ -639,6 +639,33 @@ def test_a_full_pool_takes_releases_that_come_soon_over_a_new_segment() -> None:
         sender.close()
 
 
+def test_a_pool_that_cannot_grow_sends_inline_and_waits_before_trying_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # /dev/shm full after the first segment (a container's 64 MiB): the payload goes inline
+    # with a warning, as with a full pool, instead of put failing with ShmError.
+    from sage_zmq.shm.pool import SharedMemoryPool, ShmError
+
+    sender = ShmSender(threshold=1, capacity=4 * MiB, wait=0.0, segment_bytes=MiB)
+    try:
+        held = [sender._slot(256 * KiB) for _ in range(4)]  # the first segment, full
+        assert all(held) and sender.pool is not None
+        tries: list[int] = []
+
+        def no_space(self: SharedMemoryPool, size: int) -> Any:
+            tries.append(size)
+            raise ShmError("cannot allocate: [Errno 28] No space left on device")
+
+        monkeypatch.setattr(SharedMemoryPool, "_add_segment", no_space)
+        with caplog.at_level("WARNING", logger="sage_zmq.shm"):
+            assert sender._slot(256 * KiB) is None
+            assert sender._slot(256 * KiB) is None  # no second try at once
+        assert len(tries) == 1 and sender.inline_fallbacks == 2
+        assert any("could not grow" in r.getMessage() for r in caplog.records)
+    finally:
+        sender.close()
+
+
 # -- bandwidth (informational) ---------------------------------------------------------------
 
 

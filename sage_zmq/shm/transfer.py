@@ -64,6 +64,8 @@ RELEASE_DELAY = 0.002
 """Seconds a release may wait for company before it is sent."""
 GROW_AFTER = 2 * RELEASE_DELAY
 """Seconds a full pool waits for releases before it adds a segment."""
+GROW_RETRY = 1.0
+"""Seconds after a segment could not be created (no memory) before the pool tries again."""
 
 
 class InlineBytes(bytes):
@@ -248,6 +250,7 @@ class ShmSender:
         self._starved = False
         self._closed = False
         self._unread_bytes = 0  # placed since the socket was last read for releases
+        self._no_grow_until = 0.0  # after a failed segment creation: no new one before this
         self._last_warning = -1e9
         self._last_trim = time.monotonic()
         self._lock = threading.Lock()  # guards pool creation and close against GC callbacks
@@ -341,9 +344,12 @@ class ShmSender:
                 if time.monotonic() >= grace:
                     break
         try:
-            return pool.alloc(nbytes, timeout=0)
+            return pool.alloc(nbytes, timeout=0, grow=self._may_grow())
         except (Full, PoolClosed):
             pass
+        except ShmError as exc:  # no memory for another segment (/dev/shm is full)
+            self._cannot_grow(nbytes, exc)
+            return None
         # Full: what frees room is a RELEASE from the consumer, read from our own socket.
         self.waits += 1
         deadline = time.monotonic() + (0.0 if self._starved and wait is None else bound)
@@ -351,7 +357,10 @@ class ShmSender:
             remaining = deadline - time.monotonic()
             self.poll_releases(max(0.0, min(remaining, 0.05)))
             try:
-                slot = pool.alloc(nbytes, timeout=0)
+                slot = pool.alloc(nbytes, timeout=0, grow=self._may_grow())
+            except ShmError as exc:
+                self._cannot_grow(nbytes, exc)
+                return None
             except (Full, PoolClosed):
                 if remaining > 0:
                     continue
@@ -361,6 +370,15 @@ class ShmSender:
                 return None
             self._starved = False
             return slot
+
+    def _may_grow(self) -> bool:
+        return time.monotonic() >= self._no_grow_until
+
+    def _cannot_grow(self, nbytes: int, exc: ShmError) -> None:
+        # The payload goes inline, as when the pool is full; trying to create a segment on
+        # every put would cost a failed allocation each, so wait a while before the next try.
+        self._no_grow_until = time.monotonic() + GROW_RETRY
+        self._fallback(nbytes, f"the pool could not grow: {exc}")
 
     # -- encoding ---------------------------------------------------------------------------
 
