@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os as _os
 import re
+import resource
 import socket
 import stat
 import time
@@ -612,7 +613,31 @@ class RouterInlet:
         _observe.link_closed("consumer", self.endpoint, self.queue_id)
 
 
+FD_HEADROOM = 16
+"""File descriptors a new socket must leave free: it, its connections and libzmq's own helpers
+need several, and libzmq aborts the whole process (an assertion) when one of those fails."""
+
+
+def _check_fd_headroom(queue_id: str) -> None:
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY or soft > 1 << 16:
+            return  # room enough, and counting would cost more
+        used = len(_os.listdir("/proc/self/fd"))
+    except (OSError, ValueError):
+        return  # no /proc (not Linux): libzmq's own EMFILE is all there is
+    if used + FD_HEADROOM > soft:
+        raise DescriptorError(
+            f"cannot open a socket for queue {queue_id!r}: this process has {used} of its "
+            f"{soft} file descriptors open (ulimit -n), and a queue's socket with its "
+            "connections needs several more. Close the descriptors you no longer use (a tcp "
+            "descriptor made without an endpoint holds its socket until close()), or raise "
+            "the limit"
+        )
+
+
 def _new_socket(kind: int, queue_id: str) -> Any:  # as Context[Any].socket: Any
+    _check_fd_headroom(queue_id)
     ctx = _runtime.context()
     try:
         return ctx.socket(kind)

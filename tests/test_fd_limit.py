@@ -1,0 +1,41 @@
+"""A process near its file limit gets a clear error, not libzmq's abort (SIGABRT)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+_CHILD = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[1])))
+from sage_zmq import DescriptorError, QueueDescriptor
+held = []
+try:
+    for i in range(1000):
+        qd = QueueDescriptor(f"q{i}", "tcp", {"maxsize": 10})  # binds its port now
+        qd.put(i, timeout=5)
+        assert qd.get(timeout=5) == i
+        held.append(qd)
+except DescriptorError as exc:
+    print("refused", len(held), exc)
+for qd in held[: len(held) // 2]:
+    qd.close()
+qd = QueueDescriptor("again", "tcp")  # room again once some are closed
+qd.put("x")
+assert qd.get(timeout=5) == "x"
+print("usable")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts /proc/self/fd")
+@pytest.mark.parametrize("limit", [64, 100])
+def test_running_out_of_file_descriptors_is_a_clear_error(limit: int) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(limit)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]  # -6 was libzmq's assertion
+    refused, usable = done.stdout.strip().splitlines()
+    assert refused.startswith("refused") and "ulimit -n" in refused, refused
+    assert usable == "usable"
