@@ -105,11 +105,23 @@ def batching_in_this_thread() -> list[Any]:
 
 def runtime_dir() -> str:
     """A private (0700) directory for ipc socket files, created on first use."""
-    base = os.environ.get("SAGE_ZMQ_RUNTIME_DIR") or os.path.join(
-        tempfile.gettempdir(), f"sage-zmq-{os.getuid()}"
+    # Absolute: the endpoints derived here travel in descriptors to processes that may run
+    # in another working directory.
+    base = os.path.abspath(
+        os.environ.get("SAGE_ZMQ_RUNTIME_DIR")
+        or os.path.join(tempfile.gettempdir(), f"sage-zmq-{os.getuid()}")
     )
-    with contextlib.suppress(FileExistsError):
+    try:
         os.mkdir(base, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        from sage_zmq.errors import DescriptorError
+
+        raise DescriptorError(
+            f"cannot create the runtime directory {base} for ipc socket files: "
+            f"{exc.strerror}; set SAGE_ZMQ_RUNTIME_DIR to a private directory you can create"
+        ) from None
     st = os.stat(base)
     if st.st_uid != os.getuid() or st.st_mode & 0o077:
         from sage_zmq.errors import SecurityError

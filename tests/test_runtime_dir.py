@@ -88,3 +88,44 @@ def test_a_killed_consumers_socket_file_goes_when_a_later_process_uses_queues(
     )
     assert later.returncode == 0, later.stderr
     assert not path.exists()
+
+
+def test_a_relative_ipc_endpoint_is_refused_at_creation() -> None:
+    from sage_zmq import DescriptorError, QueueDescriptor
+
+    with pytest.raises(DescriptorError, match="relative path.*absolute"):
+        QueueDescriptor("rel", "shm", {"endpoint": "ipc://rel.sock"})
+
+
+def test_a_relative_runtime_dir_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SAGE_ZMQ_RUNTIME_DIR", "rt")
+    assert _runtime.runtime_dir() == str(tmp_path / "rt")  # endpoints derived here travel
+
+
+def test_a_runtime_dir_that_cannot_be_made_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sage_zmq import DescriptorError
+
+    monkeypatch.setenv("SAGE_ZMQ_RUNTIME_DIR", str(tmp_path / "missing" / "rt"))
+    with pytest.raises(
+        DescriptorError, match="cannot create the runtime directory.*SAGE_ZMQ_RUNTIME_DIR"
+    ):
+        _runtime.runtime_dir()
+
+
+def test_a_persist_path_that_is_not_a_directory_is_a_clear_error(tmp_path: Path) -> None:
+    from sage_zmq import QueueDescriptor, SageZmqError
+    from sage_zmq.testing import close_quietly
+
+    plain_file = tmp_path / "file"
+    plain_file.write_text("")
+    qd = QueueDescriptor(None, "sage", {"persist": str(plain_file)})
+    try:
+        with pytest.raises(SageZmqError, match=r"write-ahead log.*metadata\['persist'\]"):
+            qd.put(1)
+    finally:
+        close_quietly(qd)

@@ -288,11 +288,17 @@ class WriteAheadLog:
         self.corruption_report = ""
 
         self._root = os.fspath(directory)
-        os.makedirs(self._root, mode=0o700, exist_ok=True)
         self._dir = os.path.join(self._root, self._producer_id)
-        if not os.path.isdir(self._dir):
-            os.mkdir(self._dir, 0o700)
-            os.chmod(self._dir, 0o700)  # mkdir's mode is filtered by the umask
+        try:
+            os.makedirs(self._root, mode=0o700, exist_ok=True)
+            if not os.path.isdir(self._dir):
+                os.mkdir(self._dir, 0o700)
+                os.chmod(self._dir, 0o700)  # mkdir's mode is filtered by the umask
+        except OSError as exc:
+            raise WalError(
+                f"cannot keep the write-ahead log in {self._dir}: {exc.strerror or exc}; "
+                "metadata['persist'] must name a directory this process can create and write"
+            ) from None
         self._lock()
         try:
             self._recover()

@@ -127,6 +127,11 @@ def check_ipc_endpoint(endpoint: str) -> str:
             "(or leave endpoint out to get a private one)"
         )
     path = endpoint[len("ipc://") :]
+    if not path.startswith(("/", "@")):
+        raise DescriptorError(
+            f"ipc endpoint {endpoint!r} has a relative path: a descriptor travels to processes "
+            "that may run in another directory; use an absolute path (ipc:///path/to/socket)"
+        )
     if len(path.encode()) > zmq.IPC_PATH_MAX_LEN:
         raise DescriptorError(
             f"ipc path {path!r} is {len(path.encode())} bytes; the limit is "
