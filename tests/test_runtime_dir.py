@@ -93,7 +93,7 @@ def test_a_killed_consumers_socket_file_goes_when_a_later_process_uses_queues(
 def test_a_relative_ipc_endpoint_is_refused_at_creation() -> None:
     from sage_zmq import DescriptorError, QueueDescriptor
 
-    with pytest.raises(DescriptorError, match="relative path.*absolute"):
+    with pytest.raises(DescriptorError, match=r"relative path.*absolute"):
         QueueDescriptor("rel", "shm", {"endpoint": "ipc://rel.sock"})
 
 
@@ -112,7 +112,7 @@ def test_a_runtime_dir_that_cannot_be_made_is_a_clear_error(
 
     monkeypatch.setenv("SAGE_ZMQ_RUNTIME_DIR", str(tmp_path / "missing" / "rt"))
     with pytest.raises(
-        DescriptorError, match="cannot create the runtime directory.*SAGE_ZMQ_RUNTIME_DIR"
+        DescriptorError, match=r"cannot create the runtime directory.*SAGE_ZMQ_RUNTIME_DIR"
     ):
         _runtime.runtime_dir()
 
