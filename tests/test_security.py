@@ -685,8 +685,9 @@ def test_an_end_that_failed_to_open_does_not_poison_its_endpoint(keys: dict[str,
     consumer = QueueDescriptor(None, "tcp", {"maxsize": 100})
     endpoint = consumer.endpoint
     wrong = {**_curve_meta(keys), "client_public_key": keys["intruder_public_key"]}
-    first = QueueDescriptor(None, "tcp", {"endpoint": endpoint, "curve": wrong})
-    second = QueueDescriptor(None, "tcp", {"endpoint": endpoint, "curve": False})
+    qid = consumer.queue_id  # the same queue: a consumer refuses producers of another one
+    first = QueueDescriptor(qid, "tcp", {"endpoint": endpoint, "curve": wrong})
+    second = QueueDescriptor(qid, "tcp", {"endpoint": endpoint, "curve": False})
     try:
         with pytest.raises(SecurityError, match="does not belong"):
             first.put(1)
