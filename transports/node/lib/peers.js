@@ -357,7 +357,13 @@ class Upstream {
  * (section 4), counts END per upstream (section 9), answers HELLO/CLOSE/HEARTBEAT with CREDIT.
  */
 export class Consumer {
-  constructor({ maxsize = 1000, upstreams = 1, maxMessageSize = -1, exactFloats = false } = {}) {
+  constructor({
+    maxsize = 1000,
+    upstreams = 1,
+    maxMessageSize = -1,
+    exactFloats = false,
+    queue = "",
+  } = {}) {
     if (!Number.isInteger(maxsize) || maxsize < 1) {
       throw new RangeError(`maxsize must be an integer >= 1 (the queue's maxsize), got ${maxsize}`);
     }
@@ -366,6 +372,10 @@ export class Consumer {
     }
     this.maxsize = maxsize;
     this.upstreams = upstreams;
+    // The queue id ("" = not checked): a HELLO naming another queue is refused, and so is every
+    // later frame of that connection (PROTOCOL.md section 3, ERROR "wrong_queue").
+    this.queue = queue;
+    this._foreign = new Map(); // peer (hex) -> the queue its HELLO named
     this.session = randomBytes(6).toString("hex");
     this.decodeOptions = {
       exactFloats,
@@ -432,10 +442,35 @@ export class Consumer {
     }
   }
 
-  _reject(peer, why) {
+  _reject(peer, why, code = "rejected") {
     this.stats.rejected += 1;
     log(`rejected a frame from peer ${Buffer.from(peer).toString("hex")}: ${why}`);
-    this._send(peer, encodeFrame(Kind.ERROR, { code: "rejected", message: why.slice(0, 200) }));
+    this._send(peer, encodeFrame(Kind.ERROR, { code, message: why.slice(0, 200) }));
+  }
+
+  /** True if the frame must be refused: its connection belongs to another queue. */
+  _wrongQueue(peer, msg) {
+    if (!this.queue) return false;
+    const key = Buffer.from(peer).toString("hex");
+    if (msg.kind === Kind.HELLO) {
+      const named = msg.fields.queue;
+      if (!named || named === this.queue) {
+        this._foreign.delete(key);
+        return false;
+      }
+      if (this._foreign.size >= 4096) this._foreign.delete(this._foreign.keys().next().value);
+      this._foreign.set(key, named);
+      this._reject(peer, `HELLO names queue '${named}'; this is '${this.queue}'`, "wrong_queue");
+      return true;
+    }
+    const named = this._foreign.get(key);
+    if (named === undefined) return false;
+    this._reject(
+      peer,
+      `this connection's HELLO named queue '${named}'; this is '${this.queue}'`,
+      "wrong_queue",
+    );
+    return true;
   }
 
   _send(peer, frame) {
@@ -476,6 +511,7 @@ export class Consumer {
   }
 
   _onMessage(peer, msg) {
+    if (this._wrongQueue(peer, msg)) return;
     const f = msg.fields;
     switch (msg.kind) {
       case Kind.DATA: {

@@ -174,3 +174,23 @@ test("a record that cannot be encoded is reported; the rest of its batch still g
     await consumer.close();
   }
 });
+
+test("a consumer that knows its queue refuses another queue's producer", async () => {
+  const consumer = new Consumer({ maxsize: 10, queue: "theirs" });
+  const endpoint = await consumer.bind();
+  const stray = new Producer(endpoint, { maxsize: 10, queue: "mine", timeout: 0.5 });
+  const own = new Producer(endpoint, { maxsize: 10, queue: "theirs" });
+  try {
+    for (let i = 0; i < 3; i++) await stray.put(["mine", i]);
+    await stray.flush();
+    await own.put(["theirs", 0]);
+    await own.end();
+    await own.close();
+    const got = await collect(consumer, 5);
+    assert.deepEqual(got, [["theirs", 0]]); // nothing of the stray producer's
+    assert.ok(consumer.stats.rejected >= 2, "its HELLO and its DATA are refused");
+  } finally {
+    await stray.close().catch(() => {});
+    await consumer.close();
+  }
+});
