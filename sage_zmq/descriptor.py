@@ -169,6 +169,8 @@ def _warn_typos(qtype: QueueType, keys: Iterable[Any]) -> None:
     for key in keys:
         if isinstance(key, str) and key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+            if not close:  # two letters swapped in a short key ("hots", "akc") score lower
+                close = [k for k in sorted(known) if sorted(k) == sorted(key)][:1]
             if close:
                 log.warning(
                     "metadata key %r is not used by %s queues; did you mean %r?",

@@ -106,6 +106,17 @@ def test_a_key_close_to_a_known_one_is_warned_about(caplog: pytest.LogCaptureFix
     ]
 
 
+def test_two_swapped_letters_in_a_short_key_are_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="sage_zmq.queue")
+    with conf.released(QueueDescriptor(None, "tcp", {"akc": True, "team": "search"})):
+        pass
+    assert _typo_warnings(caplog) == [
+        "metadata key 'akc' is not used by tcp queues; did you mean 'ack'?"
+    ]
+
+
 def test_with_options_warns_about_a_typo_too(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="sage_zmq.queue")
     qd = QueueDescriptor(None, "local")
