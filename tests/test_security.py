@@ -66,6 +66,15 @@ def keys(tmp_path: Path) -> Iterator[dict[str, str]]:
     security.stop_authenticator()  # its ZAP sockets live on the process context
 
 
+def _client_curve(keys: dict[str, str], server_public: str, client_secret: str) -> Any:
+    """A producer's CURVE setup trusting ``keys[server_public]`` as ``keys[client_secret]``."""
+    return security.CurveSetup(
+        security.CurvePaths(
+            server_public_key=keys[server_public], client_secret_key=keys[client_secret]
+        )
+    )
+
+
 def _curve_meta(keys: dict[str, str]) -> dict[str, str]:
     names = ("server_public_key", "server_secret_key", "client_secret_key", "authorized_keys")
     return {k: keys[k] for k in names}
@@ -152,12 +161,7 @@ def test_client_with_unknown_key_delivers_nothing(
     secure_queue: QueueDescriptor, keys: dict[str, str]
 ) -> None:
     refused = security.refused_clients()
-    intruder = security.CurveSetup(
-        security.CurvePaths(
-            server_public_key=keys["server_public_key"],
-            client_secret_key=keys["intruder_secret_key"],
-        )
-    )
+    intruder = _client_curve(keys, "server_public_key", "intruder_secret_key")
     link = DealerLink(
         str(secure_queue.endpoint), Codec(), SocketOptions(curve=intruder), queue_id="x"
     )
@@ -184,12 +188,7 @@ def test_a_refused_producer_keeps_to_its_timeouts(
     from sage_zmq import DeliveryError, Full
     from sage_zmq.queues._producer import Producer
 
-    intruder = security.CurveSetup(
-        security.CurvePaths(
-            server_public_key=keys["server_public_key"],
-            client_secret_key=keys["intruder_secret_key"],
-        )
-    )
+    intruder = _client_curve(keys, "server_public_key", "intruder_secret_key")
     link = DealerLink(str(secure_queue.endpoint), Codec(), SocketOptions(curve=intruder))
     producer = Producer(
         link,
@@ -216,12 +215,7 @@ def test_client_with_wrong_server_key_delivers_nothing(
     secure_queue: QueueDescriptor, keys: dict[str, str]
 ) -> None:
     # The right client key, but it trusts another server: the handshake cannot complete.
-    wrong = security.CurveSetup(
-        security.CurvePaths(
-            server_public_key=keys["intruder_public_key"],
-            client_secret_key=keys["client_secret_key"],
-        )
-    )
+    wrong = _client_curve(keys, "intruder_public_key", "client_secret_key")
     link = DealerLink(str(secure_queue.endpoint), Codec(), SocketOptions(curve=wrong))
     try:
         with _monitored(link.sock) as mon:
