@@ -235,6 +235,10 @@ def test_an_integer_beyond_64_bits_is_refused_saying_why() -> None:
     assert "builtins.dict" in errors[0] and "the integer 18446744073709551616" in errors[0]
     assert "sage_zmq.packet.Packet" in errors[1] and "-9223372036854775809" in errors[1]
     assert all("-2**63 to 2**64-1" in e and "as a str" in e for e in errors)
+    # With pickle on (an authenticated link), such an integer travels pickled.
+    pickling = Codec(allow_pickle=True)
+    frame, sent, errors = pickling.encode_batch(PRODUCER, 0, [2**70, {"id": 2**64}])
+    assert errors == [] and pickling.decode_plain_data(frame)[2] == [2**70, {"id": 2**64}]
 
 
 def test_encode_error_is_a_sage_error_naming_the_type() -> None:

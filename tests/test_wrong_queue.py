@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 
@@ -33,7 +34,7 @@ else:
 """
 
 
-@pytest.mark.parametrize("queue_type", ["tcp", "shm"])
+@pytest.mark.parametrize("queue_type", ["tcp", "shm", "sage"])
 def test_records_for_another_queue_are_refused_and_the_producer_told(queue_type: str) -> None:
     theirs = QueueDescriptor("theirs", queue_type)
     try:
@@ -57,3 +58,27 @@ def test_records_for_another_queue_are_refused_and_the_producer_told(queue_type:
         assert theirs.statistics().rejected >= 1
     finally:
         close_quietly(theirs)
+
+
+def test_a_foreign_connections_frames_are_refused_undecoded() -> None:
+    # Decoding a foreign DATA frame would map its shm references and release them, as this
+    # queue's, to whichever producer the previous frame came from.
+    from types import SimpleNamespace
+
+    from sage_zmq.queues._zmq import RouterInlet
+    from sage_zmq.wire.codec import Codec
+    from sage_zmq.wire.frame import Kind
+
+    decoded: list[bytes] = []
+    codec = Codec()
+    real = codec.decode
+    codec.decode = lambda frame: decoded.append(frame) or real(frame)  # type: ignore[method-assign]
+    inlet: Any = SimpleNamespace(codec=codec, queue_id="theirs", _foreign={b"peer": "mine"})
+    data, _, _ = Codec().encode_batch("p", 0, [1, 2])
+    assert RouterInlet._corrects_queue(inlet, b"peer", data) is False
+    assert decoded == []
+    hello = Codec().encode_control(
+        Kind.HELLO, {"producer": "p", "epoch": 0, "next_seq": 0, "queue": "theirs"}
+    )
+    assert RouterInlet._corrects_queue(inlet, b"peer", hello) is True  # it is ours after all
+    assert inlet._foreign == {}

@@ -212,6 +212,11 @@ class _KeepingLink:
     def endpoint(self) -> str:
         return str(getattr(self.inner, "endpoint", ""))
 
+    @property
+    def refused(self) -> str | None:
+        """Why the consumer refuses this producer (it serves another queue), if it does."""
+        return getattr(self.inner, "refused", None)
+
     @staticmethod
     def _inline(inner: Any) -> None:
         # Kept frames must stand alone: a shared-memory reference in one would point at a
@@ -709,7 +714,7 @@ class ReliableProducer(Producer):
                     self._apply(self._keeping.poll(0))  # reports that came meanwhile
                 while (self._received if local else self._acked) < target:
                     wait = deadline - time.monotonic()
-                    if wait <= 0:
+                    if wait <= 0 or self._keeping.refused:
                         break
                     if local:
                         wait = min(wait, 0.01)
@@ -717,6 +722,7 @@ class ReliableProducer(Producer):
                     self._hear_local_consumer()
                 done = self._received if local else self._acked
                 undelivered = unsent + max(0, target - done)
+                refused = self._keeping.refused
             finally:
                 self._closed = True
                 self._update_room()
@@ -727,6 +733,13 @@ class ReliableProducer(Producer):
             errors, self._errors = self._errors, []
         if undelivered:
             kept = " (they stay in the write-ahead log for the next run)" if self._wal else ""
+            if refused:
+                raise DeliveryError(
+                    f"queue {self.queue_id!r}: {undelivered} records put were refused by the "
+                    f"consumer at {self._keeping.endpoint}, which serves another queue "
+                    f"({refused}){kept}; is the endpoint stale?",
+                    undelivered,
+                )
             raise DeliveryError(
                 f"queue {self.queue_id!r}: {undelivered} records put were not confirmed as "
                 f"consumed within {timeout} s{kept} (is the consumer running and reading?)",
@@ -775,18 +788,48 @@ class _Marked(list[Any]):
     seq: int
 
     def __iter__(self) -> Iterator[Any]:
-        consumer: ReliableConsumer = self.consumer
-        dedup = consumer._dedup
-        assert dedup is not None
-        mark = dedup.mark
-        producer = self.producer
-        seq = self.seq
-        for record in list.__iter__(self):
-            consumer._held = (producer, seq)
-            yield record
-            mark(producer, seq)
-            seq += 1
-        consumer._held = None
+        return _MarkedIterator(self)
+
+
+class _MarkedIterator:
+    """Hands out a :class:`_Marked` batch; a record is marked consumed when the next is asked
+    for. Not a generator: ``length_hint`` (the records not yet handed out) must be right, for
+    ``qsize``, for what ``close`` counts as unread, and so that a batch is not retired while
+    records of it are still to come."""
+
+    __slots__ = ("_batch", "_consumer", "_i", "_mark", "_pending", "_producer", "_seq")
+
+    def __init__(self, batch: _Marked) -> None:
+        consumer = batch.consumer
+        assert consumer._dedup is not None
+        self._batch = batch
+        self._consumer = consumer
+        self._mark = consumer._dedup.mark
+        self._producer = batch.producer
+        self._seq = batch.seq
+        self._i = 0
+        self._pending = False  # a record was handed out and not yet marked
+
+    def __iter__(self) -> _MarkedIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._pending:
+            self._pending = False
+            self._mark(self._producer, self._seq)  # asked for the next: the last is consumed
+            self._seq += 1
+        batch = self._batch
+        if self._i >= len(batch):
+            self._consumer._held = None
+            raise StopIteration
+        record = list.__getitem__(batch, self._i)
+        self._i += 1
+        self._consumer._held = (self._producer, self._seq)
+        self._pending = True
+        return record
+
+    def __length_hint__(self) -> int:
+        return len(self._batch) - self._i
 
 
 class ReliableConsumer(Consumer):
@@ -987,6 +1030,26 @@ class ReliableConsumer(Consumer):
                 if dedup is not None and up.persist and not dedup.closed:  # type: ignore
                     dedup.mark(up.producer, up.acked - 1)
                 self._grant(up)
+
+    UNREAD_AT_CLOSE = (
+        logging.INFO,
+        "not acknowledged: their producers send them again to the next consumer",
+    )
+
+    def _retire_taken(self) -> bool:
+        up: Any = self._cur_upstream
+        if up is None or not up.persist:
+            return super()._retire_taken()
+        # The record in hand is not consumed until the next is asked for: count what was,
+        # and leave retiring the batch to get().
+        before = up.acked
+        self._ack_partial()
+        if up.acked > before:
+            self._unreported.add(up)
+        if self._unreported:
+            self._report_consumed(time.monotonic())
+            return True
+        return False
 
     def _ack_partial(self) -> None:
         """Count what the application consumed of the batch it is reading (see module doc)."""

@@ -609,6 +609,18 @@ class Consumer:
     def full(self) -> bool:
         return self.qsize() >= self._maxsize
 
+    UNREAD_AT_CLOSE = (logging.WARNING, "they are gone")
+    """How a close that drops records received and never read is logged: here they were
+    confirmed to their producers, so nothing brings them back (the reliable consumer differs)."""
+
+    def _ack_partial(self) -> None:
+        """Count what the application took of the batch it is reading as consumed."""
+        up = self._cur_upstream
+        if up is not None:
+            done = self._cur_end - length_hint(self._current)
+            if done > up.acked:
+                up.acked = done
+
     def _taken_of_current(self) -> int:
         """Records the application took from the batch it is reading (not yet in acked)."""
         up = self._cur_upstream
@@ -677,25 +689,25 @@ class Consumer:
             _runtime.ticker().discard(self)
             try:
                 # Last receipts: producers closing right now learn that what they sent arrived,
-                # and that every record get() returned, the batch being read included, was
-                # consumed (a ray producer's next consumer would otherwise get them again).
-                cur = self._cur_upstream
-                if cur is not None:
-                    cur.acked = max(cur.acked, self._cur_end - length_hint(self._current))
+                # and what the application consumed of the batch it was reading (a ray
+                # producer's next consumer would otherwise get those records again).
+                self._ack_partial()
                 self._read_arrived(4096)
                 for up in self._ups.values():
                     if not up.ended:
                         self._grant(up)
             except Exception as exc:
                 log.debug("queue %s: last read before close failed: %s", self.queue_id, exc)
-            unread = length_hint(self._current) + self._queued
+            cur = self._cur_upstream
+            unread = self._queued + (0 if cur is None else max(0, self._cur_end - cur.acked))
             if unread:
-                # Delivered to this process and confirmed to their producers, then dropped by
-                # the application's close: the one place records go without an error.
-                log.warning(
-                    "queue %s: closed with %d records received and never read; they are gone",
+                level, fate = self.UNREAD_AT_CLOSE
+                log.log(
+                    level,
+                    "queue %s: closed with %d records received and never read; %s",
                     self.queue_id,
                     unread,
+                    fate,
                 )
             self._closed = True
             self._batches.clear()

@@ -30,7 +30,7 @@ from sage_zmq import observe as _observe
 from sage_zmq.errors import DecodeError, DescriptorError
 from sage_zmq.queues.base import Credit
 from sage_zmq.wire.codec import PLAIN_DATA_HEADER, Codec
-from sage_zmq.wire.frame import HEADER_SIZE, Kind
+from sage_zmq.wire.frame import HEADER_SIZE, Kind, parse_header
 
 log = logging.getLogger("sage_zmq.queue")
 
@@ -339,6 +339,7 @@ class DealerLink:
                 log.warning("queue %s: bad frame from consumer: %s", self.queue_id, exc)
                 continue
             if msg.kind is Kind.CREDIT:
+                self.refused = None  # a consumer of our queue answers (it took the endpoint)
                 f = msg.fields
                 credits.append(
                     Credit(
@@ -558,6 +559,10 @@ class RouterInlet:
     def _corrects_queue(self, peer: bytes, frame: bytes) -> bool:
         """Whether ``frame`` is a HELLO naming this queue (the connection is ours after all)."""
         try:
+            # Any other frame is refused undecoded: decoding a DATA frame would map its shm
+            # references and release them, as if they were ours, to another producer.
+            if parse_header(frame)[0] is not Kind.HELLO:
+                return False
             msg = self.codec.decode(frame)
         except DecodeError:
             return False

@@ -204,7 +204,7 @@ class Codec:
                 return obj.item()
         if cls is EndOfStream:
             return msgpack.ExtType(EXT_END_OF_STREAM, self._pack_inner([obj.source]))
-        if cls is int:  # msgpack hands over only the integers it has no format for
+        if cls is int and not self.allow_pickle:  # msgpack has no format for this one
             # A ValueError, not EncodeError: the caller's message then names the record.
             text = str(obj)
             raise ValueError(
