@@ -520,3 +520,45 @@ def test_get_nowait_right_after_routing_sees_every_packet_routed_in_this_thread(
             q.get_nowait()
             got += 1
     assert got == 400
+
+
+def test_an_end_asked_at_removal_waits_for_the_queues_last_connection(local_queues: Any) -> None:
+    (shared,) = local_queues(1)
+    router = BroadcastRouter()
+    first, second = Connection(0, 0, "a", shared), Connection(1, 0, "b", shared)
+    router.add_connection(first)
+    router.add_connection(second)
+    router.route(Packet("x"))
+    router.remove_connection(first, end_stream=True)  # the queue is still fed through second
+    assert not any(isinstance(x, EndOfStream) for x in _drain(shared))
+    router.remove_connection(second)  # its last connection: the end asked for goes now
+    assert isinstance(_drain(shared)[-1], EndOfStream)
+
+
+def test_an_end_that_failed_at_removal_is_sent_by_send_stop_signal(
+    local_queues: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kept, retired = local_queues(2)
+    router = RoundRobinRouter(timeout=0.05)
+    conns = [Connection(0, 0, "kept", kept), Connection(0, 1, "retired", retired)]
+    for conn in conns:
+        router.add_connection(conn)
+    router.route(Packet(0))
+    router.route(Packet(1))
+    real_put = router._put_to
+    failures = iter([sage_zmq.DeliveryError("the consumer is away")])
+
+    def put_once_failing(target: Any, item: Any, wait: float) -> None:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        real_put(target, item, wait)
+
+    monkeypatch.setattr(router, "_put_to", put_once_failing)
+    with pytest.raises(NotDelivered, match="send_stop_signal tries again"):
+        router.remove_connection(conns[1], end_stream=True)
+    assert router.send_stop_signal() == 2  # the retired one's end, then the kept one's
+    ended = _drain(retired)
+    assert [p.payload for p in ended[:-1]] == [1] and isinstance(ended[-1], EndOfStream)
+    assert isinstance(_drain(kept)[-1], EndOfStream)
+    assert router.statistics().stop_signals == 2

@@ -316,6 +316,10 @@ class BaseRouter:
         self._closed = False
         self._ended = False
         self._signalled: set[tuple[str, str]] = set()
+        # Queues whose end was asked for at remove_connection while another connection still
+        # fed them, and removed targets whose end failed: send_stop_signal tries those again.
+        self._end_wanted: set[tuple[str, str]] = set()
+        self._retiring: list[_Target] = []
         self._routed = 0
         self._made_at = time.monotonic()
         self._by_strategy: dict[str, int] = {}
@@ -429,26 +433,37 @@ class BaseRouter:
             if not targets and not group.configured:
                 self._groups = tuple(g for g in self._groups if g is not group)
             self._retain_load(group)
-        if end_stream:
-            self._end_removed(target)
+        self._end_removed(target, end_stream)
         return target.qd.backlog() if target.used else 0
 
-    def _end_removed(self, target: _Target) -> None:
+    def _end_removed(self, target: _Target, asked: bool) -> None:
         key = target.conn.queue_key
-        if key in self._signalled or any(c.queue_key == key for c in self.connections()):
-            return  # ended already, or the queue is still fed through another connection
+        if asked and key not in self._signalled:
+            self._end_wanted.add(key)
+        if key not in self._end_wanted or any(c.queue_key == key for c in self.connections()):
+            return  # no end asked for, or the queue is still fed through another connection
+        self._end_wanted.discard(key)
+        error = self._end_target(target)
+        if error is not None:
+            self._retiring.append(target)
+            raise NotDelivered(
+                f"{self.name}: {target.conn.describe()} was removed, but its end of stream (or "
+                f"the {len(target.held)} records held for it) was not delivered: {error}; "
+                "send_stop_signal tries again",
+                (),
+                (f"{target.conn.describe()}: {error}",),
+            ) from error
+        self._stop_signals += 1
+
+    def _end_target(self, target: _Target) -> SageZmqError | None:
+        """Put what is held for ``target``, then its end of stream; the error, if one failed."""
         try:
             self._return_held(target, self.timeout)
             self._put_to(target, EndOfStream(self.name), self.timeout)
         except SageZmqError as exc:
-            raise NotDelivered(
-                f"{self.name}: {target.conn.describe()} was removed, but its end of stream was "
-                f"not delivered: {exc}",
-                (),
-                (f"{target.conn.describe()}: {exc}",),
-            ) from exc
-        self._signalled.add(key)
-        self._stop_signals += 1
+            return exc
+        self._signalled.add(target.conn.queue_key)
+        return None
 
     def connections(self) -> list[Connection]:
         """The connected connections, by group and instance."""
@@ -865,6 +880,16 @@ class BaseRouter:
         self._ended = True
         done: list[Connection] = []
         failed: list[str] = []
+        retiring, self._retiring = self._retiring, []
+        for removed in retiring:  # removed with end_stream=True, and that end failed then
+            if removed.conn.queue_key in self._signalled:
+                continue
+            error = self._end_target(removed)
+            if error is None:
+                done.append(removed.conn)
+            else:
+                self._retiring.append(removed)
+                failed.append(f"{removed.conn.describe()}: {error}")
         for conn in self.connections():
             key = conn.queue_key
             if key in self._signalled:
