@@ -124,7 +124,7 @@ from sage_zmq.flow.wal import (
 from sage_zmq.observe.logging import connection_event
 from sage_zmq.packet import EndOfStream
 from sage_zmq.queues._consumer import _END, Consumer, _Upstream
-from sage_zmq.queues._producer import _HOST, Producer, refused
+from sage_zmq.queues._producer import _HOST, Producer, refused, wrong_queue
 from sage_zmq.queues._socket_type import RELIABILITY_TIMING_KEYS, wants_reliability
 from sage_zmq.queues.base import (
     ConsumerInlet,
@@ -734,12 +734,7 @@ class ReliableProducer(Producer):
         if undelivered:
             kept = " (they stay in the write-ahead log for the next run)" if self._wal else ""
             if refused:
-                raise DeliveryError(
-                    f"queue {self.queue_id!r}: {undelivered} records put were refused by the "
-                    f"consumer at {self._keeping.endpoint}, which serves another queue "
-                    f"({refused}){kept}; is the endpoint stale?",
-                    undelivered,
-                )
+                raise wrong_queue(self.queue_id, undelivered, self._keeping.endpoint, refused, kept)
             raise DeliveryError(
                 f"queue {self.queue_id!r}: {undelivered} records put were not confirmed as "
                 f"consumed within {timeout} s{kept} (is the consumer running and reading?)",

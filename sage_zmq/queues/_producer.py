@@ -70,6 +70,17 @@ def refused(queue_id: str, why: str) -> EncodeError:
     return err
 
 
+def wrong_queue(
+    queue_id: str, undelivered: int, endpoint: str, why: str, note: str = ""
+) -> DeliveryError:
+    """The DeliveryError of a close whose consumer refused it: it serves another queue."""
+    return DeliveryError(
+        f"queue {queue_id!r}: {undelivered} records put were refused by the consumer at "
+        f"{endpoint}, which serves another queue ({why}){note}; is the endpoint stale?",
+        undelivered,
+    )
+
+
 class Producer:
     """One producer per queue per process; threads may share it (FIFO per thread)."""
 
@@ -548,12 +559,8 @@ class Producer:
             errors, self._errors = self._errors, []
         if undelivered:
             if refused:
-                raise DeliveryError(
-                    f"queue {self.queue_id!r}: {undelivered} records put were refused by the "
-                    f"consumer at {getattr(self._link, 'endpoint', '?')}, which serves another "
-                    f"queue ({refused}); is the endpoint stale?",
-                    undelivered,
-                )
+                endpoint = str(getattr(self._link, "endpoint", "?"))
+                raise wrong_queue(self.queue_id, undelivered, endpoint, refused)
             why = (
                 f"{stuck} frames found no connection to take them: is the consumer up, and "
                 "does it accept this producer's CURVE key?"
