@@ -599,7 +599,7 @@ class _QueueHandle:
         return stats
 
     def close(self, timeout: float | None = None) -> None:
-        error: SageZmqError | None = None
+        error: Exception | None = None
         with self._lock:
             producer, consumer = self._producer, self._consumer
             self._producer = self._consumer = None
@@ -613,7 +613,7 @@ class _QueueHandle:
                 producer.local_receipts = getattr(consumer, "received_from", None)
             try:
                 producer.close(timeout)
-            except SageZmqError as exc:
+            except Exception as exc:  # the consumer end still closes (a full disk, say)
                 error = exc
         if consumer is not None:
             consumer.close(timeout)

@@ -279,8 +279,10 @@ def test_failed_write_leaves_no_partial_entry(
     with WriteAheadLog(tmp_path, producer_id=PID) as wal:
         written = fill(wal, 2)
         monkeypatch.setattr(os, "write", half_then_enospc)
-        with pytest.raises(OSError, match="No space"):
+        # Said as the log's error, naming where and what to do; the cause stays attached.
+        with pytest.raises(WalError, match=r"No space left.*not accepted") as info:
             wal.append(20, 1, b"x" * 100)
+        assert isinstance(info.value.__cause__, OSError)
         monkeypatch.setattr(os, "write", real_write)
         assert wal.next_seq == 20
         wal.append(20, 1, b"y")
@@ -526,3 +528,31 @@ def test_system_clock() -> None:
     timer.cancel()
     assert clock.wait(ev, 0.001) is False
     assert clock.monotonic() >= t0
+
+
+def test_an_ack_watermark_that_cannot_be_saved_does_not_fail_a_put(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A full disk can refuse the watermark file while appends still fit: the records are in
+    # the log, so the put that happened to read the ack must not raise (the caller would put
+    # an accepted record again).
+    from sage_zmq import QueueDescriptor
+    from sage_zmq.testing import close_quietly
+
+    def no_space(self: WriteAheadLog, *, durable: bool = False) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(WriteAheadLog, "_save_acked", no_space)
+    caplog.set_level("WARNING", logger="sage_zmq")
+    qd = QueueDescriptor(None, "sage", {"persist": str(tmp_path), "maxsize": 16})
+    try:
+        got = []
+        for i in range(200):  # acks come back all along: each may be read by a put
+            qd.put(i, timeout=10)
+            got.append(qd.get(timeout=10))
+        assert got == list(range(200))
+        assert any("ack watermark" in r.getMessage() for r in caplog.records)
+        with pytest.raises(WalError, match=r"at close.*kept and replayed"):
+            qd.close()  # the log's own close cannot save it either: said, and the ends close
+    finally:
+        close_quietly(qd)

@@ -401,6 +401,7 @@ class ReliableProducer(Producer):
             # What a damaged log's recovery did was logged by the log itself, precisely
             # (a torn write vs damage after writing, and which seqs): see corruption_report.
         self._wal = wal
+        self._wal_warned_at = -1e9  # last warning that the ack watermark could not be saved
         try:
             link = _KeepingLink(open_link(), acked)
         except BaseException:
@@ -539,7 +540,21 @@ class ReliableProducer(Producer):
             kept.popleft()
         wal = self._wal
         if wal is not None and acked > wal.acked:
-            wal.truncate(min(acked, wal.next_seq))
+            try:
+                wal.truncate(min(acked, wal.next_seq))
+            except OSError as exc:
+                # Saving the ack watermark failed (a full disk): the records are accepted and
+                # logged already, so the put or tick that read this ack must not fail. A stale
+                # watermark only replays acked entries (the consumer drops them); the next ack
+                # saves it again.
+                now = time.monotonic()
+                if now - self._wal_warned_at >= 10.0:
+                    self._wal_warned_at = now
+                    log.warning(
+                        "queue %s: could not save the write-ahead log's ack watermark: %s",
+                        self.queue_id,
+                        exc,
+                    )
 
     # ----------------------------------------------------------------- retransmission
     def _send_hello(self) -> None:

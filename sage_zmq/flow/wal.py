@@ -779,11 +779,17 @@ class WriteAheadLog:
             seg = self._segments[-1]
         try:
             _write_all(self._fd, entry)
-        except BaseException:
+        except BaseException as exc:
             # Leave no partial entry behind: later appends would follow garbage and recovery
             # would (rightly) call that mid-log corruption.
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, seg.size)
+            if isinstance(exc, OSError):  # a full disk, a file size limit: not accepted
+                raise WalError(
+                    f"cannot write the write-ahead log in {self._dir}: "
+                    f"{exc.strerror or exc}; the record was not accepted: make room there "
+                    "and put it again"
+                ) from exc
             raise
         seg.size += len(entry)
         seg.entries += 1
@@ -960,6 +966,13 @@ class WriteAheadLog:
                     self._sync_now()
                 self._save_acked()
                 self._write_meta()
+            except OSError as exc:
+                # What was appended stays in the log; a stale watermark or meta file only
+                # replays acked entries at the next open (the consumer drops them).
+                raise WalError(
+                    f"cannot finish the write-ahead log in {self._dir} at close: "
+                    f"{exc.strerror or exc}; its records are kept and replayed at the next open"
+                ) from exc
             finally:
                 self._release()
 
