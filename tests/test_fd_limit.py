@@ -22,7 +22,18 @@ except DescriptorError as exc:
     print("refused", len(held), exc)
 for qd in held[: len(held) // 2]:
     qd.close()
-qd = QueueDescriptor("again", "tcp")  # room again once some are closed
+# Room again once some are closed: libzmq's reaper thread releases a closed socket's
+# descriptors on its own time (after the linger), so look until they are back.
+import time
+deadline = time.monotonic() + 20
+while True:
+    try:
+        qd = QueueDescriptor("again", "tcp")
+        break
+    except DescriptorError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
 qd.put("x")
 assert qd.get(timeout=5) == "x"
 print("usable")
