@@ -97,7 +97,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from operator import length_hint
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -1064,13 +1063,12 @@ class ReliableConsumer(Consumer):
     def _ack_partial(self) -> None:
         """Count what the application consumed of the batch it is reading (see module doc)."""
         up: Any = self._cur_upstream
-        if up is None:
+        if up is None or not up.persist:
+            super()._ack_partial()
             return
-        if up.persist:
-            held = self._held
-            done = held[1] if held is not None and held[0] == up.producer else self._cur_end
-        else:
-            done = self._cur_end - length_hint(self._current)
+        # The record in hand is not consumed yet: count up to it.
+        held = self._held
+        done = held[1] if held is not None and held[0] == up.producer else self._cur_end
         if done > up.acked:
             up.acked = done
 

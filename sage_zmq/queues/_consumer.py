@@ -617,9 +617,7 @@ class Consumer:
         """Count what the application took of the batch it is reading as consumed."""
         up = self._cur_upstream
         if up is not None:
-            done = self._cur_end - length_hint(self._current)
-            if done > up.acked:
-                up.acked = done
+            up.acked += self._taken_of_current()
 
     def _taken_of_current(self) -> int:
         """Records the application took from the batch it is reading (not yet in acked)."""

@@ -572,7 +572,7 @@ class Producer:
                 f"as received by the consumer within {timeout} s ({why})",
                 undelivered,
             )
-        lost = getattr(self._link, "lost", 0) + self._lost
+        lost = self._lost_at_most()
         if lost:
             raise DeliveryError(
                 f"queue {self.queue_id!r}: up to {lost} records went to a consumer that was "
@@ -582,6 +582,10 @@ class Producer:
             )
         if errors:
             raise EncodeError(f"queue {self.queue_id!r}: record dropped: {errors[0]}")
+
+    def _lost_at_most(self) -> int:
+        """Records at most that went to a consumer replaced before confirming them."""
+        return int(getattr(self._link, "lost", 0)) + self._lost
 
     def _hear_local_consumer(self) -> None:
         """Take what the consumer in this process has received from us (after letting it read
@@ -644,9 +648,9 @@ class Producer:
         extra: dict[str, Any] = {}
         if isinstance(endpoint, str) and endpoint:
             extra["endpoint"] = endpoint
-        lost = getattr(self._link, "lost", 0) + self._lost
+        lost = self._lost_at_most()
         if lost:
-            extra["lost"] = lost  # at most: sent to a consumer replaced before confirming them
+            extra["lost"] = lost
         return QueueStatistics(
             queue_id=self.queue_id,
             queue_type=self.queue_type,

@@ -455,6 +455,15 @@ class BaseRouter:
             ) from error
         self._stop_signals += 1
 
+    def _end_queue(self, conn: Connection) -> SageZmqError | None:
+        """End of stream straight into ``conn``'s queue (no target tracks it)."""
+        try:
+            conn.queue_descriptor.put(EndOfStream(self.name), True, self.timeout)
+        except SageZmqError as exc:
+            return exc
+        self._signalled.add(conn.queue_key)
+        return None
+
     def _end_target(self, target: _Target) -> SageZmqError | None:
         """Put what is held for ``target``, then its end of stream; the error, if one failed."""
         try:
@@ -880,32 +889,20 @@ class BaseRouter:
         self._ended = True
         done: list[Connection] = []
         failed: list[str] = []
+        # First the targets removed with end_stream=True whose end failed then.
         retiring, self._retiring = self._retiring, []
-        for removed in retiring:  # removed with end_stream=True, and that end failed then
-            if removed.conn.queue_key in self._signalled:
+        ends: list[tuple[Connection, _Target | None]] = [(t.conn, t) for t in retiring]
+        ends += [(conn, self._target_of(conn)) for conn in self.connections()]
+        for conn, target in ends:
+            if conn.queue_key in self._signalled:
                 continue
-            error = self._end_target(removed)
+            error = self._end_target(target) if target is not None else self._end_queue(conn)
             if error is None:
-                done.append(removed.conn)
+                done.append(conn)
             else:
-                self._retiring.append(removed)
-                failed.append(f"{removed.conn.describe()}: {error}")
-        for conn in self.connections():
-            key = conn.queue_key
-            if key in self._signalled:
-                continue
-            target = self._target_of(conn)
-            try:
-                if target is None:
-                    conn.queue_descriptor.put(EndOfStream(self.name), True, self.timeout)
-                else:
-                    self._return_held(target, self.timeout)
-                    self._put_to(target, EndOfStream(self.name), self.timeout)
-            except SageZmqError as exc:
-                failed.append(f"{conn.describe()}: {exc}")
-                continue
-            self._signalled.add(key)
-            done.append(conn)
+                failed.append(f"{conn.describe()}: {error}")
+                if target in retiring:
+                    self._retiring.append(target)
         self._stop_signals += len(done)
         if failed:
             raise NotDelivered(
