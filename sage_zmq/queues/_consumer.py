@@ -336,6 +336,10 @@ class Consumer:
         if now < self._next_gone_look:
             return
         self._next_gone_look = now + self.GONE_LOOK_INTERVAL
+        for inlet in self._inlets:
+            look = getattr(inlet, "look_at_limits", None)
+            if look is not None:
+                look(now)  # a producer that cannot connect does not show up as gone either
         active = [u for u in self._ups.values() if not (u.closing or u.gone)]
         if len(active) < 2 or all(u.received < u.granted for u in active):
             # Alone, a producer's share is the whole window; and while none has used up its

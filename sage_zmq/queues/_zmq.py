@@ -552,6 +552,10 @@ class RouterInlet:
         self._reject(peer, f"{kind.name} is not sent to a consumer")
         return []
 
+    def look_at_limits(self, now: float) -> None:
+        """Warn if this process is at its file limit (see :func:`warn_if_cannot_accept`)."""
+        warn_if_cannot_accept(self.queue_id, self.endpoint, now)
+
     def reject(self, peer: bytes, why: str) -> None:
         """Count a refused frame, warn once per peer per interval, answer ERROR."""
         self._reject(peer, why)
@@ -628,14 +632,23 @@ FD_HEADROOM = 16
 need several, and libzmq aborts the whole process (an assertion) when one of those fails."""
 
 
-def _check_fd_headroom(queue_id: str) -> None:
+def _descriptors_in_use() -> tuple[int, int] | None:
+    """``(open, soft limit)`` of this process's file descriptors; None when the limit is far
+    (counting would cost more than it tells) or cannot be read (no /proc: not Linux)."""
     try:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if soft == resource.RLIM_INFINITY or soft > 1 << 16:
-            return  # room enough, and counting would cost more
-        used = len(_os.listdir("/proc/self/fd"))
+            return None
+        return len(_os.listdir("/proc/self/fd")), soft
     except (OSError, ValueError):
-        return  # no /proc (not Linux): libzmq's own EMFILE is all there is
+        return None
+
+
+def _check_fd_headroom(queue_id: str) -> None:
+    usage = _descriptors_in_use()
+    if usage is None:
+        return  # libzmq's own EMFILE is all there is
+    used, soft = usage
     if used + FD_HEADROOM > soft:
         raise DescriptorError(
             f"cannot open a socket for queue {queue_id!r}: this process has {used} of its "
@@ -644,6 +657,43 @@ def _check_fd_headroom(queue_id: str) -> None:
             "descriptor made without an endpoint holds its socket until close()), or raise "
             "the limit"
         )
+
+
+FD_LOOK_INTERVAL = 5.0
+"""Seconds between two counts of this process's descriptors for :func:`warn_if_cannot_accept`."""
+FD_WARN_INTERVAL = 60.0
+_fd_look_at = 0.0
+_fd_warned_at = -1e9
+
+
+def warn_if_cannot_accept(queue_id: str, endpoint: str, now: float) -> None:
+    """Log it when this process is too near its file limit for a bound socket to accept.
+
+    At the limit libzmq cannot accept a connection; it retries on its own and tells only a
+    socket monitor, so a producer connecting then waits and a consumer's ``get`` says
+    ``Empty`` with nothing naming why. One count per process every ``FD_LOOK_INTERVAL``
+    seconds, one warning a minute.
+    """
+    global _fd_look_at, _fd_warned_at
+    if now < _fd_look_at:
+        return
+    _fd_look_at = now + FD_LOOK_INTERVAL
+    usage = _descriptors_in_use()
+    if usage is None or now - _fd_warned_at < FD_WARN_INTERVAL:
+        return
+    used, soft = usage
+    if used + FD_HEADROOM <= soft:
+        return
+    _fd_warned_at = now
+    log.warning(
+        "queue %s: this process has %d of its %d file descriptors open (ulimit -n): new "
+        "producers connecting to %s may not be accepted and then wait without an error. Close "
+        "the descriptors you no longer use, or raise the limit",
+        queue_id,
+        used,
+        soft,
+        endpoint,
+    )
 
 
 def _new_socket(kind: int, queue_id: str) -> Any:  # as Context[Any].socket: Any
