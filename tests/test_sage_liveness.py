@@ -158,6 +158,8 @@ class Harness:
         return self.links[-1]
 
     def tick(self, credits: list[Credit] | None = None) -> list[tuple[Any, ...]]:
+        if credits:
+            self.clock.advance(1e-6)  # a frame is heard after the moment before it, never at it
         self.link.inbox.extend(credits or [])
         with self.producer._lock:  # as the timer thread does, but on this thread
             self.producer._apply(self.link.poll(0))
@@ -215,6 +217,19 @@ def test_unreceived_frames_are_retransmitted_after_ack_timeout(harness: Harness)
     harness.tick([Credit("s1", 5, 2, 102)])
     assert _data(harness.advance(2.0)) == []
     assert harness.producer.statistics().retransmits >= 1
+
+
+def test_no_ack_timeout_resend_to_a_consumer_never_heard(harness: Harness) -> None:
+    # PROTOCOL §5 (e): resend for an ack timeout only if the consumer was heard since the last
+    # resend. A consumer never heard is liveness's case: declared dead, then a new connection.
+    harness.link.take()
+    assert _data(harness.put(*range(5))) == list(range(5))
+    sent = harness.advance(2.5)
+    assert _data(sent) == [] and not [s for s in sent if s[0] == "hello"], sent
+    assert harness.producer.statistics().retransmits == 0
+    sent = harness.advance(1.7)  # dead at 3 s (interval x liveness), a new link 1 s later
+    assert len(harness.links) == 2
+    assert _data(sent) == list(range(5))
 
 
 def test_consumer_restart_and_unknown_producer_prompt_resend_unacked(harness: Harness) -> None:

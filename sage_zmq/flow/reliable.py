@@ -378,7 +378,9 @@ class ReliableProducer(Producer):
         self._closing = False
         self._next_maint = 0.0
         self._progress_at = self._clock.monotonic()
-        self._resent_at = -1e9
+        # PROTOCOL §5 (e): an ack-timeout resend needs the consumer heard since the last one,
+        # and hearing nothing since the start is not hearing it (that is liveness's case).
+        self._resent_at = self._live.last_heard
         self._prompt_at = -1e9
         wal: WriteAheadLog | None = None
         producer_id = settings.producer_id
