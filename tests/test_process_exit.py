@@ -48,7 +48,7 @@ def test_records_nobody_read_are_reported_at_exit() -> None:
         "other = sage_zmq.QueueDescriptor(queue_type='tcp')\n"
         "other.put('never read')\n"
     )
-    assert "1 records put were not confirmed" in stderr, stderr
+    assert "1 record put was not confirmed" in stderr, stderr
     assert stderr.count("not confirmed") == 1, stderr
 
 

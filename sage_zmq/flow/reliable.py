@@ -751,9 +751,10 @@ class ReliableProducer(Producer):
             kept = " (they stay in the write-ahead log for the next run)" if self._wal else ""
             if refused:
                 raise wrong_queue(self.queue_id, undelivered, self._keeping.endpoint, refused, kept)
+            what = self._unconfirmed(undelivered, done)
             raise DeliveryError(
-                f"queue {self.queue_id!r}: {undelivered} records put were not confirmed as "
-                f"consumed within {timeout} s{kept} (is the consumer running and reading?)",
+                f"queue {self.queue_id!r}: {what} not confirmed as consumed within {timeout} s"
+                f"{kept} (is the consumer running and reading?)",
                 undelivered,
             )
         if errors:

@@ -567,9 +567,10 @@ class Producer:
                 if stuck
                 else "is the consumer running and reading?"
             )
+            what = self._unconfirmed(undelivered, self._received)
             raise DeliveryError(
-                f"queue {self.queue_id!r}: {undelivered} records put were not confirmed "
-                f"as received by the consumer within {timeout} s ({why})",
+                f"queue {self.queue_id!r}: {what} not confirmed as received by the consumer "
+                f"within {timeout} s ({why})",
                 undelivered,
             )
         lost = self._lost_at_most()
@@ -582,6 +583,16 @@ class Producer:
             )
         if errors:
             raise EncodeError(f"queue {self.queue_id!r}: record dropped: {errors[0]}")
+
+    def _unconfirmed(self, count: int, confirmed_to: int) -> str:
+        """``count`` unconfirmed seqs in words: an END among them is no record put."""
+        ends = min(count, sum(1 for seq in self._end_seqs if seq >= confirmed_to))
+        records = count - ends
+        parts = [f"{records} record{'s' if records != 1 else ''} put"] if records > 0 else []
+        if ends:
+            parts.append("the end of stream" if ends == 1 else f"{ends} ends of stream")
+        verb = "was" if records <= 1 and ends <= 1 and len(parts) == 1 else "were"
+        return f"{' and '.join(parts) or f'{count} records'} {verb}"
 
     def _lost_at_most(self) -> int:
         """Records at most that went to a consumer replaced before confirming them."""

@@ -1,0 +1,63 @@
+"""What a producer's close() says when the consumer did not confirm everything."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import zmq
+
+from sage_zmq import DeliveryError, EndOfStream, QueueDescriptor
+from sage_zmq.wire.codec import Codec
+from sage_zmq.wire.frame import Kind, parse_header
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize("queue_type", ["tcp", "sage"])
+def test_an_unconfirmed_end_is_not_called_a_record(queue_type: str) -> None:
+    # A consumer confirms the 5 records but never the END after them: close() must not say
+    # "1 records put were not confirmed" when every record was (PROTOCOL §4: the END counts).
+    codec = Codec()
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as sock:
+        sock.linger = 0
+        port = sock.bind_to_random_port("tcp://127.0.0.1")
+        qd = QueueDescriptor(
+            queue_type=queue_type, metadata={"endpoint": f"tcp://127.0.0.1:{port}", "maxsize": 100}
+        )
+        for i in range(5):
+            qd.put(i)
+        qd.put(EndOfStream())
+        outcome: list[BaseException | None] = []
+
+        def close() -> None:
+            try:
+                qd.close(timeout=1.5)
+                outcome.append(None)
+            except BaseException as exc:  # handed to the test thread
+                outcome.append(exc)
+
+        closer = threading.Thread(target=close)
+        closer.start()
+        records: list[Any] = []
+        try:
+            while closer.is_alive():
+                if not sock.poll(100):
+                    continue
+                peer, frame = sock.recv_multipart()
+                kind = parse_header(frame)[0]
+                if kind is Kind.DATA:
+                    records += codec.decode(frame).fields[2]
+                if kind in (Kind.HELLO, Kind.DATA, Kind.CLOSE):
+                    n = len(records)
+                    body = {"session": "raw", "received": n, "acked": n, "limit": 1000}
+                    sock.send_multipart([peer, codec.encode_control(Kind.CREDIT, body)])
+        finally:
+            closer.join(10)
+    assert records[:5] == [0, 1, 2, 3, 4]
+    assert isinstance(outcome[0], DeliveryError), outcome
+    message = str(outcome[0])
+    assert "the end of stream was not confirmed" in message, message
+    assert "records put" not in message, message
+    assert outcome[0].undelivered == 1  # the END counts as one (PROTOCOL §4)
