@@ -325,6 +325,7 @@ def sample_records() -> list[Any]:
         {"nested": {"deeper": [[1, 2], {"x": b"y"}], "t": (1, 2)}},
         (1, "tuple", (2, 3)),
         {1: "int key", "s": "str key"},
+        {(1, 2): "tuple key", ((3, "a"), 4): [5], "s": {(6,): "nested"}},
         Packet(
             {"v": 1},
             input_index=2,

@@ -159,6 +159,8 @@ class Codec:
         self.zero_copy = zero_copy
         self.shm_encoder = shm_encoder
         self.shm_decoder = shm_decoder
+        self.shm_decoded = 0  # ext 4 values decoded, ever (see _unpack_body)
+        self._pairs_hook: Callable[[list[tuple[Any, Any]]], dict[Any, Any]] | None = None
         # Routing id of the frame being decoded: the consumer's inlet sets it so that the shm
         # decoder knows whom to send a slot's RELEASE.
         self.shm_origin: Any = None
@@ -388,14 +390,38 @@ class Codec:
         return fields
 
     def _unpack_body(self, body: bytes | memoryview, kind: Kind) -> Any:
+        shm_decoded = self.shm_decoded
         try:
             return msgpack.unpackb(
                 body, ext_hook=self._ext_hook, raw=False, strict_map_key=False, use_list=True
             )
         except DecodeError:
             raise
+        except TypeError as exc:
+            # A map with array keys (a Python dict with tuple keys): msgpack builds the keys as
+            # lists, which no dict takes. Decoded again with them as tuples, the slow way, but
+            # only for such frames; not where a shared-memory view was made already (a
+            # second one of the same slot would be released twice).
+            if "unhashable" not in str(exc) or self.shm_decoded != shm_decoded:
+                raise DecodeError(f"malformed {kind.name} body: {_reason(exc)}") from None
         except Exception as exc:
             raise DecodeError(f"malformed {kind.name} body: {_reason(exc)}") from None
+        self._pairs_hook = _tuple_keys
+        try:
+            return msgpack.unpackb(
+                body,
+                ext_hook=self._ext_hook,
+                raw=False,
+                strict_map_key=False,
+                use_list=True,
+                object_pairs_hook=_tuple_keys,
+            )
+        except DecodeError:
+            raise
+        except Exception as exc:
+            raise DecodeError(f"malformed {kind.name} body: {_reason(exc)}") from None
+        finally:
+            self._pairs_hook = None
 
     def _decompress(self, body: memoryview) -> bytes:
         limit = self.limits.max_decompressed_bytes
@@ -444,6 +470,7 @@ class Codec:
                 self.end_records += 1  # DATA refuses a top-level one (PROTOCOL §9)
                 return EndOfStream(fields[0])
             if code == EXT_SHM_REF and self.shm_decoder is not None:
+                self.shm_decoded += 1
                 return self.shm_decoder(data)
             if code == EXT_PICKLE and self.allow_pickle:
                 return self._counted(pickle.loads(data))
@@ -460,6 +487,8 @@ class Codec:
         except DecodeError:
             raise
         except Exception as exc:
+            if isinstance(exc, TypeError) and self._pairs_hook is None and "unhashable" in str(exc):
+                raise  # array map keys inside: _unpack_body decodes the frame again
             raise DecodeError(f"bad extension value (type {code}): {_reason(exc)}") from None
         raise DecodeError(f"unknown or disabled msgpack extension type {code}")
 
@@ -476,6 +505,7 @@ class Codec:
                 ext_hook=self._ext_hook,
                 raw=False,
                 strict_map_key=False,
+                object_pairs_hook=self._pairs_hook,
             )
         finally:
             self._ext_depth = depth
@@ -572,6 +602,15 @@ def _check_data(value: Any, limits: DecodeLimits) -> tuple[str, int, list[Any]]:
         _seq(seq)
         raise DecodeError("DATA seq + record count must stay below 2^63")
     return producer, seq, records
+
+
+def _tuple_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A map whose keys may be arrays, as a dict with those keys as tuples (as put)."""
+    return {(_as_key(k) if k.__class__ is list else k): v for k, v in pairs}
+
+
+def _as_key(value: Any) -> Any:
+    return tuple(_as_key(v) for v in value) if value.__class__ is list else value
 
 
 def _refuse_end_records(records: list[Any]) -> None:
