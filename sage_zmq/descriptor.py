@@ -385,23 +385,41 @@ class QueueDescriptor:
         if handle is not None and handle.has_producer():
             handle.producer(self).flush(timeout)
 
-    def qsize(self) -> int:
+    def _inspected(self, producer_first: bool = False) -> tuple[str, Any] | None:
+        """The end ``qsize``/``empty``/``full`` answer for: this process's consumer, else its
+        producer; None when it has neither and opening the consumer would take the queue
+        (bind its endpoint): that is ``get``'s to do (see ``QueueType.consumer_binds``)."""
         handle = self._handle()
-        if handle.has_consumer() or not handle.has_producer():
-            return int(handle.consumer(self).qsize())
-        return int(handle.producer(self).qsize())
+        ends = (
+            (("producer", handle.has_producer), ("consumer", handle.has_consumer))
+            if producer_first
+            else (("consumer", handle.has_consumer), ("producer", handle.has_producer))
+        )
+        for role, has in ends:
+            if has():
+                end = handle.producer(self) if role == "producer" else handle.consumer(self)
+                return role, end
+        if handle.qtype.consumer_binds:
+            return None
+        return "consumer", handle.consumer(self)
+
+    def qsize(self) -> int:
+        """Records in the queue as this process sees them: those its consumer holds, or those
+        its producer put that were not consumed yet; 0 in a process with neither end of a
+        socket queue (only ``get`` opens the consumer, which binds the endpoint)."""
+        end = self._inspected()
+        return 0 if end is None else int(end[1].qsize())
 
     def empty(self) -> bool:
-        handle = self._handle()
-        if handle.has_consumer() or not handle.has_producer():
-            return bool(handle.consumer(self).empty())
-        return handle.producer(self).qsize() == 0
+        end = self._inspected()
+        if end is None:
+            return True
+        role, obj = end
+        return bool(obj.empty()) if role == "consumer" else obj.qsize() == 0
 
     def full(self) -> bool:
-        handle = self._handle()
-        if handle.has_producer():
-            return bool(handle.producer(self).full())
-        return bool(handle.consumer(self).full())
+        end = self._inspected(producer_first=True)
+        return False if end is None else bool(end[1].full())
 
     def statistics(self) -> QueueStatistics:
         """This process's view of the queue; after ``close``, its last figures."""

@@ -65,6 +65,7 @@ RELIABILITY_METADATA_KEYS = frozenset(
 class SocketQueueType(QueueType):
     """A queue carried by a DEALER/ROUTER pair."""
 
+    consumer_binds: ClassVar[bool] = True
     reliable_by_default: ClassVar[bool] = False
     metadata_keys: ClassVar[frozenset[str]] = (
         COMMON_METADATA_KEYS

@@ -150,6 +150,12 @@ class QueueType(ABC):
     then carries it (the config's ``max_size`` when not given), so a process with another
     config cannot disagree. A wrapped queue's bound is its queue object's own."""
 
+    consumer_binds: ClassVar[bool] = False
+    """Whether opening the consumer end takes the queue (binds its endpoint, so its records
+    come here). Only ``get`` may do that: ``qsize``/``empty``/``full`` in a process with
+    neither end then answer for an empty queue, or a producer process that asked ``full()``
+    before its first put would become the consumer and take its own records."""
+
     def prepare(self, descriptor: QueueDescriptor) -> dict[str, Any]:
         """Metadata to store in a new descriptor (e.g. a derived endpoint); validates input."""
         return dict(descriptor.metadata)

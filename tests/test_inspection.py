@@ -1,0 +1,64 @@
+"""qsize/empty/full in a process that has no end of a socket queue open nothing.
+
+Opening the consumer end binds the endpoint and takes the queue's records: a producer process
+that asked ``full()`` before its first put used to become the consumer of its own records, and
+the real consumer then got nothing (issue 2: the consumer binds at its first ``get``).
+"""
+
+from __future__ import annotations
+
+import socket
+from multiprocessing.connection import Connection
+
+import pytest
+
+from sage_zmq import EndOfStream, QueueDescriptor
+from sage_zmq.testing import GET_TIMEOUT, spawn_worker
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _probe_then_produce(conn: Connection, qd: QueueDescriptor) -> None:
+    conn.send((qd.full(), qd.qsize(), qd.empty()))
+    assert conn.recv() == "go"
+    for i in range(5):
+        qd.put(i)
+    qd.put(EndOfStream())
+    qd.close()
+    conn.send("closed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("queue_type", ["shm", "tcp", "sage"])
+def test_a_producer_that_asks_first_does_not_take_the_queue(queue_type: str) -> None:
+    meta = {"maxsize": 100}
+    if queue_type != "shm":  # with an explicit endpoint, bound by the first get
+        meta["endpoint"] = f"tcp://127.0.0.1:{_free_port()}"
+    qd = QueueDescriptor(queue_type=queue_type, metadata=meta)
+    try:
+        with spawn_worker(_probe_then_produce, qd) as producer:
+            assert producer.recv() == (False, 0, True)  # nothing opened, nothing in it
+            producer.send("go")
+            got = [qd.get(timeout=GET_TIMEOUT) for _ in range(6)]
+            assert got[:5] == [0, 1, 2, 3, 4] and isinstance(got[5], EndOfStream)
+            assert producer.recv() == "closed"
+            assert producer.join() == 0
+    finally:
+        qd.close()
+
+
+def test_the_consumer_process_sees_its_records_once_it_got() -> None:
+    qd = QueueDescriptor(queue_type="shm", metadata={"maxsize": 100})
+    try:
+        assert qd.qsize() == 0 and qd.empty() and not qd.full()
+        qd.put("a")
+        qd.put("b")
+        assert qd.get(timeout=GET_TIMEOUT) == "a"
+        assert qd.qsize() == 1 and not qd.empty()
+    finally:
+        qd.close()
