@@ -65,7 +65,7 @@ def lookup_queue_type(name: str) -> QueueType:
         hint = difflib.get_close_matches(str(name), queue_types(), n=1)
         extra = f"; did you mean {hint[0]!r}?" if hint else ""
         raise DescriptorError(
-            f"unknown queue_type {name!r}{extra} Known types: {', '.join(queue_types())}"
+            f"unknown queue_type {name!r}{extra}. Known types: {', '.join(queue_types())}"
         )
     module_name, cls_name = target.split(":")
     import importlib
@@ -336,8 +336,12 @@ class QueueDescriptor:
     def settings(self) -> QueueSettings:
         cfg = current_config()
         meta = self.metadata
+        # A wrapped queue's bound is its queue object's own (none: 0), not the config's.
+        default = cfg.communication.queue.max_size
+        if "maxsize" not in meta and not lookup_queue_type(self.queue_type).carries_maxsize:
+            default = 0
         return QueueSettings(
-            maxsize=int(meta.get("maxsize", cfg.communication.queue.max_size)),
+            maxsize=int(meta.get("maxsize", default)),
             upstreams=int(meta.get("upstreams", 1)),
             batch_size=int(meta.get("batch_size", cfg.performance.batch_size)),
             flush_interval=float(meta.get("flush_interval", cfg.performance.flush_interval)),
@@ -500,6 +504,13 @@ class QueueDescriptor:
         new = QueueDescriptor(self.queue_id, new_type, keep)
         handle = self._handle()
         consumer = handle.consumer(self)
+        if not hasattr(consumer, "add_inlet"):
+            raise DescriptorError(
+                f"cannot promote a {self.queue_type!r} queue to {new_type!r}: only a local, "
+                "shm or tcp queue's consumer can take producers of another type. A wrapped "
+                "multiprocessing.Queue already crosses processes (pass the descriptor itself); "
+                "for a queue.Queue, forward its items to a new shm/tcp descriptor"
+            )
         consumer.add_inlet(qtype.open_consumer_inlet(new))
         _runtime.handle_for((new.queue_type, str(new.endpoint)), lambda: handle)
         handle.aliases.append((new.queue_type, str(new.endpoint)))
@@ -531,6 +542,9 @@ class _QueueHandle:
         from sage_zmq import observe
 
         observe.activate()  # config-driven logging, tracing and metrics, once per process
+
+    def __repr__(self) -> str:  # named in warnings (e.g. at shutdown)
+        return f"queue {self.descriptor.queue_id!r} ({self.qtype.name})"
 
     def has_producer(self) -> bool:
         return self._producer is not None

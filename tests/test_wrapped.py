@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from sage_zmq import DescriptorError, Empty, EndOfStream, Full, QueueDescriptor
+from sage_zmq import DescriptorError, Empty, EndOfStream, Full, InvalidArgument, QueueDescriptor
 from sage_zmq.queues import wrapped
 
 
@@ -159,3 +159,44 @@ def test_statistics_count_records_as_every_queue_type_does(kind: str) -> None:
         if kind == "multiprocessing":
             target.close()
             target.join_thread()
+
+
+@pytest.mark.parametrize("kind", ["queue", "multiprocessing"])
+def test_timeouts_are_checked_as_on_every_queue(kind: str) -> None:
+    # The stdlib queues hang on NaN (queue.Queue), overflow on infinity and take negative
+    # timeouts differently; a wrapped one answers as the other types do.
+    q: Any = queue.Queue(2) if kind == "queue" else multiprocessing.get_context("spawn").Queue(2)
+    qd = QueueDescriptor.from_existing(q)
+    try:
+        assert qd.maxsize == 2
+        for bad in (float("nan"), -1, "1"):
+            with pytest.raises(InvalidArgument):
+                qd.put("x", timeout=bad)
+            with pytest.raises(InvalidArgument):
+                qd.get(timeout=bad)
+        qd.put("x", timeout=float("inf"))  # waits without limit; there is room
+        assert qd.get(timeout=float("inf")) == "x"
+    finally:
+        qd.close()
+        wrapped.forget(qd)
+        if kind != "queue":
+            q.close()
+            q.join_thread()
+
+
+@pytest.mark.parametrize("kind", ["queue", "multiprocessing"])
+def test_an_unbounded_queue_reports_no_bound_and_refuses_promotion(kind: str) -> None:
+    q: Any = queue.Queue() if kind == "queue" else multiprocessing.get_context("spawn").Queue()
+    qd = QueueDescriptor.from_existing(q)
+    try:
+        assert qd.maxsize == 0  # its own bound (none), not the config's max_size
+        with pytest.raises(DescriptorError, match="cannot promote a 'wrapped' queue"):
+            qd.as_type("shm")
+        qd.put(1)
+        assert qd.get(timeout=5) == 1  # still usable
+    finally:
+        qd.close()
+        wrapped.forget(qd)
+        if kind != "queue":
+            q.close()
+            q.join_thread()

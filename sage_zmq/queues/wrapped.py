@@ -35,6 +35,7 @@ from sage_zmq.queues.base import (
     ProducerLink,
     QueueStatistics,
     QueueType,
+    check_timeout,
 )
 
 if TYPE_CHECKING:
@@ -89,7 +90,8 @@ def wrap_existing(cls: type[QueueDescriptor], queue: Any, queue_id: str | None =
     else:
         meta["queue"] = _Carried(queue)  # travels as far as the queue itself can
     maxsize = getattr(queue, "maxsize", None) or getattr(queue, "_maxsize", None)
-    if isinstance(maxsize, int) and maxsize > 0:
+    # An unbounded multiprocessing.Queue says so with its semaphore's largest value.
+    if isinstance(maxsize, int) and 0 < maxsize < _UNBOUNDED_SEMAPHORE:
         meta["maxsize"] = maxsize
     return cls(queue_id or f"wrapped-{ref}", "wrapped", meta)
 
@@ -178,6 +180,7 @@ class WrappedProducer:
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         if self._closed:
             raise QueueClosed(f"queue {self._queue_id!r} was closed in this process")
+        timeout = _checked(timeout, "put")
         try:
             self._q.put(item, block, timeout)
         except stdlib_queue.Full:
@@ -213,6 +216,18 @@ class WrappedProducer:
         )
 
 
+_UNBOUNDED_SEMAPHORE = 2**31 - 1  # _multiprocessing.SemLock.SEM_VALUE_MAX on Linux
+
+
+def _checked(timeout: Any, call: str) -> float | None:
+    """``timeout`` checked as every queue checks it (the stdlib queues hang on NaN, overflow
+    on infinity and take negative values differently); infinity waits without limit."""
+    if timeout is None:
+        return None
+    seconds = check_timeout(timeout, call)
+    return None if seconds == float("inf") else seconds
+
+
 class WrappedConsumer:
     """``get`` straight from the wrapped queue, counting ends of stream like the core."""
 
@@ -230,6 +245,7 @@ class WrappedConsumer:
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         if self._closed:
             raise QueueClosed(f"queue {self._queue_id!r} was closed in this process")
+        timeout = _checked(timeout, "get")
         while True:
             if self._ended >= self._upstreams:
                 return EndOfStream()
