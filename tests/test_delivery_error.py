@@ -61,3 +61,28 @@ def test_an_unconfirmed_end_is_not_called_a_record(queue_type: str) -> None:
     assert "the end of stream was not confirmed" in message, message
     assert "records put" not in message, message
     assert outcome[0].undelivered == 1  # the END counts as one (PROTOCOL §4)
+
+
+def test_records_received_but_not_consumed_are_named_too() -> None:
+    # A consumer that went silent had confirmed receiving 150 of 202 records and consuming 50:
+    # besides the 52 unconfirmed, close() names the 100 it held (lost with it if it is gone).
+    codec = Codec()
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as sock:
+        sock.linger = 0
+        port = sock.bind_to_random_port("tcp://127.0.0.1")
+        qd = QueueDescriptor(
+            queue_type="tcp", metadata={"endpoint": f"tcp://127.0.0.1:{port}", "maxsize": 1000}
+        )
+        for i in range(202):
+            qd.put(i)
+        qd.flush()
+        assert sock.poll(5000)
+        peer, _ = sock.recv_multipart()
+        body = {"session": "raw", "received": 150, "acked": 50, "limit": 1000}
+        sock.send_multipart([peer, codec.encode_control(Kind.CREDIT, body)])
+        with pytest.raises(DeliveryError) as caught:
+            qd.close(timeout=1.0)
+    message = str(caught.value)
+    assert "52 records put were not confirmed" in message, message
+    assert "100 more that it confirmed receiving were not yet consumed" in message, message
+    assert caught.value.undelivered == 52

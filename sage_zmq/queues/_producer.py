@@ -568,9 +568,16 @@ class Producer:
                 else "is the consumer running and reading?"
             )
             what = self._unconfirmed(undelivered, self._received)
+            held = max(0, self._received - self._acked - self._ends_between(self._acked))
+            also = (
+                f"; {held} more that it confirmed receiving were not yet consumed at its last "
+                "report, and are lost too if it is gone"
+                if held
+                else ""
+            )
             raise DeliveryError(
                 f"queue {self.queue_id!r}: {what} not confirmed as received by the consumer "
-                f"within {timeout} s ({why})",
+                f"within {timeout} s ({why}){also}",
                 undelivered,
             )
         lost = self._lost_at_most()
@@ -583,6 +590,10 @@ class Producer:
             )
         if errors:
             raise EncodeError(f"queue {self.queue_id!r}: record dropped: {errors[0]}")
+
+    def _ends_between(self, start: int) -> int:
+        """ENDs this producer sent with seqs from ``start`` up to what the consumer received."""
+        return sum(1 for seq in self._end_seqs if start <= seq < self._received)
 
     def _unconfirmed(self, count: int, confirmed_to: int) -> str:
         """``count`` unconfirmed seqs in words: an END among them is no record put."""
