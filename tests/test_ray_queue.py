@@ -31,6 +31,7 @@ from sage_zmq import (  # noqa: E402
 )
 from sage_zmq.queues import ray as rayq  # noqa: E402
 from sage_zmq.queues.ray import consume_here, lookup_consumer  # noqa: E402
+from sage_zmq.testing import wait_until  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(120)]
 
@@ -345,6 +346,9 @@ def test_records_put_between_two_consumers_wait_for_the_second(
         assert ray.get(first.take.remote(10), timeout=WAIT) == list(range(10))
         ray.get(first.close.remote(), timeout=WAIT)
         assert lookup_consumer(qd) is None
+        # What is sent before the producer sees the connection end goes to the closed one
+        # (docs/tutorial.md; a loaded machine delays that event): wait until it has seen it.
+        _until_the_producer_noticed(qd)
         for i in range(10, 60):  # nobody consumes now
             qd.put(i, timeout=WAIT)
         second = Consumer.options(**ON_B).remote(qd)
@@ -359,6 +363,19 @@ def test_records_put_between_two_consumers_wait_for_the_second(
         for actor in (first, second):
             if actor is not None:
                 ray.kill(actor)
+
+
+def _until_the_producer_noticed(qd: QueueDescriptor) -> None:
+    producer = qd._handle().producer(qd)
+    link = getattr(producer, "_keeping", None)
+    link = producer._link if link is None else link.inner  # the reliable layer wraps it
+
+    def noticed() -> bool:
+        with link._lock:
+            link._watch()  # what its next put would read
+        return bool(link._suspect or link._parked_at is not None)
+
+    wait_until(noticed, WAIT, "the producer to see its consumer's connection end")
 
 
 def _close_quietly(qd: QueueDescriptor) -> None:
