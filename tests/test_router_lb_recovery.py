@@ -137,6 +137,8 @@ def test_failover_of_a_dead_instance_is_counted(
         assert "declared dead" in event.getMessage() and "'w' [0.1]" in event.getMessage()
         assert stats.failovers == 1, stats
         assert stats.stalled == ((0, 1),)
+        # A moved packet counts where it went, not also where it first was put.
+        assert sum(stats.delivered.values()) == stats.routed == k, stats.delivered
         assert sorted(p for w in workers for p in w.payloads) == list(range(k))
     finally:
         close_quietly(dead)

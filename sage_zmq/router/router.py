@@ -782,6 +782,7 @@ class BaseRouter:
                 except RoutingError:
                     pass  # a key of its own, or no live instance: it waits for the instance
             t.held.append(record)
+        t.delivered -= moved  # counted where they went instead (each packet at one slot)
         if taken:
             # A failover like a failed put's, even when load_balance had already steered clear
             # of the instance and no put to it ever failed.
