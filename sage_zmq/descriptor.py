@@ -403,7 +403,7 @@ class QueueDescriptor:
             if has():
                 end = handle.producer(self) if role == "producer" else handle.consumer(self)
                 return role, end
-        if handle.qtype.consumer_binds:
+        if handle.qtype.consumer_binds and not handle.qtype.holds_endpoint(self):
             return None
         return "consumer", handle.consumer(self)
 

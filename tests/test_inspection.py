@@ -62,3 +62,24 @@ def test_the_consumer_process_sees_its_records_once_it_got() -> None:
         assert qd.qsize() == 1 and not qd.empty()
     finally:
         qd.close()
+
+
+def _produce_three(conn: Connection, qd: QueueDescriptor) -> None:
+    for i in range(3):
+        qd.put(i)
+    qd.close()  # returns once the consumer (the maker, which only asked qsize) has them
+    conn.send("closed")
+
+
+def test_the_maker_of_a_tcp_queue_without_endpoint_is_its_consumer() -> None:
+    # It bound the endpoint when it made the descriptor: qsize() there opens that consumer.
+    qd = QueueDescriptor(queue_type="tcp", metadata={"maxsize": 100})
+    try:
+        assert qd.qsize() == 0
+        with spawn_worker(_produce_three, qd) as producer:
+            assert producer.recv() == "closed"
+            assert producer.join() == 0
+        assert qd.qsize() == 3 and not qd.empty()
+        assert [qd.get(timeout=GET_TIMEOUT) for _ in range(3)] == [0, 1, 2]
+    finally:
+        qd.close()

@@ -17,6 +17,7 @@ from sage_zmq.queues._zmq import (
     SocketOptions,
     bound_by_here,
     claim_prebound,
+    is_prebound,
 )
 from sage_zmq.queues.base import (
     COMMON_METADATA_KEYS,
@@ -66,6 +67,11 @@ class SocketQueueType(QueueType):
     """A queue carried by a DEALER/ROUTER pair."""
 
     consumer_binds: ClassVar[bool] = True
+
+    def holds_endpoint(self, descriptor: QueueDescriptor) -> bool:
+        # A tcp queue made without an endpoint was bound by its maker, its consumer.
+        return is_prebound(str(descriptor.metadata.get("endpoint")))
+
     reliable_by_default: ClassVar[bool] = False
     metadata_keys: ClassVar[frozenset[str]] = (
         COMMON_METADATA_KEYS

@@ -758,6 +758,11 @@ def claim_prebound(endpoint: str) -> RouterInlet | None:
     return _prebound.pop(endpoint, None)
 
 
+def is_prebound(endpoint: str) -> bool:
+    """Whether this process bound ``endpoint`` early and holds it for its consumer."""
+    return endpoint in _prebound
+
+
 def prebind(endpoint: str, inlet: RouterInlet) -> None:
     _prebound[endpoint] = inlet
 

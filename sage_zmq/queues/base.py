@@ -156,6 +156,10 @@ class QueueType(ABC):
     neither end then answer for an empty queue, or a producer process that asked ``full()``
     before its first put would become the consumer and take its own records."""
 
+    def holds_endpoint(self, descriptor: QueueDescriptor) -> bool:
+        """Whether this process already took the queue (bound its endpoint) for its consumer."""
+        return False
+
     def prepare(self, descriptor: QueueDescriptor) -> dict[str, Any]:
         """Metadata to store in a new descriptor (e.g. a derived endpoint); validates input."""
         return dict(descriptor.metadata)
