@@ -47,11 +47,17 @@ class DecodeError(SageZmqError, ValueError):
 
 
 class DeliveryError(SageZmqError):
-    """Records accepted by ``put`` could not be confirmed as delivered."""
+    """Records accepted by ``put`` could not be confirmed as delivered.
 
-    def __init__(self, message: str, undelivered: int = 0) -> None:
+    ``undelivered``: records (an unconfirmed end of stream counts as one) the consumer did not
+    confirm receiving. ``may_be_lost``: those plus the records it confirmed receiving but had
+    not consumed at its last report, which are gone too if the consumer died.
+    """
+
+    def __init__(self, message: str, undelivered: int = 0, may_be_lost: int | None = None) -> None:
         super().__init__(message)
         self.undelivered = undelivered
+        self.may_be_lost = undelivered if may_be_lost is None else may_be_lost
 
 
 class QueueClosed(SageZmqError):

@@ -86,3 +86,4 @@ def test_records_received_but_not_consumed_are_named_too() -> None:
     assert "52 records put were not confirmed" in message, message
     assert "100 more that it confirmed receiving were not yet consumed" in message, message
     assert caught.value.undelivered == 52
+    assert caught.value.may_be_lost == 152
