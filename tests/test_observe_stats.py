@@ -172,3 +172,11 @@ def test_query_refuses_a_timeout_zeromq_would_take_as_forever() -> None:
     for timeout in (-1.0, 0.0, float("nan"), float("inf")):
         with pytest.raises(StatsError, match="timeout must be a number of seconds > 0"):
             query("tcp://127.0.0.1:1", timeout=timeout)
+
+
+def test_an_ipc_stats_endpoint_removes_its_socket_file(tmp_path: Any) -> None:
+    path = tmp_path / "stats.sock"
+    with StatsServer(f"ipc://{path}") as server:
+        assert path.exists()
+        assert query(server.endpoint, "ping") == {"ok": True}
+    assert not path.exists()  # libzmq leaves it; close() takes it away

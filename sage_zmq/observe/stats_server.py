@@ -171,6 +171,13 @@ class StatsServer:
             raise StatsError(f"cannot serve stats on {endpoint}: {exc}") from None
         self.endpoint: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sock = sock
+        # libzmq leaves an ipc socket file behind: close() removes it if it is still ours.
+        self._ipc_file: tuple[str, int, int] | None = None
+        if self.endpoint.startswith("ipc://"):
+            with contextlib.suppress(OSError):
+                path = self.endpoint[len("ipc://") :]
+                st = os.stat(path)
+                self._ipc_file = (path, st.st_dev, st.st_ino)
         self._wake_addr = f"inproc://stats-wake-{id(self):x}"
         self._wake_recv = self._ctx.socket(zmq.PAIR)
         self._wake_recv.bind(self._wake_addr)
@@ -292,6 +299,10 @@ class StatsServer:
         self._thread.join(5)
         wake.close(linger=0)
         self._ctx.term()
+        if self._ipc_file is not None:
+            from sage_zmq.queues._zmq import unlink_if_same
+
+            unlink_if_same(self._ipc_file)
 
     def __enter__(self) -> StatsServer:
         return self
