@@ -180,3 +180,17 @@ def test_an_ipc_stats_endpoint_removes_its_socket_file(tmp_path: Any) -> None:
         assert path.exists()
         assert query(server.endpoint, "ping") == {"ok": True}
     assert not path.exists()  # libzmq leaves it; close() takes it away
+
+
+def test_stats_shows_each_ends_average_rates_from_one_snapshot() -> None:
+    # `sage-zmq stats` has one snapshot, no interval: OUT/s and IN/s are the averages since
+    # each end opened (they were always "-").
+    snap = [
+        {
+            "process": "h:1",
+            "queues": [{"queue_id": "q", "role": "get", "sent": 0, "received": 2468, "uptime": 2}],
+        }
+    ]
+    header, row = format_queues(snap).splitlines()
+    cells = dict(zip(header.split(), row.split(), strict=False))
+    assert cells["OUT/s"] == "0" and cells["IN/s"] == "1234", (header, row)

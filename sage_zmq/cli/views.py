@@ -102,19 +102,37 @@ def rates_between(
     return out
 
 
+def _average_rates(q: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    """Records/s sent and received since the end opened (``sent / uptime``)."""
+    uptime = _float(q.get("uptime"))
+    if uptime is None or uptime <= 0:
+        return None, None
+    sent, received = _float(q.get("sent")), _float(q.get("received"))
+    return (
+        None if sent is None else sent / uptime,
+        None if received is None else received / uptime,
+    )
+
+
 def format_queues(
     processes: Sequence[Mapping[str, Any]],
     rates: Mapping[tuple[str, str, str], tuple[float, float]] | None = None,
 ) -> str:
-    """A table with one row per queue end per process."""
+    """A table with one row per queue end per process.
+
+    ``rates`` (from :func:`rates_between`) fill OUT/s and IN/s; without them, each end's
+    average since it opened (``sent`` and ``received`` over ``uptime``) does."""
     rows: list[tuple[str, ...]] = [_HEAD]
     procs = [p for p in processes if isinstance(p, Mapping)]
     for snap in sorted(procs, key=lambda p: (_operator(p.get("meta")), str(p.get("process")))):
         for q in _queues(snap):
             queue_id, role = _qkey(q)
-            out_rate, in_rate = (rates or {}).get(
-                (str(snap.get("process")), queue_id, role), (None, None)
-            )
+            if rates is None:  # one snapshot: the averages since each end opened
+                out_rate, in_rate = _average_rates(q)
+            else:
+                out_rate, in_rate = rates.get(
+                    (str(snap.get("process")), queue_id, role), (None, None)
+                )
             rows.append(
                 (
                     str(snap.get("process")),
