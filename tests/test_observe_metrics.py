@@ -116,6 +116,25 @@ def test_routers_are_weakly_registered() -> None:
     assert all(r["name"] != "r1" for r in metrics.snapshot()["routers"])
 
 
+def test_a_router_entry_has_the_derived_figures_too() -> None:
+    from sage_zmq.router import Connection, make_router
+
+    qd = QueueDescriptor("obs-router", "local", {"maxsize": 10})
+    router = make_router("round_robin")
+    try:
+        router.add_connection(Connection(0, 0, "w", qd))
+        router.route(Packet(1))
+        metrics.register_router(router, "r-derived")
+        (entry,) = [r for r in metrics.snapshot()["routers"] if r["name"] == "r-derived"]
+        stats = entry["stats"]
+        assert stats["routed"] == 1 and stats["delivered"] == {"(0, 0)": 1}
+        assert stats["utilisation"] == pytest.approx(0.1) and stats["route_rate"] > 0
+        assert qd.get(timeout=5).payload == 1
+    finally:
+        router.close()
+        qd.close()
+
+
 def test_prometheus_scrape_matches_what_was_sent() -> None:
     qd = QueueDescriptor("obs-prom", "tcp", {"maxsize": 1000})
     server = prometheus.start_metrics_server(0)

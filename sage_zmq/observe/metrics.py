@@ -215,6 +215,11 @@ def snapshot() -> dict[str, Any]:
         except Exception:
             continue
         entry = _plain(stats)
+        if isinstance(entry, dict):  # the derived figures, as a queue entry has them
+            for derived in ("utilisation", "route_rate"):
+                value = getattr(stats, derived, None)
+                if isinstance(value, int | float):
+                    entry[derived] = float(value)
         routers_out.append({"name": name, "stats": entry if isinstance(entry, dict) else {}})
     return {
         "version": SNAPSHOT_VERSION,

@@ -561,15 +561,15 @@ class Producer:
             if refused:
                 endpoint = str(getattr(self._link, "endpoint", "?"))
                 raise wrong_queue(self.queue_id, undelivered, endpoint, refused)
+            endpoint = str(getattr(self._link, "endpoint", "") or "")  # none: in-process
             if stuck:
                 why = (
                     f"{stuck} frames found no connection to take them: is the consumer up, and "
                     "does it accept this producer's CURVE key?"
                 )
-            elif self._session is None and self.assist is None:
+            elif self._session is None and self.assist is None and endpoint:
                 # Not one CREDIT: no consumer there, or one that refused the connection (a
                 # CURVE handshake that fails leaves a plain producer nothing else to see).
-                endpoint = str(getattr(self._link, "endpoint", "") or "its endpoint")
                 why = (
                     f"nothing was ever heard from a consumer at {endpoint}: is one running "
                     "there, and if it requires CURVE, does it accept this producer's key?"
