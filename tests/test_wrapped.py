@@ -5,10 +5,12 @@ The Ray queue case lives in ``test_ray_queue.py`` (it needs that module's Ray se
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import pickle
 import queue
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -141,11 +143,28 @@ def test_multiprocessing_queue_reaches_a_spawned_child() -> None:
     q.join_thread()
 
 
+@contextlib.contextmanager
+def _wrapped(kind: str, maxsize: int = 0) -> Iterator[QueueDescriptor]:
+    """A descriptor wrapping a new queue.Queue or multiprocessing.Queue, ended on leaving."""
+    q: Any = (
+        queue.Queue(maxsize)
+        if kind == "queue"
+        else multiprocessing.get_context("spawn").Queue(maxsize)
+    )
+    qd = QueueDescriptor.from_existing(q)
+    try:
+        yield qd
+    finally:
+        qd.close()
+        wrapped.forget(qd)
+        if kind != "queue":
+            q.close()
+            q.join_thread()
+
+
 @pytest.mark.parametrize("kind", ["queue", "multiprocessing"])
 def test_statistics_count_records_as_every_queue_type_does(kind: str) -> None:
-    target: Any = queue.Queue() if kind == "queue" else multiprocessing.get_context("spawn").Queue()
-    qd = QueueDescriptor.from_existing(target)
-    try:
+    with _wrapped(kind) as qd:
         for i in range(2):
             qd.put(i)
         qd.put(EndOfStream())
@@ -154,20 +173,13 @@ def test_statistics_count_records_as_every_queue_type_does(kind: str) -> None:
         # ENDs are not records; what get() returned is consumed.
         assert (stats.sent, stats.received, stats.acked, stats.in_flight) == (2, 2, 2, 0)
         assert stats.upstreams_ended == 1
-    finally:
-        qd.close()
-        if kind == "multiprocessing":
-            target.close()
-            target.join_thread()
 
 
 @pytest.mark.parametrize("kind", ["queue", "multiprocessing"])
 def test_timeouts_are_checked_as_on_every_queue(kind: str) -> None:
     # The stdlib queues hang on NaN (queue.Queue), overflow on infinity and take negative
     # timeouts differently; a wrapped one answers as the other types do.
-    q: Any = queue.Queue(2) if kind == "queue" else multiprocessing.get_context("spawn").Queue(2)
-    qd = QueueDescriptor.from_existing(q)
-    try:
+    with _wrapped(kind, maxsize=2) as qd:
         assert qd.maxsize == 2
         for bad in (float("nan"), -1, "1"):
             with pytest.raises(InvalidArgument):
@@ -176,27 +188,13 @@ def test_timeouts_are_checked_as_on_every_queue(kind: str) -> None:
                 qd.get(timeout=bad)
         qd.put("x", timeout=float("inf"))  # waits without limit; there is room
         assert qd.get(timeout=float("inf")) == "x"
-    finally:
-        qd.close()
-        wrapped.forget(qd)
-        if kind != "queue":
-            q.close()
-            q.join_thread()
 
 
 @pytest.mark.parametrize("kind", ["queue", "multiprocessing"])
 def test_an_unbounded_queue_reports_no_bound_and_refuses_promotion(kind: str) -> None:
-    q: Any = queue.Queue() if kind == "queue" else multiprocessing.get_context("spawn").Queue()
-    qd = QueueDescriptor.from_existing(q)
-    try:
+    with _wrapped(kind) as qd:
         assert qd.maxsize == 0  # its own bound (none), not the config's max_size
         with pytest.raises(DescriptorError, match="cannot promote a 'wrapped' queue"):
             qd.as_type("shm")
         qd.put(1)
         assert qd.get(timeout=5) == 1  # still usable
-    finally:
-        qd.close()
-        wrapped.forget(qd)
-        if kind != "queue":
-            q.close()
-            q.join_thread()
