@@ -358,6 +358,7 @@ class QueueDescriptor:
         handle: _QueueHandle | None = _runtime.existing_handle(key)
         if handle is None:
             qtype = lookup_queue_type(self.queue_type)
+            _check_metadata(self.metadata)  # a dict the caller may have changed since
             qtype.check_usable_here(self)
             handle = _runtime.handle_for(key, lambda: _QueueHandle(self, qtype, key))
         return handle

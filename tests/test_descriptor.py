@@ -230,3 +230,16 @@ def test_to_json_of_unserialisable_metadata_is_a_descriptor_error() -> None:
     with pytest.raises(DescriptorError) as exc:
         qd.to_json()
     _assert_descriptor_error(exc, "JSON")
+
+
+def test_metadata_changed_after_creation_is_checked_at_first_use() -> None:
+    # metadata is a plain dict: a bad value put there later is refused when the queue opens,
+    # not turned into a queue with "room for -5 records".
+    qd = QueueDescriptor(queue_type="local")
+    qd.metadata["maxsize"] = -5
+    with pytest.raises(DescriptorError, match=r"metadata\['maxsize'\] must be an integer >= 1"):
+        qd.put(1)
+    qd.metadata["maxsize"] = 5
+    qd.put(1)
+    assert qd.get(timeout=5) == 1
+    qd.close()
