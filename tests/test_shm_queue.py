@@ -806,3 +806,27 @@ def test_the_nested_payload_scan_stops_eight_containers_down() -> None:
     assert not _has_nested_bytes([[boxed]], _SCAN_AT)
     assert not _has_nested_bytes([payload, Packet(payload)], _SCAN_AT)  # records of their own
     assert _has_nested_bytes([Packet({"image": payload})], _SCAN_AT)
+
+
+def test_tuple_keys_beside_pool_payloads_keep_every_slot_leased_once() -> None:
+    # A frame with tuple (array) keys is decoded twice; its shared-memory views must come from
+    # the first pass, or each slot is released twice and reused under a live view.
+    qd = QueueDescriptor(None, "shm", {"maxsize": 100})
+    held: list[Any] = []
+    try:
+        with contextlib.suppress(Empty):
+            qd.get_nowait()
+        for round_ in range(2):
+            for i in range(10):
+                n = round_ * 10 + i
+                qd.put({"a": np.full(50_000, n, dtype=np.int32), "k": {(n, "t"): n}})
+            for i in range(10):
+                n = round_ * 10 + i
+                got = qd.get(timeout=10)
+                assert got["k"] == {(n, "t"): n}
+                held.append(got["a"])  # keep every view alive while more arrive
+        assert all(int(a.min()) == int(a.max()) == n for n, a in enumerate(held))
+        assert qd.statistics().rejected == 0
+    finally:
+        held.clear()
+        qd.close()

@@ -159,7 +159,7 @@ class Codec:
         self.zero_copy = zero_copy
         self.shm_encoder = shm_encoder
         self.shm_decoder = shm_decoder
-        self.shm_decoded = 0  # ext 4 values decoded, ever (see _unpack_body)
+        self._shm_views: dict[bytes, Any] | None = None  # this frame's, while decoding it
         self._pairs_hook: Callable[[list[tuple[Any, Any]]], dict[Any, Any]] | None = None
         # Routing id of the frame being decoded: the consumer's inlet sets it so that the shm
         # decoder knows whom to send a slot's RELEASE.
@@ -390,38 +390,41 @@ class Codec:
         return fields
 
     def _unpack_body(self, body: bytes | memoryview, kind: Kind) -> Any:
-        shm_decoded = self.shm_decoded
+        if self.shm_decoder is not None:
+            self._shm_views = {}  # a second pass must reuse the first one's views (see below)
         try:
-            return msgpack.unpackb(
-                body, ext_hook=self._ext_hook, raw=False, strict_map_key=False, use_list=True
-            )
-        except DecodeError:
-            raise
-        except TypeError as exc:
-            # A map with array keys (a Python dict with tuple keys): msgpack builds the keys as
-            # lists, which no dict takes. Decoded again with them as tuples, the slow way, but
-            # only for such frames; not where a shared-memory view was made already (a
-            # second one of the same slot would be released twice).
-            if "unhashable" not in str(exc) or self.shm_decoded != shm_decoded:
+            try:
+                return msgpack.unpackb(
+                    body, ext_hook=self._ext_hook, raw=False, strict_map_key=False, use_list=True
+                )
+            except DecodeError:
+                raise
+            except TypeError as exc:
+                # A map with array keys (a Python dict with tuple keys): msgpack builds the
+                # keys as lists, which no dict takes. Decoded again with them as tuples, the
+                # slow way, but only for such frames.
+                if "unhashable" not in str(exc):
+                    raise DecodeError(f"malformed {kind.name} body: {_reason(exc)}") from None
+            except Exception as exc:
                 raise DecodeError(f"malformed {kind.name} body: {_reason(exc)}") from None
-        except Exception as exc:
-            raise DecodeError(f"malformed {kind.name} body: {_reason(exc)}") from None
-        self._pairs_hook = _tuple_keys
-        try:
-            return msgpack.unpackb(
-                body,
-                ext_hook=self._ext_hook,
-                raw=False,
-                strict_map_key=False,
-                use_list=True,
-                object_pairs_hook=_tuple_keys,
-            )
-        except DecodeError:
-            raise
-        except Exception as exc:
-            raise DecodeError(f"malformed {kind.name} body: {_reason(exc)}") from None
+            self._pairs_hook = _tuple_keys
+            try:
+                return msgpack.unpackb(
+                    body,
+                    ext_hook=self._ext_hook,
+                    raw=False,
+                    strict_map_key=False,
+                    use_list=True,
+                    object_pairs_hook=_tuple_keys,
+                )
+            except DecodeError:
+                raise
+            except Exception as exc:
+                raise DecodeError(f"malformed {kind.name} body: {_reason(exc)}") from None
+            finally:
+                self._pairs_hook = None
         finally:
-            self._pairs_hook = None
+            self._shm_views = None
 
     def _decompress(self, body: memoryview) -> bytes:
         limit = self.limits.max_decompressed_bytes
@@ -470,8 +473,15 @@ class Codec:
                 self.end_records += 1  # DATA refuses a top-level one (PROTOCOL §9)
                 return EndOfStream(fields[0])
             if code == EXT_SHM_REF and self.shm_decoder is not None:
-                self.shm_decoded += 1
-                return self.shm_decoder(data)
+                views = self._shm_views
+                if views is None:
+                    return self.shm_decoder(data)
+                # One view per slot for the whole frame: a second decoding pass (tuple keys)
+                # gets the first pass's view, so the slot is leased, and released, once.
+                view = views.get(data)
+                if view is None:
+                    view = views[data] = self.shm_decoder(data)
+                return view
             if code == EXT_PICKLE and self.allow_pickle:
                 return self._counted(pickle.loads(data))
             if code == EXT_PICKLE_OOB and self.allow_pickle:
