@@ -390,41 +390,33 @@ class QueueDescriptor:
         if handle is not None and handle.has_producer():
             handle.producer(self).flush(timeout)
 
-    def _inspected(self, producer_first: bool = False) -> tuple[str, Any] | None:
-        """The end ``qsize``/``empty``/``full`` answer for: this process's consumer, else its
-        producer; None when it has neither and opening the consumer would take the queue
-        (bind its endpoint): that is ``get``'s to do (see ``QueueType.consumer_binds``)."""
-        handle = self._handle()
-        ends = (
-            (("producer", handle.has_producer), ("consumer", handle.has_consumer))
-            if producer_first
-            else (("consumer", handle.has_consumer), ("producer", handle.has_producer))
-        )
-        for role, has in ends:
-            if has():
-                end = handle.producer(self) if role == "producer" else handle.consumer(self)
-                return role, end
-        if handle.qtype.consumer_binds and not handle.qtype.holds_endpoint(self):
-            return None
-        return "consumer", handle.consumer(self)
-
     def qsize(self) -> int:
         """Records in the queue as this process sees them: those its consumer holds, or those
-        its producer put that were not consumed yet; 0 in a process with neither end of a
-        socket queue (only ``get`` opens the consumer, which binds the endpoint)."""
-        end = self._inspected()
-        return 0 if end is None else int(end[1].qsize())
+        its producer put that were not consumed yet. In a process with neither end it opens
+        the consumer (a consumer polling before its first ``get`` binds the endpoint)."""
+        handle = self._handle()
+        if handle.has_consumer() or not handle.has_producer():
+            return int(handle.consumer(self).qsize())
+        return int(handle.producer(self).qsize())
 
     def empty(self) -> bool:
-        end = self._inspected()
-        if end is None:
-            return True
-        role, obj = end
-        return bool(obj.empty()) if role == "consumer" else obj.qsize() == 0
+        handle = self._handle()
+        if handle.has_consumer() or not handle.has_producer():
+            return bool(handle.consumer(self).empty())
+        return handle.producer(self).qsize() == 0
 
     def full(self) -> bool:
-        end = self._inspected(producer_first=True)
-        return False if end is None else bool(end[1].full())
+        """Whether a ``put`` from this process would wait for room. A producer's question: in a
+        process with neither end of a socket queue it opens nothing and says False (opening
+        the consumer would bind the endpoint and take the records this process is about to
+        put; see ``QueueType.consumer_binds``)."""
+        handle = self._handle()
+        if handle.has_producer():
+            return bool(handle.producer(self).full())
+        qtype = handle.qtype
+        if handle.has_consumer() or not qtype.consumer_binds or qtype.holds_endpoint(self):
+            return bool(handle.consumer(self).full())
+        return False
 
     def statistics(self) -> QueueStatistics:
         """This process's view of the queue; after ``close``, its last figures."""
@@ -500,18 +492,18 @@ class QueueDescriptor:
         if not qtype.capabilities.cross_process and new_type != self.queue_type:
             raise DescriptorError(f"cannot promote to {new_type!r}: it is not cross-process")
         lookup_queue_type(self.queue_type).check_usable_here(self)
-        keep = {k: v for k, v in self.metadata.items() if k not in ("endpoint", "owner", "bind")}
-        keep.update(metadata)
-        new = QueueDescriptor(self.queue_id, new_type, keep)
         handle = self._handle()
         consumer = handle.consumer(self)
-        if not hasattr(consumer, "add_inlet"):
+        if not hasattr(consumer, "add_inlet"):  # refused before the new end binds anything
             raise DescriptorError(
                 f"cannot promote a {self.queue_type!r} queue to {new_type!r}: only a local, "
                 "shm or tcp queue's consumer can take producers of another type. A wrapped "
                 "multiprocessing.Queue already crosses processes (pass the descriptor itself); "
                 "for a queue.Queue, forward its items to a new shm/tcp descriptor"
             )
+        keep = {k: v for k, v in self.metadata.items() if k not in ("endpoint", "owner", "bind")}
+        keep.update(metadata)
+        new = QueueDescriptor(self.queue_id, new_type, keep)
         consumer.add_inlet(qtype.open_consumer_inlet(new))
         _runtime.handle_for((new.queue_type, str(new.endpoint)), lambda: handle)
         handle.aliases.append((new.queue_type, str(new.endpoint)))

@@ -1,8 +1,9 @@
-"""qsize/empty/full in a process that has no end of a socket queue open nothing.
+"""full() in a process with no end of a socket queue opens nothing; qsize/empty open the consumer.
 
 Opening the consumer end binds the endpoint and takes the queue's records: a producer process
 that asked ``full()`` before its first put used to become the consumer of its own records, and
-the real consumer then got nothing (issue 2: the consumer binds at its first ``get``).
+the real consumer then got nothing. A consumer, though, may poll ``empty()`` before its first
+``get``: that must bind, or its producers would never reach it.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from multiprocessing.connection import Connection
 import pytest
 
 from sage_zmq import EndOfStream, QueueDescriptor
-from sage_zmq.testing import GET_TIMEOUT, spawn_worker
+from sage_zmq.testing import GET_TIMEOUT, spawn_worker, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def _probe_then_produce(conn: Connection, qd: QueueDescriptor) -> None:
-    conn.send((qd.full(), qd.qsize(), qd.empty()))
+    conn.send((qd.full(), qd.full()))
     assert conn.recv() == "go"
     for i in range(5):
         qd.put(i)
@@ -42,10 +43,34 @@ def test_a_producer_that_asks_first_does_not_take_the_queue(queue_type: str) -> 
     qd = QueueDescriptor(queue_type=queue_type, metadata=meta)
     try:
         with spawn_worker(_probe_then_produce, qd) as producer:
-            assert producer.recv() == (False, 0, True)  # nothing opened, nothing in it
+            assert producer.recv() == (False, False)  # nothing opened: room
             producer.send("go")
             got = [qd.get(timeout=GET_TIMEOUT) for _ in range(6)]
             assert got[:5] == [0, 1, 2, 3, 4] and isinstance(got[5], EndOfStream)
+            assert producer.recv() == "closed"
+            assert producer.join() == 0
+    finally:
+        qd.close()
+
+
+def _produce_three_and_close(conn: Connection, qd: QueueDescriptor) -> None:
+    for i in range(3):
+        qd.put(i)
+    qd.close()
+    conn.send("closed")
+
+
+@pytest.mark.parametrize("queue_type", ["shm", "sage"])
+def test_a_consumer_that_polls_empty_before_its_first_get_gets_its_records(
+    queue_type: str,
+) -> None:
+    qd = QueueDescriptor(queue_type=queue_type, metadata={"maxsize": 100})
+    try:
+        assert qd.empty()  # binds: the producer below finds the consumer
+        with spawn_worker(_produce_three_and_close, qd) as producer:
+            wait_until(lambda: qd.qsize() == 3, GET_TIMEOUT, "the records to arrive")
+            # (A sage producer's close waits for consumption: take them before its answer.)
+            assert [qd.get(timeout=GET_TIMEOUT) for _ in range(3)] == [0, 1, 2]
             assert producer.recv() == "closed"
             assert producer.join() == 0
     finally:

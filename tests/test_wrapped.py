@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from sage_zmq import DescriptorError, Empty, EndOfStream, Full, InvalidArgument, QueueDescriptor
-from sage_zmq.queues import wrapped
+from sage_zmq.queues import _zmq, wrapped
 
 
 def test_queue_queue_items_are_shared_with_raw_users() -> None:
@@ -188,13 +188,17 @@ def test_timeouts_are_checked_as_on_every_queue(kind: str) -> None:
                 qd.get(timeout=bad)
         qd.put("x", timeout=float("inf"))  # waits without limit; there is room
         assert qd.get(timeout=float("inf")) == "x"
+        qd.put("y", timeout=1e12)  # beyond what the stdlib takes: no OverflowError
+        assert qd.get(timeout=1e12) == "y"
 
 
 @pytest.mark.parametrize("kind", ["queue", "multiprocessing"])
 def test_an_unbounded_queue_reports_no_bound_and_refuses_promotion(kind: str) -> None:
     with _wrapped(kind) as qd:
         assert qd.maxsize == 0  # its own bound (none), not the config's max_size
-        with pytest.raises(DescriptorError, match="cannot promote a 'wrapped' queue"):
-            qd.as_type("shm")
+        for new_type in ("shm", "tcp"):  # refused before anything is bound for it
+            with pytest.raises(DescriptorError, match="cannot promote a 'wrapped' queue"):
+                qd.as_type(new_type)
+        assert not _zmq._prebound
         qd.put(1)
         assert qd.get(timeout=5) == 1  # still usable

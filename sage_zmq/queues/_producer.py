@@ -588,7 +588,7 @@ class Producer:
                 f"queue {self.queue_id!r}: {what} not confirmed as received by the consumer "
                 f"within {timeout} s ({why}){also}",
                 undelivered,
-                undelivered + held,
+                undelivered + held + self._lost_at_most(),
             )
         lost = self._lost_at_most()
         if lost:

@@ -152,9 +152,9 @@ class QueueType(ABC):
 
     consumer_binds: ClassVar[bool] = False
     """Whether opening the consumer end takes the queue (binds its endpoint, so its records
-    come here). Only ``get`` may do that: ``qsize``/``empty``/``full`` in a process with
-    neither end then answer for an empty queue, or a producer process that asked ``full()``
-    before its first put would become the consumer and take its own records."""
+    come here). ``full()``, a producer's question, must not do that in a process with neither
+    end: a producer that asked it before its first put became the consumer of its own
+    records. (``qsize``/``empty`` still open the consumer there: consumers poll them.)"""
 
     def holds_endpoint(self, descriptor: QueueDescriptor) -> bool:
         """Whether this process already took the queue (bound its endpoint) for its consumer."""

@@ -216,16 +216,22 @@ class WrappedProducer:
         )
 
 
-_UNBOUNDED_SEMAPHORE = 2**31 - 1  # _multiprocessing.SemLock.SEM_VALUE_MAX on Linux
+try:  # what an unbounded multiprocessing.Queue has as its _maxsize (2**31 - 1 on Linux)
+    from _multiprocessing import SemLock as _SemLock
+
+    _UNBOUNDED_SEMAPHORE = int(_SemLock.SEM_VALUE_MAX)
+except (ImportError, AttributeError):  # no sem_open on this platform
+    _UNBOUNDED_SEMAPHORE = 2**31 - 1
 
 
 def _checked(timeout: Any, call: str) -> float | None:
     """``timeout`` checked as every queue checks it (the stdlib queues hang on NaN, overflow
-    on infinity and take negative values differently); infinity waits without limit."""
+    on huge values and take negative values differently); beyond ``threading.TIMEOUT_MAX``
+    (about 292 years) it waits without limit."""
     if timeout is None:
         return None
     seconds = check_timeout(timeout, call)
-    return None if seconds == float("inf") else seconds
+    return None if seconds >= threading.TIMEOUT_MAX else seconds  # (they overflow above it)
 
 
 class WrappedConsumer:
