@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import zmq
 
-from sage_zmq import DeliveryError, EndOfStream, QueueDescriptor
+from sage_zmq import DeliveryError, EndOfStream, Full, QueueDescriptor
 from sage_zmq.wire.codec import Codec
 from sage_zmq.wire.frame import Kind, parse_header
 
@@ -87,3 +87,28 @@ def test_records_received_but_not_consumed_are_named_too() -> None:
     assert "100 more that it confirmed receiving were not yet consumed" in message, message
     assert caught.value.undelivered == 52
     assert caught.value.may_be_lost == 152
+
+
+def test_a_put_waiting_on_a_consumer_that_never_answered_says_so_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A refused CURVE handshake, or a peer that is no consumer, shows a plain producer nothing
+    # but silence: while a put waits for credit, the log names the likely causes, once.
+    caplog.set_level("WARNING", logger="sage_zmq.connection")
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as sock:
+        sock.linger = 0
+        port = sock.bind_to_random_port("tcp://127.0.0.1")
+        qd = QueueDescriptor(
+            queue_type="tcp", metadata={"endpoint": f"tcp://127.0.0.1:{port}", "maxsize": 2}
+        )
+        qd.put(0)
+        qd.put(1)  # the implicit first grant is used up
+        for _ in range(2):
+            with pytest.raises(Full):
+                qd.put(2, timeout=1.5)  # past the 1 s after which the producer says HELLO again
+        with pytest.raises(DeliveryError):
+            qd.close(timeout=0.5)
+    noted = [r for r in caplog.records if getattr(r, "sage_event", "") == "connect_failed"]
+    assert len(noted) == 1, noted
+    assert "no consumer has ever answered" in noted[0].getMessage()
+    assert "CURVE" in noted[0].getMessage()

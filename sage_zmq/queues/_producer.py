@@ -259,6 +259,8 @@ class Producer:
                 # acked = next_seq: this producer keeps nothing to resend, so a new consumer
                 # must not count what its predecessor took with it as in flight.
                 self._link.send_hello(self.producer_id, self.epoch, self._next_seq, self._next_seq)
+                if self._session is None and not self._silence_noted:
+                    self._note_silence()
             wait = 0.5 if deadline is None else deadline - time.monotonic()
             if wait <= 0:
                 return False
@@ -272,6 +274,23 @@ class Producer:
             self._update_room()
             if self._room > 0:
                 return True
+
+    _silence_noted = False
+
+    def _note_silence(self) -> None:
+        """Say once that no consumer ever answered while a put waits for credit: a refused
+        CURVE handshake (or nothing at the endpoint) shows a plain producer nothing else."""
+        self._silence_noted = True
+        from sage_zmq.observe.logging import connection_event
+
+        connection_event(
+            "connect_failed",
+            queue=self.queue_id,
+            peer=str(getattr(self._link, "endpoint", "")),
+            detail="a put is waiting for credit and no consumer has ever answered: is one "
+            "running at this endpoint, and if it requires CURVE, does it accept this "
+            "producer's key?",
+        )
 
     def _put_end(self, timeout: float | None) -> None:
         with self._lock:
