@@ -168,12 +168,12 @@ class Producer:
             from sage_zmq.queues.base import check_timeout  # only a bad or unusual timeout
 
             timeout = check_timeout(timeout, "put")
-        if self._closed:
-            raise QueueClosed(f"queue {self.queue_id!r} was closed in this process")
+        self._check_open()
         if isinstance(item, EndOfStream):
             self._put_end(timeout)
             return
         with self._lock:
+            self._check_open()  # close() in another thread may have run while this waited
             self.putter = threading.get_ident()
             idle = not self._busy and not self._pending and not self._errors
             if idle and self._room > 0 and self._ship_alone(item):
@@ -292,8 +292,13 @@ class Producer:
             "producer's key?",
         )
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise QueueClosed(f"queue {self.queue_id!r} was closed in this process")
+
     def _put_end(self, timeout: float | None) -> None:
         with self._lock:
+            self._check_open()
             self._drain(self._timeout if timeout is None else timeout)
             if self._pending:
                 raise Full(
@@ -443,6 +448,8 @@ class Producer:
     def flush(self, timeout: float | None = None) -> None:
         """Send everything pending now, waiting for credit up to ``timeout`` seconds."""
         with self._lock:
+            if self._closed:
+                return  # close() shipped everything there was
             self._drain(self._timeout if timeout is None else timeout)
             if self._errors:
                 raise self._take_error(accepted=True)
@@ -686,6 +693,8 @@ class Producer:
 
     def full(self) -> bool:
         with self._lock:
+            if self._closed:
+                return False  # a put through a descriptor opens a new end
             self._apply(self._link.poll(0))
             self._update_room()
             return self._room <= 0
