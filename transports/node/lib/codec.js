@@ -200,6 +200,7 @@ function pack(w, v, depth) {
     return;
   }
   if (v instanceof Packet) {
+    checkPacket(v);
     const fields = [
       v.payload,
       v.inputIndex,
@@ -211,12 +212,17 @@ function pack(w, v, depth) {
     return packExt(w, EXT_PACKET, packInner(fields, depth + 1));
   }
   if (v instanceof NdArray) {
+    checkNdArray(v);
     return packExt(w, EXT_NDARRAY, packInner([v.dtype, v.shape, v.data], depth + 1));
   }
   if (v instanceof EndOfStream) return packExt(w, EXT_END_OF_STREAM, packInner([v.source], depth + 1));
   if (v instanceof Map) {
     packLength(w, v.size, 0x80, 15, null, 0xde, 0xdf);
     for (const [key, item] of v) {
+      if (key !== null && typeof key === "object" && !Array.isArray(key) && !(key instanceof Uint8Array) && !(key instanceof F64)) {
+        // A map or object key: no receiver can hold it (a Python dict refuses it as a key).
+        throw new EncodeError(`cannot encode a Map key that is a ${describe(key)}: use a string, number, bigint, boolean, Uint8Array or an Array of those`);
+      }
       pack(w, key, depth + 1);
       pack(w, item, depth + 1);
     }
@@ -431,6 +437,43 @@ function decodeNdArray(data, context) {
     );
   }
   return new NdArray(dtype, shape, raw);
+}
+
+/** Refuse at put what the receiver would refuse (with the rest of its frame). */
+function checkNdArray(v) {
+  if (!Array.isArray(v.shape) || !v.shape.every((n) => Number.isInteger(n) && n >= 0)) {
+    throw new EncodeError(`NdArray shape must be an array of non-negative integers, got ${JSON.stringify(v.shape)}`);
+  }
+  let itemsize;
+  try {
+    itemsize = dtypeItemsize(v.dtype);
+  } catch (err) {
+    if (!(err instanceof DecodeError)) throw err;
+    throw new EncodeError(`NdArray ${err.message.replace(/^ndarray /, "")}`);
+  }
+  const count = v.shape.reduce((a, n) => a * n, 1);
+  if (count * itemsize !== v.data.length) {
+    throw new EncodeError(
+      `NdArray data is ${v.data.length} bytes; shape [${v.shape}] of ${JSON.stringify(v.dtype)} needs ${count * itemsize}`,
+    );
+  }
+}
+
+function checkPacket(v) {
+  const index = v.inputIndex;
+  if (!(Number.isInteger(index) || typeof index === "bigint")) {
+    throw new EncodeError(`Packet inputIndex must be an integer, got ${describe(index)}`);
+  }
+  if (v.partitionStrategy !== null && typeof v.partitionStrategy !== "string") {
+    throw new EncodeError(`Packet partitionStrategy must be a string or null, got ${describe(v.partitionStrategy)}`);
+  }
+  const h = v.headers;
+  if (h !== null && !(h instanceof Map) && !(typeof h === "object" && isPlainObject(h))) {
+    throw new EncodeError(`Packet headers must be a plain object, a Map or null, got ${describe(h)}`);
+  }
+  if (typeof v.timestamp !== "number" || !Number.isFinite(v.timestamp)) {
+    throw new EncodeError(`Packet timestamp must be a finite number of seconds, got ${describe(v.timestamp)}`);
+  }
 }
 
 /** Bytes per item of a NumPy dtype string ("<f8") or descr list ([["x", "<i4"], ...]). */

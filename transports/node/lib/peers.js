@@ -101,8 +101,27 @@ export class Producer {
     this._flushScheduled = false;
     this._socketOptions = socketOptions;
     this._sendError = null;
+    this.refused = null; // why the consumer refuses us all (ERROR "wrong_queue"), if it does
     this._openSocket();
     this._sendHello();
+  }
+
+  /**
+   * Seconds a plain producer waits for credit before it says HELLO again (section 4): the
+   * consumer that owes it credit may have been replaced by one that never heard of it. The
+   * reliable producer reintroduces itself by its own rules (null).
+   */
+  get rehelloAfter() {
+    return 1;
+  }
+
+  _throwIfRefused(undelivered) {
+    if (!this.refused) return;
+    throw new DeliveryError(
+      `refused by the consumer at ${this.endpoint}, which serves another queue (${this.refused}); ` +
+        `is the endpoint stale?`,
+      undelivered,
+    );
   }
 
   /** A new DEALER (with its read loop and send chain) replaces the current one, if any. */
@@ -152,10 +171,17 @@ export class Producer {
           log(`bad frame from consumer: ${err.message}`);
           continue;
         }
-        if (msg.kind === Kind.CREDIT) this._apply(msg.fields);
-        else if (msg.kind === Kind.ERROR) {
+        if (msg.kind === Kind.CREDIT) {
+          this.refused = null; // a consumer of our queue answers (it took the endpoint)
+          this._apply(msg.fields);
+        } else if (msg.kind === Kind.ERROR) {
           this.consumerErrors.push(msg.fields);
           log(`consumer rejected a frame: ${msg.fields.message} (${msg.fields.code})`);
+          if (msg.fields.code === "wrong_queue") {
+            // Section 3: the consumer serves another queue and takes nothing from us.
+            this.refused = String(msg.fields.message);
+            this._credit.fire();
+          }
         } else if (msg.kind !== Kind.RELEASE) {
           log(`unexpected ${msg.kindName} from consumer`);
         }
@@ -189,8 +215,24 @@ export class Producer {
     if (this.room <= 0) {
       this.stats.creditWaits += 1;
       const deadline = Date.now() + timeout * 1000;
+      const every = this.rehelloAfter;
+      let rehelloAt = every === null ? Infinity : Date.now() + every * 1000;
       while (this.room <= 0) {
         this._flushNow();
+        this._throwIfRefused(this.pending.length + Math.max(0, this.nextSeq - this.received));
+        if (Date.now() >= rehelloAt) {
+          // acked = next_seq: this producer keeps nothing to resend (section 4).
+          rehelloAt += every * 1000;
+          this._chain.send(
+            encodeFrame(Kind.HELLO, {
+              producer: this.producerId,
+              epoch: this.epoch,
+              queue: this.queue,
+              next_seq: this.nextSeq,
+              acked: this.nextSeq,
+            }),
+          );
+        }
         const left = deadline - Date.now();
         if (left <= 0) {
           throw new FullError(
@@ -311,7 +353,7 @@ export class Producer {
     const closeSeq = this.nextSeq;
     this._closing = true;
     this._sendClose();
-    while (this.confirmed < closeSeq) {
+    while (this.confirmed < closeSeq && !this.refused) {
       const left = deadline - Date.now();
       if (left <= 0) break;
       await this._credit.wait(Math.min(left, 500));
@@ -322,6 +364,7 @@ export class Producer {
     this._sock.close();
     await this._reader;
     const undelivered = unsent + Math.max(0, closeSeq - this.confirmed);
+    if (undelivered) this._throwIfRefused(undelivered);
     if (undelivered) {
       throw new DeliveryError(
         `${undelivered} records put were not confirmed as ${this._confirmedAs} by the consumer within ` +

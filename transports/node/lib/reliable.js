@@ -123,12 +123,18 @@ export class ReliableProducer extends Producer {
     this.stats.reconnects = 0;
     this._live = new Liveness(t);
     this._progressAt = now(); // when `received` last moved (or the ack clock started)
-    this._resentAt = -Infinity;
+    // Section 5 (e): an ack-timeout resend needs the consumer heard since the last one;
+    // hearing nothing since the start is liveness's case, not a resend's.
+    this._resentAt = this._live.lastHeard;
     this._promptAt = -Infinity;
     this._promptSession = null;
     this._reconnected = false;
     this._timer = setInterval(() => this._maintain(), ms(t.tick));
     this._timer.unref(); // an abandoned producer must not keep the process alive
+  }
+
+  get rehelloAfter() {
+    return null; // it says HELLO again by section 5's rules (retransmission rounds)
   }
 
   get confirmed() {

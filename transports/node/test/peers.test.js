@@ -194,3 +194,81 @@ test("a consumer that knows its queue refuses another queue's producer", async (
     await consumer.close();
   }
 });
+
+test("what the receiver would refuse is refused at put, not with the rest of its frame", async () => {
+  // An NdArray whose data does not fit its shape, a bad dtype or shape, a Packet with fields of
+  // the wrong types, a Map keyed by an object: each is an EncodeError here, and the records
+  // beside it still arrive (the receiver used to reject the whole frame).
+  const consumer = new Consumer({ maxsize: 100 });
+  const endpoint = await consumer.bind();
+  const producer = new Producer(endpoint, { maxsize: 100 });
+  const bad = [
+    new NdArray("<f8", [3], new Uint8Array(8)),
+    new NdArray("|O", [1], new Uint8Array(8)),
+    new NdArray("<f8", [-1], new Uint8Array(0)),
+    new Packet(1, { headers: 5 }),
+    new Map([[{ a: 1 }, 1]]),
+  ];
+  try {
+    for (const [i, record] of bad.entries()) {
+      producer.put(i);
+      producer.put(record);
+    }
+    await producer.put("last");
+    await assert.rejects(producer.flush(), (err) => {
+      assert.equal(err.name, "EncodeError");
+      assert.match(err.message, /NdArray data is 8 bytes/);
+      assert.equal(err.recordsDropped, bad.length);
+      return true;
+    });
+    await producer.end();
+    await producer.close();
+    assert.deepEqual(await collect(consumer), [0, 1, 2, 3, 4, "last"]);
+    assert.equal(consumer.stats.rejected, 0);
+  } finally {
+    await consumer.close();
+  }
+});
+
+test("a producer refused as another queue's stops waiting at once and says why", async () => {
+  const consumer = new Consumer({ maxsize: 10, queue: "theirs" });
+  const endpoint = await consumer.bind();
+  const stray = new Producer(endpoint, { maxsize: 10, queue: "mine", timeout: 20 });
+  try {
+    await stray.put(1);
+    const started = Date.now();
+    await assert.rejects(stray.close(), (err) => {
+      assert.equal(err.name, "DeliveryError");
+      assert.match(err.message, /serves another queue/);
+      return true;
+    });
+    assert.ok(Date.now() - started < 5000, "close must not wait out its 20 s timeout");
+  } finally {
+    await consumer.close();
+  }
+});
+
+test("a plain producer waiting for credit says HELLO again and goes on with a new consumer", async () => {
+  // The consumer that owed it credit went away; another took its endpoint and never heard of
+  // this producer (PROTOCOL.md section 4): the repeated HELLO gets its credit.
+  const first = new Consumer({ maxsize: 4 });
+  const endpoint = await first.bind();
+  const producer = new Producer(endpoint, { maxsize: 4, timeout: 20 });
+  let second;
+  try {
+    for (let i = 0; i < 4; i++) await producer.put(i);
+    await producer.flush();
+    await first.get({ timeout: 5 }); // it got them; it will never grant more
+    await first.close();
+    second = new Consumer({ maxsize: 4 });
+    await second.bind(endpoint);
+    for (let i = 4; i < 8; i++) await producer.put(i); // waits until the new one grants
+    await producer.end();
+    const got = await collect(second, 10);
+    assert.deepEqual(got, [4, 5, 6, 7]);
+    await producer.close().catch(() => {}); // the first consumer's records are its loss
+  } finally {
+    await first.close();
+    if (second) await second.close();
+  }
+});
