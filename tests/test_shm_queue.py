@@ -830,3 +830,30 @@ def test_tuple_keys_beside_pool_payloads_keep_every_slot_leased_once() -> None:
     finally:
         held.clear()
         qd.close()
+
+
+@pytest.mark.parametrize("kib", [64, 128])
+def test_a_buffer_refilled_after_each_put_arrives_as_it_was_put(kib: int) -> None:
+    # docs/architecture.md: through shm a large payload is copied into the pool inside put, so
+    # the caller may reuse its buffer at once. Payloads too small to make a batch "heavy" were
+    # held by reference until the batch's flush, and arrived with a later fill.
+    n = 300
+    qd = QueueDescriptor(None, "shm", {"maxsize": 1000})
+    buf = np.zeros(kib * 1024 // 8, dtype=np.float64)
+    raw = bytearray(kib * 1024)
+    try:
+        with contextlib.suppress(Empty):
+            qd.get_nowait()
+        for i in range(n):
+            buf[:] = i
+            qd.put(buf)
+            raw[:] = bytes([i % 256]) * len(raw)
+            qd.put(raw)
+        for i in range(n):
+            arr = qd.get(timeout=10)
+            assert float(arr.min()) == float(arr.max()) == i, f"array {i} holds another fill"
+            data = qd.get(timeout=10)
+            assert bytes(data[:1]) * len(data) == bytes(data) and data[0] == i % 256, i
+            del arr, data
+    finally:
+        qd.close()

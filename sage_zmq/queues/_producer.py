@@ -394,16 +394,21 @@ class Producer:
             self._busy = False
             _runtime.batching(self, False)
         side = self._side_bytes
+        beside = 0
         if side is not None:  # payload bytes copied beside the frames since the last flush
             now_side = side()
-            weight += now_side - self._side_seen
+            beside = now_side - self._side_seen
+            weight += beside
             self._side_seen = now_side
         if not self._busy:
             self._flush_at, self._heavy = 1, False
         elif records:
             per_record = weight // records + 1
             self._flush_at = max(1, min(self._batch_size, FLUSH_BYTES // per_record))
-            self._heavy = self._flush_at < self._batch_size
+            # Payloads that go beside the frames (the shm pool) are copied at put while
+            # batching, whatever their size: the caller may reuse its buffer once put returns
+            # (docs/architecture.md), and a batch holds records until its flush.
+            self._heavy = self._flush_at < self._batch_size or beside > 0
         self._last_flush = time.perf_counter()
 
     def tick(self, now: float) -> float | None:
