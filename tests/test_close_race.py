@@ -64,3 +64,19 @@ def test_a_put_waiting_for_the_lock_while_another_thread_closes_gets_queue_close
         assert len(raised) == 1 and isinstance(raised[0], QueueClosed), raised
     finally:
         qd.close()
+
+
+def test_a_tcp_queue_reopened_at_once_after_close_binds_and_delivers() -> None:
+    # libzmq closed the consumer's listener after close() returned: a get right after failed
+    # to bind (EADDRINUSE, in about a third of tries) and a producer opened meanwhile could
+    # connect to the dying listener and lose its record. close() now waits for the listener.
+    for k in range(20):
+        qd = QueueDescriptor(f"reopen-{k}", "tcp", {"maxsize": 10})
+        try:
+            qd.put(0)
+            assert qd.get(timeout=5) == 0
+            qd.close(timeout=5)
+            qd.put("again")
+            assert qd.get(timeout=5) == "again"
+        finally:
+            qd.close(timeout=5)

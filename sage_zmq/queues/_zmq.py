@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from sage_zmq import _runtime
 from sage_zmq import observe as _observe
@@ -403,6 +404,7 @@ class RouterInlet:
             opts.curve.apply_server(sock)
         self.sock = sock
         self._ipc_files: list[tuple[str, int, int]] = []
+        self._tcp_bound: list[str] = []
         try:
             self.endpoint: str = self.bind_also(endpoint)
         except BaseException:
@@ -444,6 +446,8 @@ class RouterInlet:
                     f"cannot make ipc socket file {ipc_path} private (0600): {exc}"
                 ) from None
             self._ipc_files.append((ipc_path, st.st_dev, st.st_ino))
+        if bound.startswith("tcp://"):
+            self._tcp_bound.append(bound)
         return bound
 
     def _refuse_live_ipc(self, endpoint: str) -> None:
@@ -621,10 +625,47 @@ class RouterInlet:
         return True
 
     def close(self) -> None:
+        self._unbind_tcp()
         self.sock.close(linger=200)  # long enough for the last receipts to leave
         for identity in self._ipc_files:
             unlink_if_same(identity)
         _observe.link_closed("consumer", self.endpoint, self.queue_id)
+
+    UNBIND_WAIT = 1.0
+    """Seconds close() waits for libzmq to close its tcp listeners."""
+
+    def _unbind_tcp(self) -> None:
+        """Stop listening on tcp before close() returns (connections keep their receipts).
+
+        libzmq closes a listener in its I/O thread, after close() returned: meanwhile a
+        producer opened in this process can connect to it and lose its frames with it, and a
+        consumer opened again here fails to bind (EADDRINUSE). The listener's CLOSED event
+        on a monitor says when it is gone.
+        """
+        bound, self._tcp_bound = self._tcp_bound, []
+        if not bound:
+            return
+        monitor = None
+        with contextlib.suppress(zmq.ZMQError):  # no monitor (file limit): do not wait
+            monitor = self.sock.get_monitor_socket(zmq.EVENT_CLOSED)
+        for endpoint in bound:
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.unbind(endpoint)
+        if monitor is None:
+            return
+        try:
+            deadline = time.monotonic() + self.UNBIND_WAIT
+            left = len(bound)
+            while left:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not monitor.poll(int(remaining * 1000) + 1):
+                    break
+                if recv_monitor_message(monitor)["event"] == zmq.EVENT_CLOSED:
+                    left -= 1
+        finally:
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.disable_monitor()
+            monitor.close(linger=0)
 
 
 FD_HEADROOM = 16
