@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -22,7 +23,7 @@ from typing import Any
 from sage_zmq import _runtime
 from sage_zmq.config import current_config
 from sage_zmq.errors import DescriptorError, SageZmqError
-from sage_zmq.queues.base import QueueStatistics, QueueType, check_flag
+from sage_zmq.queues.base import QueueStatistics, QueueType, check_flag, check_timeout
 
 __all__ = [
     "QueueDescriptor",
@@ -55,6 +56,12 @@ def queue_types() -> list[str]:
     return sorted(set(_TYPES) | set(_LAZY_TYPES))
 
 
+def _zmq_prebound_queue(endpoint: str) -> str | None:
+    """The queue that bound ``endpoint`` early in this process (a tcp queue made without one)."""
+    zmq_links = sys.modules.get("sage_zmq.queues._zmq")  # not loaded: nothing was bound
+    return None if zmq_links is None else zmq_links.prebound_queue(endpoint)
+
+
 def lookup_queue_type(name: str) -> QueueType:
     """The registered queue type called ``name``; a clear error (with "did you mean") if none."""
     found = _TYPES.get(name)
@@ -63,9 +70,9 @@ def lookup_queue_type(name: str) -> QueueType:
     target = _LAZY_TYPES.get(name)
     if target is None:
         hint = difflib.get_close_matches(str(name), queue_types(), n=1)
-        extra = f"; did you mean {hint[0]!r}?" if hint else ""
+        extra = f"; did you mean {hint[0]!r}?" if hint else "."
         raise DescriptorError(
-            f"unknown queue_type {name!r}{extra}. Known types: {', '.join(queue_types())}"
+            f"unknown queue_type {name!r}{extra} Known types: {', '.join(queue_types())}"
         )
     module_name, cls_name = target.split(":")
     import importlib
@@ -310,6 +317,11 @@ class QueueDescriptor:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> QueueDescriptor:
+        if not isinstance(text, str | bytes | bytearray):
+            hint = "; for a dict use QueueDescriptor.from_dict" if isinstance(text, Mapping) else ""
+            raise DescriptorError(
+                f"from_json takes the JSON text (str or bytes), got {type(text).__name__}{hint}"
+            )
         try:
             data = json.loads(text)
         except ValueError as exc:
@@ -356,6 +368,20 @@ class QueueDescriptor:
     def _handle(self) -> _QueueHandle:
         key = (self.queue_type, str(self.metadata.get("endpoint")))
         handle: _QueueHandle | None = _runtime.existing_handle(key)
+        owner = None if handle is None else handle.descriptor.queue_id
+        if handle is None:
+            owner = _zmq_prebound_queue(key[1])
+        # (Two names for one wrapped queue object are fine: only socket endpoints are checked.)
+        if (
+            owner is not None
+            and owner != self.queue_id
+            and (handle is None or handle.qtype.consumer_binds)
+        ):
+            raise DescriptorError(
+                f"queue {self.queue_id!r} names endpoint {key[1]}, which queue {owner!r} "
+                "already uses in this process: two queues cannot share an endpoint. Give this "
+                "one its own, or leave endpoint out"
+            )
         if handle is None:
             qtype = lookup_queue_type(self.queue_type)
             _check_metadata(self.metadata)  # a dict the caller may have changed since
@@ -461,6 +487,8 @@ class QueueDescriptor:
 
     def close(self, timeout: float | None = None) -> None:
         """Close this process's ends of the queue (a producer first delivers what it put)."""
+        if timeout is not None:
+            timeout = check_timeout(timeout, "close")  # before anything closes
         handle = self._existing_handle()
         if handle is not None:
             handle.close(timeout)

@@ -243,3 +243,36 @@ def test_metadata_changed_after_creation_is_checked_at_first_use() -> None:
     qd.put(1)
     assert qd.get(timeout=5) == 1
     qd.close()
+
+
+def test_two_queues_cannot_share_an_endpoint_in_one_process() -> None:
+    # The second name used to share the first queue's ends: records went to the wrong queue.
+    first = QueueDescriptor("first", "tcp")  # binds its endpoint now
+    stray = QueueDescriptor("second", "tcp", {"endpoint": first.endpoint})
+    try:
+        with pytest.raises(DescriptorError, match=r"which queue 'first' already uses"):
+            stray.put(1)
+        first.put(2)
+        assert first.get(timeout=5) == 2  # the first queue is untouched
+        with pytest.raises(DescriptorError, match=r"which queue 'first' already uses"):
+            stray.get(timeout=1)
+    finally:
+        stray.close()
+        first.close()
+
+
+def test_a_bad_close_timeout_is_refused_before_anything_closes() -> None:
+    from sage_zmq import InvalidArgument
+
+    qd = QueueDescriptor(queue_type="tcp")
+    qd.put(1)
+    for bad in ("x", -1, float("nan")):
+        with pytest.raises(InvalidArgument, match=r"close\(timeout=\.\.\.\)"):
+            qd.close(timeout=bad)
+    assert qd.get(timeout=5) == 1  # nothing was closed, nothing lost
+    qd.close()
+
+
+def test_from_json_given_a_dict_points_to_from_dict() -> None:
+    with pytest.raises(DescriptorError, match=r"for a dict use QueueDescriptor\.from_dict"):
+        QueueDescriptor.from_json({"queue_id": "x"})  # type: ignore[arg-type]

@@ -129,6 +129,7 @@ from sage_zmq.queues.base import (
     ConsumerInlet,
     Credit,
     QueueStatistics,
+    check_timeout,
     consumer_options,
     producer_options,
 )
@@ -711,7 +712,7 @@ class ReliableProducer(Producer):
         """Ship everything, wait until the consumer acked it (see the module docstring)."""
         if self._closed:
             return
-        timeout = self._timeout if timeout is None else timeout
+        timeout = self._timeout if timeout is None else check_timeout(timeout, "close")
         self._close_requested = True  # a put blocked for room gives up (see Producer)
         with self._lock:
             if self._closed:

@@ -27,7 +27,7 @@ from typing import Any
 from sage_zmq import _runtime
 from sage_zmq.errors import DeliveryError, EncodeError, Full, QueueClosed
 from sage_zmq.packet import EndOfStream, Packet
-from sage_zmq.queues.base import Credit, ProducerLink, QueueStatistics
+from sage_zmq.queues.base import Credit, ProducerLink, QueueStatistics, check_timeout
 
 log = logging.getLogger("sage_zmq.queue")
 
@@ -165,9 +165,7 @@ class Producer:
         if timeout is not None and not (
             (timeout.__class__ is float or timeout.__class__ is int) and timeout >= 0
         ):
-            from sage_zmq.queues.base import check_timeout  # only a bad or unusual timeout
-
-            timeout = check_timeout(timeout, "put")
+            timeout = check_timeout(timeout, "put")  # only a bad or unusual timeout
         self._check_open()
         if isinstance(item, EndOfStream):
             self._put_end(timeout)
@@ -547,7 +545,7 @@ class Producer:
         """
         if self._closed:
             return
-        timeout = self._timeout if timeout is None else timeout
+        timeout = self._timeout if timeout is None else check_timeout(timeout, "close")
         self._close_requested = True
         with self._lock:
             if self._closed:

@@ -200,10 +200,14 @@ class DealerLink:
             # queues, then a get from each, took 33 s with retries backing off to 2 s).
             ivl_max = min(ivl_max, IPC_RECONNECT_MAX_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, ivl_max)
-        if opts.curve is not None:
-            opts.curve.apply_client(sock)
-        _allow_ipv6(sock, endpoint)
-        sock.connect(endpoint)
+        try:
+            if opts.curve is not None:
+                opts.curve.apply_client(sock)
+            _allow_ipv6(sock, endpoint)
+            sock.connect(endpoint)
+        except BaseException:
+            sock.close(linger=0)  # a refused key file or endpoint leaves no socket behind
+            raise
         self.sock = sock
         self._producer = ""
         _observe.link_opened("producer", endpoint, queue_id, codec)
@@ -401,7 +405,11 @@ class RouterInlet:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, opts.max_message_size)
         if opts.curve is not None:
-            opts.curve.apply_server(sock)
+            try:
+                opts.curve.apply_server(sock)
+            except BaseException:
+                sock.close(linger=0)  # a refused key setup leaves no socket behind
+                raise
         self.sock = sock
         self._ipc_files: list[tuple[str, int, int]] = []
         self._tcp_bound: list[str] = []
@@ -760,7 +768,10 @@ def _busy(exc: OSError) -> bool:
 def _bind_hint(code: int | None, endpoint: str) -> str:
     """What a failed bind's errno most likely means for a queue, and what to do."""
     if code == errno.EADDRINUSE:
-        return "another consumer is already bound there (a queue has one consumer)"
+        return (
+            "another consumer, or another program, is already bound there (a queue has one "
+            "consumer): pick a free port or leave endpoint out"
+        )
     if endpoint.startswith("ipc://"):
         directory = _os.path.dirname(endpoint[len("ipc://") :]) or "."
         if code == errno.ENOENT:
@@ -797,6 +808,12 @@ _prebound: dict[str, RouterInlet] = {}
 def claim_prebound(endpoint: str) -> RouterInlet | None:
     """The inlet bound early for ``endpoint`` by this process (see ``tcp`` without endpoint)."""
     return _prebound.pop(endpoint, None)
+
+
+def prebound_queue(endpoint: str) -> str | None:
+    """The id of the queue whose consumer inlet this process bound early on ``endpoint``."""
+    inlet = _prebound.get(endpoint)
+    return None if inlet is None else inlet.queue_id
 
 
 def is_prebound(endpoint: str) -> bool:
