@@ -145,14 +145,14 @@ export class Producer {
   /** Called with a new socket before it connects (a monitor must see its first connect). */
   _configure(sock) {} // eslint-disable-line no-unused-vars
 
-  _sendHello() {
+  _sendHello(acked = this.acked) {
     this._chain.send(
       encodeFrame(Kind.HELLO, {
         producer: this.producerId,
         epoch: this.epoch,
         queue: this.queue,
         next_seq: this.nextSeq,
-        acked: this.acked,
+        acked,
       }),
     );
   }
@@ -223,15 +223,7 @@ export class Producer {
         if (Date.now() >= rehelloAt) {
           // acked = next_seq: this producer keeps nothing to resend (section 4).
           rehelloAt += every * 1000;
-          this._chain.send(
-            encodeFrame(Kind.HELLO, {
-              producer: this.producerId,
-              epoch: this.epoch,
-              queue: this.queue,
-              next_seq: this.nextSeq,
-              acked: this.nextSeq,
-            }),
-          );
+          this._sendHello(this.nextSeq);
         }
         const left = deadline - Date.now();
         if (left <= 0) {
