@@ -1,5 +1,8 @@
 // Producer and Consumer against each other over tcp on 127.0.0.1.
 import assert from "node:assert/strict";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { test } from "node:test";
 import * as zmq from "zeromq";
 import {
@@ -226,6 +229,7 @@ test("what the receiver would refuse is refused at put, not with the rest of its
     assert.deepEqual(await collect(consumer), [0, 1, 2, 3, 4, "last"]);
     assert.equal(consumer.stats.rejected, 0);
   } finally {
+    await producer.close({ timeout: 1 }).catch(() => {}); // a failed check must not hang the run
     await consumer.close();
   }
 });
@@ -244,6 +248,7 @@ test("a producer refused as another queue's stops waiting at once and says why",
     });
     assert.ok(Date.now() - started < 5000, "close must not wait out its 20 s timeout");
   } finally {
+    await stray.close({ timeout: 1 }).catch(() => {}); // closed already, unless a check failed
     await consumer.close();
   }
 });
@@ -251,8 +256,10 @@ test("a producer refused as another queue's stops waiting at once and says why",
 test("a plain producer waiting for credit says HELLO again and goes on with a new consumer", async () => {
   // The consumer that owed it credit went away; another took its endpoint and never heard of
   // this producer (PROTOCOL.md section 4): the repeated HELLO gets its credit.
+  // ipc, not a tcp port: another process could take a port between the two binds.
+  const dir = mkdtempSync(join(tmpdir(), "sz-rehello-"));
   const first = new Consumer({ maxsize: 4 });
-  const endpoint = await first.bind();
+  const endpoint = await first.bind(`ipc://${join(dir, "q.sock")}`);
   const producer = new Producer(endpoint, { maxsize: 4, timeout: 20 });
   let second;
   try {
@@ -266,9 +273,10 @@ test("a plain producer waiting for credit says HELLO again and goes on with a ne
     await producer.end();
     const got = await collect(second, 10);
     assert.deepEqual(got, [4, 5, 6, 7]);
-    await producer.close().catch(() => {}); // the first consumer's records are its loss
   } finally {
+    await producer.close({ timeout: 2 }).catch(() => {}); // the first consumer's 4 are its loss
     await first.close();
     if (second) await second.close();
+    rmSync(dir, { recursive: true, force: true });
   }
 });
