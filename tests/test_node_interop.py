@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -450,16 +451,27 @@ def test_keyed_stream_node_to_python_same_partitions(spawn: Any) -> None:
 
 def test_node_peer_unit_tests_pass(node_peer: str) -> None:
     """The Node peer's own suite: every golden vector both ways, partition vectors, peers."""
-    done = subprocess.run(
+    # `node --test` runs each file in a child process of its own: a session of their own, so
+    # that a run that times out is ended whole (killing node alone orphaned the file's child).
+    proc = subprocess.Popen(
         [node_peer, "--test", *sorted(str(p) for p in (NODE_DIR / "test").glob("*.test.js"))],
         cwd=NODE_DIR,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=120,
-        check=False,
+        start_new_session=True,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "# fail 0" in done.stdout
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the Node suite ran over 120 s:\n{stdout[-3000:]}{stderr[-2000:]}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # anything a finished run left behind
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-2000:]
+    assert "# fail 0" in stdout
 
 
 # ---------------------------------------------------------------------------------- sage queues
