@@ -393,37 +393,30 @@ class Codec:
         if self.shm_decoder is not None:
             self._shm_views = {}  # a second pass must reuse the first one's views (see below)
         try:
-            try:
-                return msgpack.unpackb(
-                    body, ext_hook=self._ext_hook, raw=False, strict_map_key=False, use_list=True
-                )
-            except DecodeError:
-                raise
-            except TypeError as exc:
-                # A map with array keys (a Python dict with tuple keys): msgpack builds the
-                # keys as lists, which no dict takes. Decoded again with them as tuples, the
-                # slow way, but only for such frames.
-                if "unhashable" not in str(exc):
+            for pairs_hook in (None, _tuple_keys):
+                self._pairs_hook = pairs_hook
+                try:
+                    return msgpack.unpackb(
+                        body,
+                        ext_hook=self._ext_hook,
+                        raw=False,
+                        strict_map_key=False,
+                        use_list=True,
+                        object_pairs_hook=pairs_hook,
+                    )
+                except DecodeError:
+                    raise
+                except Exception as exc:
+                    # A map with array keys (a Python dict with tuple keys): msgpack builds
+                    # the keys as lists, which no dict takes. Decoded again with them as
+                    # tuples, the slow way, but only for such frames.
+                    unhashable = isinstance(exc, TypeError) and "unhashable" in str(exc)
+                    if pairs_hook is None and unhashable:
+                        continue
                     raise DecodeError(f"malformed {kind.name} body: {_reason(exc)}") from None
-            except Exception as exc:
-                raise DecodeError(f"malformed {kind.name} body: {_reason(exc)}") from None
-            self._pairs_hook = _tuple_keys
-            try:
-                return msgpack.unpackb(
-                    body,
-                    ext_hook=self._ext_hook,
-                    raw=False,
-                    strict_map_key=False,
-                    use_list=True,
-                    object_pairs_hook=_tuple_keys,
-                )
-            except DecodeError:
-                raise
-            except Exception as exc:
-                raise DecodeError(f"malformed {kind.name} body: {_reason(exc)}") from None
-            finally:
-                self._pairs_hook = None
+            raise AssertionError("unreachable: the second pass returns or raises")
         finally:
+            self._pairs_hook = None
             self._shm_views = None
 
     def _decompress(self, body: memoryview) -> bytes:
