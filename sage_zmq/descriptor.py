@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -54,12 +53,6 @@ def register_queue_type(qtype: QueueType | type[QueueType]) -> QueueType:
 def queue_types() -> list[str]:
     """Names of every known queue type."""
     return sorted(set(_TYPES) | set(_LAZY_TYPES))
-
-
-def _zmq_prebound_queue(endpoint: str) -> str | None:
-    """The queue that bound ``endpoint`` early in this process (a tcp queue made without one)."""
-    zmq_links = sys.modules.get("sage_zmq.queues._zmq")  # not loaded: nothing was bound
-    return None if zmq_links is None else zmq_links.prebound_queue(endpoint)
 
 
 def lookup_queue_type(name: str) -> QueueType:
@@ -368,22 +361,20 @@ class QueueDescriptor:
     def _handle(self) -> _QueueHandle:
         key = (self.queue_type, str(self.metadata.get("endpoint")))
         handle: _QueueHandle | None = _runtime.existing_handle(key)
-        owner = None if handle is None else handle.descriptor.queue_id
+        qtype = lookup_queue_type(self.queue_type) if handle is None else handle.qtype
+        # Two names for one socket endpoint are two queues on one end; (two names for one
+        # wrapped queue object are fine).
         if handle is None:
-            owner = _zmq_prebound_queue(key[1])
-        # (Two names for one wrapped queue object are fine: only socket endpoints are checked.)
-        if (
-            owner is not None
-            and owner != self.queue_id
-            and (handle is None or handle.qtype.consumer_binds)
-        ):
+            owner = qtype.endpoint_owner(self)
+        else:
+            owner = handle.descriptor.queue_id if qtype.consumer_binds else None
+        if owner is not None and owner != self.queue_id:
             raise DescriptorError(
                 f"queue {self.queue_id!r} names endpoint {key[1]}, which queue {owner!r} "
                 "already uses in this process: two queues cannot share an endpoint. Give this "
                 "one its own, or leave endpoint out"
             )
         if handle is None:
-            qtype = lookup_queue_type(self.queue_type)
             _check_metadata(self.metadata)  # a dict the caller may have changed since
             qtype.check_usable_here(self)
             handle = _runtime.handle_for(key, lambda: _QueueHandle(self, qtype, key))
@@ -440,7 +431,7 @@ class QueueDescriptor:
         if handle.has_producer():
             return bool(handle.producer(self).full())
         qtype = handle.qtype
-        if handle.has_consumer() or not qtype.consumer_binds or qtype.holds_endpoint(self):
+        if handle.has_consumer() or not qtype.consumer_binds or qtype.endpoint_owner(self):
             return bool(handle.consumer(self).full())
         return False
 

@@ -17,7 +17,7 @@ from sage_zmq.queues._zmq import (
     SocketOptions,
     bound_by_here,
     claim_prebound,
-    is_prebound,
+    prebound_queue,
 )
 from sage_zmq.queues.base import (
     COMMON_METADATA_KEYS,
@@ -68,9 +68,8 @@ class SocketQueueType(QueueType):
 
     consumer_binds: ClassVar[bool] = True
 
-    def holds_endpoint(self, descriptor: QueueDescriptor) -> bool:
-        # A tcp queue made without an endpoint was bound by its maker, its consumer.
-        return is_prebound(str(descriptor.metadata.get("endpoint")))
+    def endpoint_owner(self, descriptor: QueueDescriptor) -> str | None:
+        return prebound_queue(str(descriptor.metadata.get("endpoint")))
 
     reliable_by_default: ClassVar[bool] = False
     metadata_keys: ClassVar[frozenset[str]] = (

@@ -816,11 +816,6 @@ def prebound_queue(endpoint: str) -> str | None:
     return None if inlet is None else inlet.queue_id
 
 
-def is_prebound(endpoint: str) -> bool:
-    """Whether this process bound ``endpoint`` early and holds it for its consumer."""
-    return endpoint in _prebound
-
-
 def prebind(endpoint: str, inlet: RouterInlet) -> None:
     _prebound[endpoint] = inlet
 

@@ -156,9 +156,10 @@ class QueueType(ABC):
     end: a producer that asked it before its first put became the consumer of its own
     records. (``qsize``/``empty`` still open the consumer there: consumers poll them.)"""
 
-    def holds_endpoint(self, descriptor: QueueDescriptor) -> bool:
-        """Whether this process already took the queue (bound its endpoint) for its consumer."""
-        return False
+    def endpoint_owner(self, descriptor: QueueDescriptor) -> str | None:
+        """The id of the queue whose consumer this process already bound on ``descriptor``'s
+        endpoint (a tcp queue made without an endpoint binds it as it is made), or None."""
+        return None
 
     def prepare(self, descriptor: QueueDescriptor) -> dict[str, Any]:
         """Metadata to store in a new descriptor (e.g. a derived endpoint); validates input."""
