@@ -606,7 +606,7 @@ class Producer:
             else:
                 why = "is the consumer running and reading?"
             what = self._unconfirmed(undelivered, self._received)
-            held = max(0, self._received - self._acked - self._ends_between(self._acked))
+            held = max(0, self._received - self._acked - self._ends_in(self._acked, self._received))
             also = (
                 f"; {held} more that it confirmed receiving were not yet consumed at its last "
                 "report, and are lost too if it is gone"
@@ -630,13 +630,9 @@ class Producer:
         if errors:
             raise EncodeError(f"queue {self.queue_id!r}: record dropped: {errors[0]}")
 
-    def _ends_between(self, start: int) -> int:
-        """ENDs this producer sent with seqs from ``start`` up to what the consumer received."""
-        return sum(1 for seq in self._end_seqs if start <= seq < self._received)
-
     def _unconfirmed(self, count: int, confirmed_to: int) -> str:
         """``count`` unconfirmed seqs in words: an END among them is no record put."""
-        ends = min(count, sum(1 for seq in self._end_seqs if seq >= confirmed_to))
+        ends = min(count, self._ends_in(confirmed_to))
         records = count - ends
         parts = [f"{records} record{'s' if records != 1 else ''} put"] if records > 0 else []
         if ends:
@@ -687,12 +683,14 @@ class Producer:
             finally:
                 self._lock.release()
 
-    def _ends_unconsumed(self) -> int:
-        return sum(1 for seq in self._end_seqs if seq >= self._acked)
+    def _ends_in(self, start: int, stop: int | None = None) -> int:
+        """ENDs this producer sent with seqs from ``start`` (up to ``stop``): they take seqs
+        but are not records."""
+        return sum(1 for seq in self._end_seqs if seq >= start and (stop is None or seq < stop))
 
     def _unconsumed(self) -> int:
         """Records sent and not reported consumed (ENDs left out)."""
-        return self._next_seq - self._acked - self._ends_unconsumed()
+        return self._next_seq - self._acked - self._ends_in(self._acked)
 
     def full(self) -> bool:
         with self._lock:
@@ -705,7 +703,7 @@ class Producer:
     def statistics(self) -> QueueStatistics:
         self._hear_reports()
         in_flight = self._unconsumed()
-        ends_consumed = len(self._end_seqs) - self._ends_unconsumed()
+        ends_consumed = len(self._end_seqs) - self._ends_in(self._acked)
         # Where the records go: for a ray queue, the consumer's tcp or same-node ipc endpoint.
         endpoint = getattr(self._link, "endpoint", None)
         extra: dict[str, Any] = {}
