@@ -276,3 +276,34 @@ def test_a_bad_close_timeout_is_refused_before_anything_closes() -> None:
 def test_from_json_given_a_dict_points_to_from_dict() -> None:
     with pytest.raises(DescriptorError, match=r"for a dict use QueueDescriptor\.from_dict"):
         QueueDescriptor.from_json({"queue_id": "x"})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("queue_type", ["local", "shm", "tcp"])
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"shape": 4, "timeout": "x"}, r"alloc\(timeout=\.\.\.\) must be a number"),
+        ({"shape": 4, "timeout": -1}, r"alloc\(timeout=\.\.\.\) must be a number"),
+        ({"shape": 4, "timeout": float("nan")}, r"alloc\(timeout=\.\.\.\) must be a number"),
+        ({"shape": (2.5,)}, r"alloc\(shape=\.\.\.\) must be an int or a sequence of ints"),
+        ({"shape": "abc"}, r"alloc\(shape=\.\.\.\) must be an int or a sequence of ints"),
+        ({"shape": (3, -1)}, r"must not have negative dimensions"),
+        ({"shape": 4, "dtype": "zz"}, r"alloc\(dtype=\.\.\.\) is not a numpy dtype"),
+        ({"shape": 4, "dtype": object}, r"holds Python objects"),
+    ],
+)
+def test_alloc_refuses_bad_arguments_alike_on_every_type(
+    queue_type: str, kwargs: dict[str, Any], needle: str
+) -> None:
+    from sage_zmq import InvalidArgument
+
+    # Before, a bad timeout was ignored, a float dimension truncated and an object dtype
+    # allowed wherever the pool did not serve the buffer.
+    qd = QueueDescriptor(queue_type=queue_type)
+    try:
+        with pytest.raises(InvalidArgument, match=needle):
+            qd.alloc(**kwargs)
+        buf = qd.alloc((2, 3), "f4", timeout=float("inf"))
+        assert buf.shape == (2, 3) and buf.dtype == "f4"
+    finally:
+        qd.close()

@@ -54,9 +54,10 @@ def check_timeout(timeout: Any, call: str) -> float:
         )
     value = float(timeout)
     if not value >= 0:  # also NaN, which compares false with everything
+        no_wait = "0 (or block=False)" if call in ("put", "get") else "0"
         raise InvalidArgument(
             f"{call}(timeout=...) must be a number of seconds >= 0 or None, got {timeout!r}; "
-            "use 0 (or block=False) not to wait, None to wait without limit"
+            f"use {no_wait} not to wait, None to wait without limit"
         )
     return value
 
