@@ -395,6 +395,21 @@ def test_alloc_falls_back_to_ordinary_memory(make: Any) -> None:
     assert not is_shared(got) and (got == 1).all()
 
 
+def test_a_reliable_shm_queue_sends_large_payloads_inline_and_says_so(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The reliable layer keeps frames for resending; a pool slot cannot be kept that way.
+    qd = make(ack=True)
+    with caplog.at_level("INFO", logger="sage_zmq.queue"):
+        buf = qd.alloc(256 * KiB)
+    assert not is_shared(buf)
+    assert any("inline, not through the shared-memory pool" in r.message for r in caplog.records)
+    buf[:] = 7
+    qd.put(buf, timeout=T)
+    got = qd.get(timeout=T)
+    assert not is_shared(got) and got.nbytes == 256 * KiB and (got == 7).all()
+
+
 # ------------------------------------------------------------------------ frames
 
 

@@ -433,7 +433,13 @@ class ShmQueueType(SocketQueueType):
 
     def make_producer(self, descriptor: QueueDescriptor) -> Any:
         if self.reliable(descriptor):
-            return super().make_producer(descriptor)  # acks keep frames: payloads go inline
+            # The reliable layer keeps frames to resend them; a slot cannot be kept that way.
+            log.info(
+                "queue %r: ack/persist keep frames for resending, so this shm queue sends "
+                "large payloads inline, not through the shared-memory pool",
+                descriptor.queue_id,
+            )
+            return super().make_producer(descriptor)
         link = self.open_producer_link(descriptor)
         assert isinstance(link, ShmDealerLink)
         producer = ShmProducer(link, **producer_options(descriptor))
