@@ -17,8 +17,8 @@ from sage_zmq import QueueDescriptor
 from sage_zmq.errors import DecodeError, Empty
 from sage_zmq.packet import Packet
 from sage_zmq.shm import is_shared
-from sage_zmq.shm.transfer import dtype_from_wire, dtype_to_wire
 from sage_zmq.wire.codec import EXT_NDARRAY, EXT_PACKET, Codec
+from sage_zmq.wire.dtypes import dtype_from_wire, dtype_to_wire
 from sage_zmq.wire.frame import Kind, header
 
 PRODUCER = "host:1:edge"
@@ -216,3 +216,51 @@ def test_an_empty_array_from_a_frame_is_read_only_like_the_others() -> None:
     empty, full = codec.decode(frame).fields[2]
     assert empty.shape == (0,) and not empty.flags.writeable
     assert not full.flags.writeable
+
+
+# ------------------------------------------------------------------ structured layouts
+def _padded_dtypes() -> list[np.dtype[Any]]:
+    inner = np.dtype([("x", "u1"), ("y", "<i4")], align=True)  # 3 bytes of padding inside
+    return [
+        np.dtype([("a", "u1"), ("b", "<f8")], align=True),  # padding between fields
+        np.dtype([("b", "<f8"), ("a", "u1")], align=True),  # padding after the last field
+        np.dtype({"names": ["p", "q"], "formats": ["<i2", "<i2"], "offsets": [0, 6]}),
+        np.dtype([("n", inner), ("m", "<f4", (2,))], align=True),  # nested, and a subarray
+        np.dtype({"names": ["v"], "formats": ["<i4"], "titles": ["Velocity"]}),
+    ]
+
+
+@pytest.mark.parametrize("dt", _padded_dtypes(), ids=str)
+def test_structured_padding_stays_padding(dt: np.dtype[Any]) -> None:
+    # np.dtype(descr) turns padding entries into fields named f1, ...: the receiver must not.
+    arr = np.zeros(3, dt)
+    for name in dt.names or ():
+        arr[name] = 1
+    assert dtype_from_wire(msgpack.unpackb(msgpack.packb(dtype_to_wire(dt)))) == dt
+    (back,) = _round_trip([arr])
+    assert back.dtype == dt and back.dtype.names == dt.names and back.dtype.itemsize == dt.itemsize
+    assert back.tobytes() == arr.tobytes()
+
+
+def test_structured_padding_stays_padding_through_shared_memory(
+    queues: Callable[..., QueueDescriptor],
+) -> None:
+    qd = queues(None, "shm", {"shm_threshold": 1})
+    sent = [np.ones(100, dt) for dt in _padded_dtypes()]
+    for arr in sent:
+        qd.put(arr, timeout=10)
+    for arr in sent:
+        back = qd.get(timeout=10)
+        assert is_shared(back) and back.dtype == arr.dtype and back.dtype.names == arr.dtype.names
+        assert back.tobytes() == arr.tobytes()
+        del back
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [[["a"]], [["a", "<i4", [2], "x"]], [[5, "<i4"]], [["a", "|O"]], [["a", "zz9"]], 7],
+    ids=repr,
+)
+def test_malformed_structured_dtypes_are_decode_errors(spec: Any) -> None:
+    with pytest.raises(DecodeError, match=r"ndarray"):
+        dtype_from_wire(spec)

@@ -42,6 +42,7 @@ from sage_zmq.shm.pool import (
 )
 from sage_zmq.shm.sweep import SHM_DIR
 from sage_zmq.wire.codec import EXT_SHM_REF
+from sage_zmq.wire.dtypes import dtype_from_wire, dtype_to_wire
 
 log = logging.getLogger("sage_zmq.shm")
 
@@ -79,42 +80,6 @@ class InlineBytes(bytes):
 # wire form of the reference
 
 
-def dtype_to_wire(dt: np.dtype[Any]) -> Any:
-    """A dtype as ext 2/4 carry it: ``dtype.str``, or the ``descr`` list for structured types."""
-    return dt.str if dt.fields is None else dt.descr
-
-
-def _descr(spec: Any) -> Any:
-    # msgpack turns the tuples of a descr into lists; numpy wants a (name, type[, shape])
-    # tuple per field, where type may itself be a nested descr list.
-    if not isinstance(spec, list):
-        return spec
-    fields = []
-    for field in spec:
-        if not isinstance(field, list) or len(field) not in (2, 3):
-            raise DecodeError(f"shm ref dtype field must be [name, type(, shape)]: {field!r:.100}")
-        name = tuple(field[0]) if isinstance(field[0], list) else field[0]
-        item: tuple[Any, ...] = (name, _descr(field[1]))
-        if len(field) == 3:
-            shape = field[2]
-            item += (tuple(shape) if isinstance(shape, list) else shape,)
-        fields.append(item)
-    return fields
-
-
-def dtype_from_wire(spec: Any) -> np.dtype[Any]:
-    """Inverse of :func:`dtype_to_wire`; DecodeError for anything numpy refuses or objects."""
-    if not isinstance(spec, str | list):
-        raise DecodeError(f"shm ref dtype must be a string or a field list, got {spec!r:.100}")
-    try:
-        dt = np.dtype(_descr(spec))
-    except (TypeError, ValueError) as exc:
-        raise DecodeError(f"shm ref carries an invalid dtype {spec!r:.100}: {exc}") from None
-    if dt.hasobject:
-        raise DecodeError(f"dtype {dt} holds Python objects and cannot live in shared memory")
-    return dt
-
-
 def pack_ref(slot: SlotRef, dtype: np.dtype[Any] | None, shape: Sequence[int] | None) -> Any:
     """Extension type 4 for a slot: ``[segment, offset, nbytes, slot, dtype, shape]``."""
     body = [
@@ -147,7 +112,7 @@ def unpack_ref(data: bytes) -> tuple[SlotRef, np.dtype[Any] | None, tuple[int, .
         return ref, None, None
     dt = _WIRE_DTYPES.get(spec) if spec.__class__ is str else None
     if dt is None:
-        dt = dtype_from_wire(spec)
+        dt = dtype_from_wire(spec, "shm ref")
         if spec.__class__ is str and len(_WIRE_DTYPES) < 256:
             _WIRE_DTYPES[spec] = dt
     if shape.__class__ is not list:

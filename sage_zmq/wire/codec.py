@@ -33,6 +33,7 @@ import msgpack
 from sage_zmq.errors import DecodeError, EncodeError
 from sage_zmq.observe import tracing as _tracing
 from sage_zmq.packet import EndOfStream, Packet
+from sage_zmq.wire.dtypes import dtype_from_wire, dtype_to_wire
 from sage_zmq.wire.frame import FLAG_LZ4, FLAG_PICKLE, HEADER_SIZE, Kind, header, parse_header
 
 if TYPE_CHECKING:
@@ -273,7 +274,7 @@ class Codec:
             )
         import numpy as np  # imported already: arr is an array
 
-        dtype: Any = arr.dtype.str if arr.dtype.fields is None else arr.dtype.descr
+        dtype = dtype_to_wire(arr.dtype)
         data = np.ascontiguousarray(arr)
         raw: Any = b""
         if data.size:
@@ -531,11 +532,7 @@ class Codec:
             raise DecodeError("ndarray shape must be a list of non-negative ints")
         if not isinstance(raw, bytes):
             raise DecodeError("ndarray data must be bin")
-        if isinstance(dtype_spec, list):
-            dtype_spec = [tuple(f) for f in dtype_spec]
-        dtype = np.dtype(dtype_spec)
-        if dtype.hasobject:
-            raise DecodeError("ndarray of dtype object is not allowed on the wire")
+        dtype = dtype_from_wire(dtype_spec)
         count = 1
         for n in shape:
             count *= n

@@ -25,6 +25,7 @@ import numpy as np
 from sage_zmq.errors import DecodeError
 from sage_zmq.packet import EndOfStream, Packet
 from sage_zmq.wire.codec import _MAP_SCHEMAS, Codec
+from sage_zmq.wire.dtypes import dtype_from_wire, dtype_to_wire
 from sage_zmq.wire.frame import Kind
 
 HERE = Path(__file__).resolve().parent
@@ -69,7 +70,7 @@ def to_typed(value: Any) -> Typed:
             }
         }
     if isinstance(value, np.ndarray):
-        dtype: Any = value.dtype.str if value.dtype.fields is None else value.dtype.descr
+        dtype = dtype_to_wire(value.dtype)
         return {
             "ndarray": {
                 "dtype": json.loads(json.dumps(dtype)),  # tuples -> lists
@@ -111,8 +112,7 @@ def from_typed(tree: Typed) -> Any:
             from_typed(v["timestamp"]),
         )
     if tag == "ndarray":
-        spec = v["dtype"]
-        dtype = np.dtype([tuple(f) for f in spec] if isinstance(spec, list) else spec)
+        dtype = dtype_from_wire(v["dtype"])
         return np.frombuffer(bytes.fromhex(v["data"]), dtype=dtype).reshape(v["shape"]).copy()
     if tag == "eos":
         return EndOfStream(from_typed(v["source"]))
@@ -161,11 +161,20 @@ def _records() -> dict[str, list[Any]]:
             np.array([1 + 2j], dtype="<c16"),
             np.array(7, dtype="<i8"),
             np.array([(1, 2.5), (3, -1.0)], dtype=[("x", "<i4"), ("y", "<f8")]),
+            _aligned(),
         ],
         # Nested: as a top-level record an EndOfStream is refused (see the invalid vectors).
         "data_end_of_stream_records": [[EndOfStream(), EndOfStream("upstream-1")], "after"],
         "data_empty_batch": [],
     }
+
+
+def _aligned() -> np.ndarray:
+    """align=True leaves 7 bytes of padding (a "" entry) between x and y and 4 after z; they
+    are zeroed, so that the vector is deterministic."""
+    arr = np.zeros(2, np.dtype([("x", "|u1"), ("y", "<f8"), ("z", "<i4")], align=True))
+    arr["x"], arr["y"], arr["z"] = [1, 4], [2.5, -1.0], [3, 5]
+    return arr
 
 
 def _control() -> list[tuple[str, Kind, Any, str]]:
