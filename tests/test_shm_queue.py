@@ -284,6 +284,34 @@ def test_full_pool_waits_for_a_release(make: Any) -> None:
     assert sender_stats(qd)["inline_fallbacks"] == 0
 
 
+def test_a_view_dropped_while_the_consumer_waits_in_get_goes_back_promptly(make: Any) -> None:
+    # A worker thread drops a view while the reading thread is blocked in get(): its RELEASE
+    # must not wait for that get to return (it waited up to 0.5 s), or a producer short of
+    # room sends inline after shm_wait although the room was free.
+    qd = make(memory_pool_size=1, shm_wait=0.3, shm_threshold=64 * KiB)
+    held = []
+    for i in range(2):
+        qd.put(np.full(64 * KiB, i, np.float64), timeout=T)  # 512 KiB each: pool full
+        held.append(qd.get(timeout=T))
+    consumer = qd._handle().consumer(qd)
+    got: list[Any] = []
+    reader = threading.Thread(target=lambda: got.append(qd.get(timeout=T)))
+    reader.start()
+    try:
+        wait_until(lambda: consumer._waiting, "the reader to wait in get()")
+        # Not a synchronisation: had the reader not yet entered its blocking read, it would
+        # find the release queued and send it, and the test would pass without checking.
+        time.sleep(0.05)
+        del held[0]  # the slot is free from now on
+        gc.collect()
+        qd.put(np.full(64 * KiB, 2.0), timeout=T)
+    finally:
+        reader.join(T)
+    assert not reader.is_alive() and len(got) == 1
+    assert is_shared(got[0]) and got[0][0] == 2.0
+    assert sender_stats(qd)["inline_fallbacks"] == 0
+
+
 def test_explicit_release_frees_the_slot_while_the_object_lives(make: Any) -> None:
     qd = make(shm_threshold=1024)
     qd.put(np.arange(1000.0), timeout=T)

@@ -69,6 +69,9 @@ DEFAULT_SHM_WAIT = 2.0
 FRAME_CAP = 4 << 20
 """A batch whose frame comes out larger is split: big frames stall the consumer and memory."""
 
+LIVE_VIEW_WAKE = 0.01
+"""Longest blocking read while received views live: their releases leave at least this often."""
+
 
 # --------------------------------------------------------------------------------- producer
 
@@ -329,6 +332,11 @@ class ShmInlet(RouterInlet):
                 due = shm.due_in()
                 if due is not None:
                     timeout = min(timeout, max(due, 0.0005))
+        if timeout > LIVE_VIEW_WAKE and shm.cache.live_views:
+            # A view another thread (or the GC) drops while this waits for data queues its
+            # release here, and only this thread may send it: a producer short of room would
+            # wait for the whole read, then send inline. Wake up to look while views live.
+            timeout = LIVE_VIEW_WAKE
         events = RouterInlet.recv(self, timeout)
         producers = shm.producers
         for event in events:
