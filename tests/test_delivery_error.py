@@ -112,3 +112,44 @@ def test_a_put_waiting_on_a_consumer_that_never_answered_says_so_once(
     assert len(noted) == 1, noted
     assert "no consumer has ever answered" in noted[0].getMessage()
     assert "CURVE" in noted[0].getMessage()
+
+
+def test_records_the_consumer_reports_lost_in_transit_fail_close() -> None:
+    # A plain consumer moves past a gap (a frame it refused, or one ZeroMQ dropped) and says
+    # so in CREDIT "lost"; close() used to return normally on a receipt covering every seq.
+    codec = Codec()
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as sock:
+        sock.linger = 0
+        port = sock.bind_to_random_port("tcp://127.0.0.1")
+        qd = QueueDescriptor(
+            queue_type="tcp", metadata={"endpoint": f"tcp://127.0.0.1:{port}", "maxsize": 100}
+        )
+        for i in range(5):
+            qd.put(i)
+        outcome: list[BaseException | None] = []
+
+        def close() -> None:
+            try:
+                qd.close(timeout=10)
+                outcome.append(None)
+            except BaseException as exc:  # handed to the test thread
+                outcome.append(exc)
+
+        closer = threading.Thread(target=close)
+        closer.start()
+        try:
+            while closer.is_alive():
+                if not sock.poll(100):
+                    continue
+                peer, frame = sock.recv_multipart()
+                kind = parse_header(frame)[0]
+                if kind is Kind.CLOSE:
+                    seq = codec.decode(frame).fields[1]
+                    body = {"session": "raw", "received": seq, "acked": seq, "limit": 1000}
+                    body["lost"] = 2  # as if the frame with seqs 1-2 had been refused
+                    sock.send_multipart([peer, codec.encode_control(Kind.CREDIT, body)])
+        finally:
+            closer.join(15)
+    assert isinstance(outcome[0], DeliveryError), outcome
+    assert "2 records put were lost in transit" in str(outcome[0])
+    assert outcome[0].undelivered == 2

@@ -144,3 +144,44 @@ def test_credit_limits_stay_below_2_63(consumer: QueueDescriptor) -> None:
         assert all(c["received"] < 2**63 and c["limit"] < 2**63 for c in credits)
     finally:
         a.close()
+
+
+def _close(producer: RawProducer, seq: int) -> None:
+    producer.sock.send(_CODEC.encode_control(Kind.CLOSE, [producer.producer, seq]))
+
+
+@pytest.mark.parametrize("lost_before", ["data", "end", "close"])
+def test_seqs_skipped_for_good_are_counted_and_reported_to_the_producer(
+    consumer: QueueDescriptor, lost_before: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A frame that never arrives (refused, or dropped by ZeroMQ over MAXMSGSIZE) shows as a
+    gap before the next frame, be it DATA, END or CLOSE; the receipt says how many were lost
+    (CREDIT ``lost``), or a producer's close() would call them delivered."""
+    a = RawProducer(consumer.endpoint, "a")
+    try:
+        with pytest.raises(Empty):  # the consumer's end opens at its first get
+            consumer.get(timeout=0.1)
+        a.data(0, ["a0", "a1"])
+        # seqs 2..4 never arrive
+        with caplog.at_level(logging.WARNING, logger="sage_zmq.queue"):
+            if lost_before == "data":
+                a.data(5, ["a5"])
+                a.end(6)
+                _close(a, 7)
+                expected = ["a0", "a1", "a5"]
+            elif lost_before == "end":
+                a.end(5)
+                _close(a, 6)
+                expected = ["a0", "a1"]
+            else:
+                _close(a, 5)
+                expected = ["a0", "a1"]
+            got = [consumer.get(timeout=10) for _ in expected]
+            assert got == expected
+            receipts = [f for k, f in a.replies(1000) if k is Kind.CREDIT]
+        assert receipts[-1]["lost"] == 3, receipts
+        assert receipts[-1]["received"] == {"data": 7, "end": 6, "close": 5}[lost_before]
+        assert "skipped seq 2..4 (records lost in transit)" in caplog.text
+        assert consumer.statistics().extra["gaps"] == 3  # type: ignore[index]
+    finally:
+        a.close()

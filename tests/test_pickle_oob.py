@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -59,3 +60,54 @@ def test_shm_queue_carries_pickled_objects_with_buffers_through_the_pool() -> No
     finally:
         with contextlib.suppress(Exception):
             qd.close()
+
+
+def _producer_with_pickle_on(qd: QueueDescriptor, records: list[Any]) -> None:
+    """A producer process whose config turns pickle on (the consumer's does not)."""
+    import os
+    import sys
+
+    os.environ["SAGE_ZMQ__SECURITY__ALLOW_PICKLE"] = "true"
+    from sage_zmq import DeliveryError, EndOfStream
+    from sage_zmq.config import reset_config
+
+    reset_config()
+    for record in records:
+        qd.put(record, timeout=20)
+    qd.put(EndOfStream(), timeout=20)
+    try:
+        qd.close(timeout=20)
+    except DeliveryError as exc:
+        sys.exit(3 if "1 record put was lost in transit" in str(exc) else 4)
+
+
+@pytest.mark.parametrize("with_set", [False, True], ids=["plain", "one-set"])
+def test_a_producer_with_pickle_on_reaches_a_consumer_with_it_off(with_set: bool) -> None:
+    # Every frame of a pickle-enabled producer was marked PICKLE, so a consumer with pickle
+    # off refused them all (0 of 3000 arrived) and the producer's close() still returned.
+    import multiprocessing as mp
+
+    from sage_zmq import EndOfStream
+
+    records: list[Any] = [{"i": i} for i in range(3000)]
+    if with_set:
+        records = [{1, 2}]  # needs pickle: refused, and close() must say so
+    qd = QueueDescriptor(queue_type="shm", metadata={"maxsize": 5000})
+    with contextlib.suppress(Exception):
+        qd.get_nowait()  # bind
+    proc = mp.get_context("spawn").Process(target=_producer_with_pickle_on, args=(qd, records))
+    proc.start()
+    try:
+        got = []
+        while not isinstance(item := qd.get(timeout=30), EndOfStream):
+            got.append(item)
+        proc.join(30)
+        if with_set:
+            assert got == [] and proc.exitcode == 3
+        else:
+            assert got == records and proc.exitcode == 0
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        qd.close()

@@ -49,6 +49,7 @@ class _Upstream:
         "grant_at",
         "granted",
         "inlet",
+        "lost",
         "peer",
         "producer",
         "received",
@@ -63,6 +64,7 @@ class _Upstream:
         self.base = base  # where this consumer's life started for this producer
         self.received = base  # every seq below has arrived
         self.acked = base  # every seq below was consumed
+        self.lost = 0  # seqs skipped for good (gaps): the producer hears of them in CREDIT
         self.granted = 0  # the limit last granted
         self.grant_at = 0  # grant again once ``acked`` reaches this
         self.reported = base  # ``acked`` as the last CREDIT told the producer
@@ -350,7 +352,9 @@ class Consumer:
                 continue  # an in-process inlet: its producers cannot vanish on their own
             # A cumulative CREDIT (its last grant again) is harmless to a live producer;
             # ROUTER_MANDATORY makes the send fail once the producer's connection is gone.
-            probe = Credit(self.session, up.received, up.acked, up.granted, up.base, self._pid)
+            probe = Credit(
+                self.session, up.received, up.acked, up.granted, up.base, self._pid, up.lost
+            )
             if not up.inlet.send_credit(up.peer, probe):
                 up.gone = True
                 log.info("queue %s: producer %s is gone (no CLOSE)", self.queue_id, up.producer)
@@ -364,7 +368,7 @@ class Consumer:
         # cost more than the rest of a batch's bookkeeping.)
         up.grant_at = limit - share + max(1, share // 8)
         up.reported, up.reported_at = up.acked, time.monotonic()
-        credit = Credit(self.session, up.received, up.acked, limit, up.base, self._pid)
+        credit = Credit(self.session, up.received, up.acked, limit, up.base, self._pid, up.lost)
         if not up.inlet.send_credit(up.peer, credit):
             log.debug("queue %s: producer %s is gone", self.queue_id, up.producer)
 
@@ -470,14 +474,7 @@ class Consumer:
                 self._duplicates += len(records)
                 return
             if seq > up.received:
-                self._gaps += seq - up.received
-                log.warning(
-                    "queue %s: producer %s skipped seq %d..%d (records lost in transit)",
-                    self.queue_id,
-                    producer,
-                    up.received,
-                    seq - 1,
-                )
+                self._skipped(up, seq)
             elif seq < up.received:
                 skip = up.received - seq
                 self._duplicates += skip
@@ -498,6 +495,8 @@ class Consumer:
                 return
             if seq < up.received:
                 return  # a retransmitted END we already have
+            if seq > up.received:
+                self._skipped(up, seq)  # the frames before the END were lost
             up.received = seq + 1
             self._batches.append((up, seq + 1, _END))
             self._grant(up)  # a receipt: producers usually close right after their end
@@ -517,6 +516,11 @@ class Consumer:
             if up is None:
                 return
             up.closing = True
+            if seq > up.received:
+                # Frames before the CLOSE were lost: say so in the receipt rather than keep
+                # the producer waiting for seqs that will never come.
+                self._skipped(up, seq)
+                up.received = seq
             self._grant(up)  # the receipt the closing producer waits for
         elif what == "heartbeat":
             _, inlet, peer, producer = event
@@ -524,6 +528,21 @@ class Consumer:
                 up = self._upstream(producer, inlet, peer, 0)
                 if up is not None:
                     self._grant(up)
+
+    def _skipped(self, up: _Upstream, seq: int) -> None:
+        """Seqs ``up.received .. seq - 1`` will never arrive: a frame the inlet refused, or
+        one ZeroMQ dropped (over the consumer's max_message_size). Counted, logged, and
+        reported to the producer (CREDIT ``lost``) so that its ``close()`` does not call them
+        delivered."""
+        self._gaps += seq - up.received
+        up.lost += seq - up.received
+        log.warning(
+            "queue %s: producer %s skipped seq %d..%d (records lost in transit)",
+            self.queue_id,
+            up.producer,
+            up.received,
+            seq - 1,
+        )
 
     SERVICE_INTERVAL = 0.01
 

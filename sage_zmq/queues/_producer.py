@@ -123,6 +123,9 @@ class Producer:
         self._acked = next_seq
         self._start_seq = next_seq
         self._lost = 0  # records at most, sent to a consumer that was replaced unconfirmed
+        # Per consumer session: seqs it skipped for good (CREDIT "lost": refused or dropped
+        # frames). Cumulative within a session, so the largest report counts.
+        self._skipped_by: dict[str, int] = {}
         self._end_seqs: list[int] = []  # ENDs take seqs but are not records (statistics)
         self._session: str | None = None
         self._room = window
@@ -482,6 +485,8 @@ class Producer:
                 self._session = credit.session
             if credit.base is not None and credit.base > self._acked:
                 self._consumer_replaced(credit.base)
+            if credit.lost > self._skipped_by.get(credit.session, 0):
+                self._consumer_skipped(credit.session, credit.lost)
             if credit.limit > self._limit:
                 self._limit = credit.limit
             if credit.received > self._received:
@@ -510,6 +515,24 @@ class Producer:
             )
         self._received = max(self._received, base)
         self._acked = max(self._acked, base)
+
+    def _consumer_skipped(self, session: str, lost: int) -> None:
+        more = lost - self._skipped_by.get(session, 0)
+        self._skipped_by[session] = lost
+        from sage_zmq.observe.logging import connection_event
+
+        connection_event(
+            "lost",
+            queue=self.queue_id,
+            peer=str(getattr(self._link, "endpoint", "")),
+            detail=f"the consumer never received {more} more records of this producer: it "
+            "refused their frame or ZeroMQ dropped it (e.g. over the consumer's "
+            "max_message_size); the consumer's log names the seqs",
+        )
+
+    def _skipped(self) -> int:
+        """Records the consumer reported it will never receive (CREDIT ``lost``)."""
+        return sum(self._skipped_by.values())
 
     def _update_room(self) -> None:
         room = 0 if self._closed else self._limit - self._next_seq
@@ -617,7 +640,16 @@ class Producer:
                 f"queue {self.queue_id!r}: {what} not confirmed as received by the consumer "
                 f"within {timeout} s ({why}){also}",
                 undelivered,
-                undelivered + held + self._lost_at_most(),
+                undelivered + held + self._lost_at_most() + self._skipped(),
+            )
+        skipped = self._skipped()
+        if skipped:
+            raise DeliveryError(
+                f"queue {self.queue_id!r}: {skipped} record{'s' if skipped != 1 else ''} put "
+                f"{'were' if skipped != 1 else 'was'} lost in transit: the consumer never "
+                "received them (it refused their frame, or ZeroMQ dropped it, e.g. over the "
+                "consumer's max_message_size; the consumer's log names the seqs and why)",
+                skipped,
             )
         lost = self._lost_at_most()
         if lost:
@@ -709,7 +741,7 @@ class Producer:
         extra: dict[str, Any] = {}
         if isinstance(endpoint, str) and endpoint:
             extra["endpoint"] = endpoint
-        lost = self._lost_at_most()
+        lost = self._lost_at_most() + self._skipped()
         if lost:
             extra["lost"] = lost
         return QueueStatistics(

@@ -354,6 +354,7 @@ class DealerLink:
                         f["limit"],
                         f.get("base"),
                         f.get("pid"),
+                        f.get("lost", 0),
                     )
                 )
             elif msg.kind is Kind.RELEASE:
@@ -616,6 +617,8 @@ class RouterInlet:
             body["base"] = credit.base
         if credit.pid is not None and self.SAME_HOST:
             body["pid"] = credit.pid
+        if credit.lost:
+            body["lost"] = credit.lost
         try:
             self.sock.send_multipart(
                 [peer, self.codec.encode_control(Kind.CREDIT, body)], zmq.NOBLOCK

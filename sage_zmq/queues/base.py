@@ -83,7 +83,9 @@ class Credit:
     send records with ``seq < limit``. ``session`` changes when the consumer restarts.
     ``base``: the first seq this session took from the producer; ``pid``: the consumer's process
     (sent on one host only). With both, a producer can tell which shared-memory slots went to a
-    consumer that is gone (PROTOCOL.md §6).
+    consumer that is gone (PROTOCOL.md §6). ``lost``: seqs of this producer a plain consumer
+    skipped for good (gaps: frames refused or dropped in transit), so that ``close()`` can say
+    so instead of reporting them delivered.
     """
 
     session: str
@@ -92,6 +94,7 @@ class Credit:
     limit: int
     base: int | None = None
     pid: int | None = None
+    lost: int = 0
 
 
 class ProducerLink(Protocol):

@@ -156,6 +156,7 @@ class Codec:
         shm_decoder: ShmDecoder | None = None,
     ) -> None:
         self.allow_pickle = allow_pickle
+        self._pickled = False  # the frame being encoded holds a pickle extension
         self.limits = limits or DecodeLimits()
         self.zero_copy = zero_copy
         self.shm_encoder = shm_encoder
@@ -235,6 +236,7 @@ class Codec:
             data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
         except Exception as exc:
             raise EncodeError(f"cannot pickle {type(obj).__qualname__}: {exc}") from exc
+        self._pickled = True
         if not buffers:
             return msgpack.ExtType(EXT_PICKLE, data)
         parts: list[Any] = []
@@ -297,6 +299,7 @@ class Codec:
         A record that cannot be encoded is left out (and named in ``errors``); the others are
         still encoded, so one bad record does not cost its batch.
         """
+        self._pickled = False
         try:
             body = self._packer.pack([producer, seq, records])
             sent: list[Any] = records
@@ -305,7 +308,8 @@ class Codec:
             self._packer.reset()
             body, sent, errors = self._encode_salvaging(producer, seq, records)
         limit = self.limits.max_frame_bytes
-        if len(body) + HEADER_SIZE > limit and len(sent) == 1:
+        oversize = len(body) + HEADER_SIZE > limit
+        if oversize and len(sent) == 1:
             # The receiver would refuse it (and the seqs after it would wait on a gap); a
             # batch of several is split by the link first, so this is one record too big.
             errors.append(
@@ -315,7 +319,10 @@ class Codec:
             )
             return b"", [], errors
         flags = 0
-        if compress and len(body) >= self.compression_min_bytes:
+        # A batch over the limit goes uncompressed: the link sees its real size and splits it.
+        # Compressed, it would pass as a small frame, and the receiver, which bounds the
+        # inflated body by the same limit, would refuse the whole batch.
+        if compress and not oversize and len(body) >= self.compression_min_bytes:
             auto = compress == COMPRESS_AUTO
             if not auto or self.lz4_policy.want():
                 packed = lz4.frame.compress(body)
@@ -323,7 +330,9 @@ class Codec:
                     self.lz4_policy.observe(len(body), len(packed))
                 if len(packed) < len(body):
                     body, flags = packed, FLAG_LZ4
-        if self.allow_pickle:
+        if self._pickled:
+            # Only a frame that holds pickle says so: records that need none still reach a
+            # consumer that has pickle off (its refusal of the others shows in close()).
             flags |= FLAG_PICKLE
         return header(Kind.DATA, flags) + body, sent, errors
 
@@ -657,6 +666,7 @@ _MAP_SCHEMAS: dict[Kind, dict[str, type | tuple[type, ...]]] = {
         "limit": int,
         "base": int,
         "pid": int,
+        "lost": int,
     },
     Kind.ERROR: {"code": str, "message": str},
 }
