@@ -764,6 +764,16 @@ def check_unencodable_record(make_descriptor: DescriptorFactory, n: int = 1000) 
         assert raised, "put(object()) was accepted silently (not at that put, nor the next)"
         assert "object" in str(raised[0]), f"EncodeError does not name the type: {raised[0]}"
         assert isinstance(raised[0], SageZmqError)
+        # accepted tells whether the record of the call that raised went in (README).
+        assert getattr(raised[0], "accepted", None) is (-1 in maybe), (
+            f"EncodeError.accepted is {getattr(raised[0], 'accepted', None)!r} for the record "
+            f"{'after' if -1 in maybe else 'of'} the failing put"
+        )
+        # A record whose class is fine but which holds a bad value, put while idle.
+        try:
+            qd.put({"nested": bad}, timeout=GET_TIMEOUT)
+        except EncodeError as exc:
+            assert getattr(exc, "accepted", None) is False, "its own record, not queued"
         # Burst: the bad record sits inside a batch.
         sure: list[int] = [] if -1 in maybe else [-1]
         burst_errors = 0
@@ -776,6 +786,10 @@ def check_unencodable_record(make_descriptor: DescriptorFactory, n: int = 1000) 
             except EncodeError as exc:
                 burst_errors += 1
                 assert "object" in str(exc), str(exc)
+                assert getattr(exc, "accepted", None) is (record is not bad), (
+                    f"EncodeError.accepted is {getattr(exc, 'accepted', None)!r} at the put of "
+                    f"{'the bad record' if record is bad else 'a good one'}"
+                )
                 if record is not bad:
                     maybe.add(i)
         try:

@@ -116,3 +116,31 @@ def test_a_compressible_batch_over_the_limit_is_split_not_refused(queue_type: st
         qd.close()  # every record it did not refuse was delivered
     finally:
         qd.close()
+
+
+@pytest.mark.parametrize("queue_type", ["tcp", "sage"])
+def test_accepted_says_whether_the_call_s_own_record_went_in(queue_type: str) -> None:
+    # A late EncodeError comes from the put whose flush encoded the batch; accepted was True
+    # even when that put's own record was the bad one (README: re-put only when not accepted).
+    qd = QueueDescriptor(None, queue_type, {"maxsize": 100, "flush_interval": 5})
+    with contextlib.suppress(Exception):
+        qd.get_nowait()  # bind
+    try:
+        producer = qd._handle().producer(qd)
+        producer._busy, producer._flush_at = True, 3
+        qd.put("a", timeout=conf.GET_TIMEOUT)
+        qd.put("b", timeout=conf.GET_TIMEOUT)
+        with pytest.raises(EncodeError, match=r"builtins\.set") as own:
+            qd.put({"v": {1}}, timeout=conf.GET_TIMEOUT)  # fills the batch, and is the bad one
+        assert own.value.accepted is False  # type: ignore[attr-defined]
+        producer._busy, producer._flush_at = True, 3
+        qd.put({"v": {2}}, timeout=conf.GET_TIMEOUT)
+        qd.put("c", timeout=conf.GET_TIMEOUT)
+        with pytest.raises(EncodeError, match=r"builtins\.set") as earlier:
+            qd.put("d", timeout=conf.GET_TIMEOUT)  # fills the batch; an earlier one was bad
+        assert earlier.value.accepted is True  # type: ignore[attr-defined]
+        assert earlier.value.records_dropped == 1  # type: ignore[attr-defined]
+        qd.put(EndOfStream(), timeout=conf.GET_TIMEOUT)
+        assert list(qd) == ["a", "b", "c", "d"]
+    finally:
+        qd.close()

@@ -213,6 +213,11 @@ class _KeepingLink:
         return str(getattr(self.inner, "endpoint", ""))
 
     @property
+    def codec(self) -> Any:
+        """The inner link's codec: the producer asks it whether a record can be encoded."""
+        return getattr(self.inner, "codec", None)
+
+    @property
     def refused(self) -> str | None:
         """Why the consumer refuses this producer (it serves another queue), if it does."""
         return getattr(self.inner, "refused", None)

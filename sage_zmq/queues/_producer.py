@@ -176,11 +176,11 @@ class Producer:
         with self._lock:
             self._check_open()  # close() in another thread may have run while this waited
             self.putter = threading.get_ident()
+            if item.__class__ not in _PLAIN_TYPES:
+                self._check_record(item)  # refused here on either path, accepted=False
             idle = not self._busy and not self._pending and not self._errors
             if idle and self._room > 0 and self._ship_alone(item):
                 return
-            if item.__class__ not in _PLAIN_TYPES:
-                self._check_record(item)
             # A record dropped earlier (by the background flush) is reported after this one
             # is queued, so a caller who catches EncodeError and moves on loses nothing.
             self._update_room()
@@ -191,13 +191,18 @@ class Producer:
                     + (f" within {timeout} s" if block and timeout is not None else "")
                     + "; get() from it, raise maxsize, or put with a longer timeout"
                 )
-            self._pending.append(self._snapshot(item) if self._heavy else item)
-            if len(self._pending) >= self._flush_at:
+            queued = self._snapshot(item) if self._heavy else item
+            self._pending.append(queued)
+            flushed = len(self._pending) >= self._flush_at
+            if flushed:
                 self._flush_locked()
             else:
                 self._update_room()
             if self._errors:
-                raise self._take_error(accepted=True)
+                # Was this call's own record among those just dropped? Then it was not
+                # accepted after all (the README's contract for EncodeError.accepted).
+                own = flushed and self._fails_alone(queued)
+                raise self._take_error(accepted=not own)
 
     def _ship_alone(self, item: Any) -> bool:
         """The idle path: send ``item`` in a frame of its own now, skipping the list and the
@@ -220,7 +225,10 @@ class Producer:
         self._last_flush = time.perf_counter()
         self._update_room()
         if self._errors:
-            raise self._take_error(accepted=True)
+            # The frame held this record alone, so it is the one that failed: not queued.
+            errors, self._errors = self._errors, []
+            self._update_room()
+            raise refused(self.queue_id, errors[0])
         return True
 
     def _check_record(self, item: Any) -> None:
@@ -236,6 +244,23 @@ class Producer:
             raise refused(self.queue_id, why)
         if issubclass(item.__class__, _PLAIN_BASES):
             _PLAIN_TYPES.add(item.__class__)  # an OrderedDict, an IntEnum: packed as its base
+
+    def _fails_alone(self, record: Any) -> bool:
+        """Whether ``record`` alone fails to encode (asked only once its batch had errors).
+
+        A throwaway codec of the same settings answers, without the link's side effects
+        (a shared-memory slot per payload) and without a size limit (payloads that would go
+        through the pool are not too large for a frame).
+        """
+        if any(p is record for p in self._pending):
+            return False  # still queued: credit held it back from the flush
+        codec = getattr(self._link, "codec", None)
+        if codec is None:
+            return False
+        from sage_zmq.wire.codec import Codec, DecodeLimits
+
+        probe = Codec(allow_pickle=codec.allow_pickle, limits=DecodeLimits(2**63, 2**63))
+        return bool(probe.encode_batch(self.producer_id, 0, [record])[2])
 
     def _wait_for_room(self, block: bool, timeout: float | None) -> bool:
         self._apply(self._link.poll(0))
