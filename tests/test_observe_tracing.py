@@ -132,3 +132,14 @@ def test_bad_sample_rate_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="from 0 to 1"):
         tracing.set_sample_rate(1.5)
     assert os.getpid() > 0
+
+
+def test_a_foreign_malformed_hop_list_is_replaced_by_the_get_hop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A peer that does not replace it (Python senders do, at encode): the receiver kept 5.
+    monkeypatch.setattr(tracing, "on_encode", lambda headers, queue: headers)
+    packet = Packet("x", headers={"sage_trace": 5})
+    (got,) = _roundtrip(Codec(), Codec(), [packet])
+    assert isinstance(got.headers["sage_trace"], list)
+    assert [h.role for h in tracing.hops(got)] == ["get"]

@@ -217,9 +217,12 @@ def on_decode(headers: dict[str, Any], queue: str | None) -> None:
     """Append a ``get`` hop to headers just decoded from the wire (in place: they are new)."""
     global active
     active = True
+    hop = [queue or "?", _process(), "get", time.time()]
     hop_list = headers.get(HOPS)
     if isinstance(hop_list, list):
-        hop_list.append([queue or "?", _process(), "get", time.time()])
+        hop_list.append(hop)
+    else:  # a peer sent something else under the key: replaced (PROTOCOL.md §7)
+        headers[HOPS] = [hop]
 
 
 def propagate(source: Any, target: Packet) -> Packet:
