@@ -98,6 +98,7 @@ export class Producer {
     this._closing = false;
     this.stats = { sent: 0, batches: 0, bytes: 0, credits: 0, creditWaits: 0 };
     this._credit = new Signal();
+    this._lostBySession = new Map(); // consumer session -> seqs it reported lost (CREDIT "lost")
     this._flushScheduled = false;
     this._socketOptions = socketOptions;
     this._sendError = null;
@@ -195,6 +196,15 @@ export class Producer {
     // Cumulative and idempotent: keep the maximum of each (section 3).
     this.stats.credits += 1;
     this.session = credit.session;
+    if (credit.lost !== undefined) {
+      // Seqs this consumer session skipped for good (section 4): cumulative per session.
+      const lost = Number(credit.lost);
+      const before = this._lostBySession.get(credit.session) ?? 0;
+      if (lost > before) {
+        this._lostBySession.set(credit.session, lost);
+        log(`the consumer never received ${lost - before} more records of this producer`);
+      }
+    }
     this.limit = Math.max(this.limit, Number(credit.limit));
     this.received = Math.max(this.received, Number(credit.received));
     this.acked = Math.max(this.acked, Number(credit.acked));
@@ -364,6 +374,15 @@ export class Producer {
         undelivered,
       );
     }
+    let lost = 0;
+    for (const n of this._lostBySession.values()) lost += n;
+    if (lost) {
+      throw new DeliveryError(
+        `${lost} records put were lost in transit: the consumer never received them ` +
+          "(it refused their frame, or ZeroMQ dropped it; its log names the seqs)",
+        lost,
+      );
+    }
     this._raiseErrors();
   }
 
@@ -384,6 +403,7 @@ class Upstream {
     this.endReceived = false;
     this.reported = base; // the acked last sent in a CREDIT
     this.reportedAt = 0;
+    this.lost = 0; // seqs skipped for good (gaps), reported in CREDIT "lost"
   }
 }
 
@@ -534,15 +554,16 @@ export class Consumer {
     up.granted = limit;
     up.reported = up.acked;
     up.reportedAt = performance.now();
-    this._send(
-      up.peer,
-      encodeFrame(Kind.CREDIT, {
-        session: this.session,
-        received: up.received,
-        acked: up.acked,
-        limit,
-      }),
-    );
+    const body = { session: this.session, received: up.received, acked: up.acked, limit };
+    if (up.lost) body.lost = up.lost;
+    this._send(up.peer, encodeFrame(Kind.CREDIT, body));
+  }
+
+  /** Seqs up.received .. seq - 1 will never arrive (a refused or dropped frame): section 4. */
+  _skipped(up, seq) {
+    this.stats.gaps += seq - up.received;
+    up.lost += seq - up.received;
+    log(`producer ${up.producer} skipped seq ${up.received}..${seq - 1} (records lost in transit)`);
   }
 
   _onMessage(peer, msg) {
@@ -564,8 +585,7 @@ export class Consumer {
           return;
         }
         if (seq > up.received) {
-          this.stats.gaps += seq - up.received;
-          log(`producer ${f.producer} skipped seq ${up.received}..${seq - 1}`);
+          this._skipped(up, seq);
         } else if (seq < up.received) {
           const skip = up.received - seq;
           this.stats.duplicates += skip;
@@ -582,6 +602,7 @@ export class Consumer {
         const seq = Number(f.seq);
         const up = this._upstream(f.producer, peer, seq);
         if (seq < up.received) return; // a retransmitted END we already have
+        if (seq > up.received) this._skipped(up, seq); // the frames before it were lost
         up.received = seq + 1;
         up.endReceived = true;
         this.batches.push({ up, end: seq + 1, records: null });
@@ -595,8 +616,13 @@ export class Consumer {
         return;
       }
       case Kind.CLOSE: {
-        const up = this._upstream(f.producer, peer, Number(f.seq));
+        const seq = Number(f.seq);
+        const up = this._upstream(f.producer, peer, seq);
         up.closing = true;
+        if (seq > up.received) {
+          this._skipped(up, seq); // frames before the CLOSE were lost: say so in the receipt
+          up.received = seq;
+        }
         this._grant(up); // the receipt the closing producer waits for
         return;
       }

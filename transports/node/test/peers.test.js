@@ -280,3 +280,55 @@ test("a plain producer waiting for credit says HELLO again and goes on with a ne
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test("seqs that never arrive before an END or CLOSE are counted and reported as lost", { timeout: 20000 }, async () => {
+  const consumer = new Consumer({ maxsize: 8 });
+  const endpoint = await consumer.bind();
+  const dealer = new zmq.Dealer();
+  dealer.connect(endpoint);
+  const next = async () => decodeFrame((await dealer.receive())[0]);
+  try {
+    await dealer.send(encodeFrame(Kind.HELLO, { producer: "p", epoch: 0, next_seq: 0, acked: 0 }));
+    assert.equal((await next()).kind, Kind.CREDIT);
+    await dealer.send(encodeFrame(Kind.DATA, ["p", 0, [1, 2]]));
+    await dealer.send(encodeFrame(Kind.END, ["p", 5])); // seqs 2..4 never came
+    await dealer.send(encodeFrame(Kind.CLOSE, ["p", 8])); // nor 6..7
+    let receipt;
+    do receipt = await next();
+    while (receipt.kind !== Kind.CREDIT || receipt.fields.received < 8);
+    assert.equal(receipt.fields.lost, 5);
+    assert.equal(consumer.stats.gaps, 5);
+    assert.deepEqual(await collect(consumer, 5), [1, 2]);
+  } finally {
+    dealer.close();
+    await consumer.close();
+  }
+});
+
+test("a producer whose consumer reports records lost says so at close", { timeout: 20000 }, async () => {
+  const router = new zmq.Router();
+  await router.bind("tcp://127.0.0.1:*");
+  const producer = new Producer(router.lastEndpoint, { maxsize: 100, timeout: 10 });
+  const serve = (async () => {
+    for await (const [peer, frame] of router) {
+      const msg = decodeFrame(frame);
+      if (msg.kind === Kind.CLOSE) {
+        const seq = Number(msg.fields.seq);
+        const body = { session: "raw", received: seq, acked: seq, limit: 1000, lost: 2 };
+        await router.send([peer, encodeFrame(Kind.CREDIT, body)]);
+        return;
+      }
+    }
+  })();
+  try {
+    for (let i = 0; i < 5; i++) await producer.put(i);
+    await assert.rejects(producer.close(), (err) => {
+      assert.ok(err instanceof DeliveryError);
+      assert.match(err.message, /2 records put were lost in transit/);
+      return true;
+    });
+    await serve;
+  } finally {
+    router.close();
+  }
+});
