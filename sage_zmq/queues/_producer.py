@@ -313,9 +313,10 @@ class Producer:
             "connect_failed",
             queue=self.queue_id,
             peer=str(getattr(self._link, "endpoint", "")),
-            detail="a put is waiting for credit and no consumer has ever answered: is one "
-            "running at this endpoint, and if it requires CURVE, does it accept this "
-            "producer's key?",
+            detail="a put is waiting for credit and no consumer has answered yet: is one "
+            "running at this endpoint and reading (a consumer answers from its first get(); "
+            "a port bound when the queue was made is not yet a consumer), and if it requires "
+            "CURVE, does it accept this producer's key?",
         )
 
     def _check_open(self) -> None:
