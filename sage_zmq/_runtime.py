@@ -103,14 +103,19 @@ def batching_in_this_thread() -> list[Any]:
     return [p for p in list(_batching.values()) if p.putter == me]  # list(): one C call
 
 
-def runtime_dir() -> str:
-    """A private (0700) directory for ipc socket files, created on first use."""
+def runtime_dir_path() -> str:
+    """Where :func:`runtime_dir` is, without creating it."""
     # Absolute: the endpoints derived here travel in descriptors to processes that may run
     # in another working directory.
-    base = os.path.abspath(
+    return os.path.abspath(
         os.environ.get("SAGE_ZMQ_RUNTIME_DIR")
         or os.path.join(tempfile.gettempdir(), f"sage-zmq-{os.getuid()}")
     )
+
+
+def runtime_dir() -> str:
+    """A private (0700) directory for ipc socket files, created on first use."""
+    base = runtime_dir_path()
     try:
         os.mkdir(base, 0o700)
     except FileExistsError:

@@ -129,3 +129,15 @@ def test_a_persist_path_that_is_not_a_directory_is_a_clear_error(tmp_path: Path)
             qd.put(1)
     finally:
         close_quietly(qd)
+
+
+def test_a_runtime_dir_too_long_for_ipc_paths_is_refused_before_it_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sage_zmq import DescriptorError, QueueDescriptor
+
+    long_dir = tmp_path / ("d" * 90)
+    monkeypatch.setenv("SAGE_ZMQ_RUNTIME_DIR", str(long_dir))
+    with pytest.raises(DescriptorError, match="too long for ipc socket paths"):
+        QueueDescriptor(queue_type="shm")
+    assert not long_dir.exists()  # an empty directory was left behind

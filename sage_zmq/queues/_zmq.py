@@ -96,7 +96,7 @@ def check_tcp_endpoint(endpoint: str) -> tuple[str, int | None]:
 def derive_ipc_endpoint(queue_id: str) -> str:
     """A fresh ipc endpoint in the private runtime directory, within the ~107-byte limit."""
     token = _os.urandom(4).hex()
-    base = _runtime.runtime_dir()
+    base = _runtime.runtime_dir_path()  # created below, once the paths are known to fit
     stem = _UNSAFE.sub("_", queue_id)[:40]
     path = _os.path.join(base, f"{stem}-{token}.sock")
     if len(path.encode()) > 100:
@@ -107,6 +107,7 @@ def derive_ipc_endpoint(queue_id: str) -> str:
             f"runtime directory {base!r} is too long for ipc socket paths; set "
             "SAGE_ZMQ_RUNTIME_DIR to a short private directory"
         )
+    _runtime.runtime_dir()
     return f"ipc://{path}"
 
 
