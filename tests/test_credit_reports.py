@@ -59,3 +59,24 @@ def test_statistics_after_close_keep_the_totals() -> None:
     stats = qd.statistics()  # they were all zeros (role "idle") once the ends had closed
     assert (stats.role, stats.sent, stats.received) == ("producer+consumer", 7, 7), stats
     assert QueueDescriptor.from_dict(qd.to_dict()).statistics() == stats  # the same queue
+
+
+@pytest.mark.parametrize("queue_type", ["shm", "tcp", "sage"])
+def test_a_consumer_that_pauses_inside_a_batch_gives_back_what_it_took(queue_type: str) -> None:
+    # Records arrived as one batch of 100; the consumer took 75 and paused (an actor method
+    # "take 75, then work"). Credit came back only when the whole batch was taken, so the
+    # producer got Full with 25 records unread (README: never more than maxsize ahead).
+    qd = QueueDescriptor(None, queue_type, {"maxsize": 100, "flush_interval": 5})
+    with contextlib.suppress(Empty):
+        qd.get_nowait()  # the consumer end is here
+    try:
+        producer = qd._handle().producer(qd)
+        producer._busy, producer._flush_at = True, 100  # one frame of 100
+        for i in range(100):
+            qd.put(i, timeout=conf.GET_TIMEOUT)
+        assert [qd.get(timeout=conf.GET_TIMEOUT) for _ in range(75)] == list(range(75))
+        for i in range(100, 175):  # room for 75 more, once the background tick reports
+            qd.put(i, timeout=conf.GET_TIMEOUT)
+        assert conf.drain(qd, 100) == list(range(75, 175))
+    finally:
+        qd.close(timeout=1)

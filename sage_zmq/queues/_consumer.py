@@ -572,9 +572,19 @@ class Consumer:
         # that consumption now, not at its next get (a producer waiting for room, a router
         # reading load or a statistics reader would wait for a get that may never come).
         busy = False
-        if self._cur_upstream is not None and length_hint(self._current) == 0:
-            self._retire_current()
-            busy = True
+        up = self._cur_upstream
+        if up is not None:
+            if length_hint(self._current) == 0:
+                self._retire_current()
+                busy = True
+            else:
+                # Paused inside a batch (took some, then works on them): what it took is
+                # consumed. Else its producers wait for the rest of the batch to be taken,
+                # with room in the queue ("take N" actor methods deadlocked on it).
+                taken = self._taken_of_current()
+                if taken:
+                    self._consumed_to(up, up.acked + taken)
+                    busy = True
         if self._unreported:
             self._report_consumed(time.monotonic())
             busy = True
