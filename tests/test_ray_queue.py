@@ -365,6 +365,22 @@ def test_records_put_between_two_consumers_wait_for_the_second(
                 ray.kill(actor)
 
 
+def test_a_second_live_consumer_is_refused() -> None:
+    """A queue has one consumer. A second one used to replace the first in the registry
+    silently, and which of them got the records depended on when producers looked it up."""
+    qd = QueueDescriptor("rq-second", "ray", {"maxsize": 100})
+    first = Consumer.options(**ON_B).remote(qd)
+    try:
+        ray.get(first.where.remote(), timeout=WAIT)  # bound and published
+        with pytest.raises(DescriptorError, match=r"already has a consumer .* one consumer"):
+            consume_here(qd)
+        qd.put("x", timeout=WAIT)
+        assert ray.get(first.take.remote(1), timeout=WAIT) == ["x"]  # the first still has it
+    finally:
+        _close_quietly(qd)
+        ray.kill(first)
+
+
 def _until_the_producer_noticed(qd: QueueDescriptor) -> None:
     producer = qd._handle().producer(qd)
     link = getattr(producer, "_keeping", None)

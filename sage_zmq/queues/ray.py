@@ -168,6 +168,36 @@ def _unpublish(descriptor: QueueDescriptor, token: str) -> None:
         _kv()._internal_kv_del(_key(descriptor), namespace=KV_NAMESPACE)
 
 
+def _refuse_if_consumed(descriptor: QueueDescriptor) -> None:
+    """A queue has one consumer: refuse to replace a published one that still listens.
+
+    Replacing it silently split the stream by timing (producers that looked it up before
+    kept sending to the first). One that died (a killed actor Ray restarts, a lost node)
+    no longer accepts connections, and is replaced.
+    """
+    current = lookup_consumer(descriptor)
+    if current is None or not _listening(current.endpoint):
+        return
+    raise DescriptorError(
+        f"ray queue {descriptor.queue_id!r} already has a consumer (pid {current.pid} on node "
+        f"{current.node_id[:12]}, at {current.endpoint}); a queue has one consumer: close that "
+        "one first, or give this consumer its own queue id"
+    )
+
+
+def _listening(endpoint: str, timeout: float = 0.5) -> bool:
+    """Whether something accepts tcp connections at ``endpoint`` (a dead consumer does not)."""
+    import socket
+
+    address = endpoint.removeprefix("tcp://")
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def consume_here(descriptor: QueueDescriptor) -> None:
     """Become the consumer now (e.g. in an actor's ``__init__``) so producers find it early.
 
@@ -188,6 +218,7 @@ class RayConsumerInlet(RouterInlet):
             self.local_endpoint = self._bind_local() if descriptor.metadata.get("ipc", True) else ""
             ray = _connected_ray()
             node = ray.get_runtime_context().get_node_id()
+            _refuse_if_consumed(descriptor)
             entry = ConsumerEntry(
                 self.endpoint, self.token, node, os.getpid(), self.local_endpoint, _netns()
             )
