@@ -434,7 +434,9 @@ def _restart_run(
             for i in range(n):
                 qd.put(["driver", i], timeout=20)
             qd.put(EndOfStream(), timeout=20)
-            via.append((qd.statistics().extra or {})["endpoint"])
+            extra = qd.statistics().extra or {}
+            via.append(extra["endpoint"])
+            via.append(f"reconnects={extra.get('reconnects')}")
             qd.close(timeout=20)
         except BaseException as exc:
             errors.append(exc)
@@ -460,10 +462,11 @@ def test_consumer_restart_producers_follow(caplog: pytest.LogCaptureFixture) -> 
     qd = QueueDescriptor("rq-restart", "ray", {"maxsize": 200})
     try:
         with caplog.at_level("INFO", logger="sage_zmq.connection"):
-            first, second, errors, _ = _restart_run(qd, 4000)
+            first, second, errors, via = _restart_run(qd, 4000)
     finally:
         _close_quietly(qd)
     assert second[-1] == EndOfStream(), "the producer never reached the restarted consumer"
+    assert via[1] == "reconnects=1"  # statistics count the move to the restarted consumer
     seqs = [i for _, i in first + second[:-1]]
     assert seqs[: len(first)] == list(range(len(first)))
     assert seqs == sorted(seqs) and seqs[-1] == 3999  # in order, up to the last record
@@ -493,6 +496,7 @@ def test_consumer_restart_with_ack_loses_nothing(placement: dict[str, Any]) -> N
         _close_quietly(qd)
     assert not errors, errors
     assert via[0].startswith("ipc://@" if placement is ON_A else "tcp://"), via
+    assert via[1] not in ("reconnects=0", "reconnects=None"), via  # the move is counted
     assert second[-1] == EndOfStream()
     seqs = [i for _, i in first + second[:-1]]
     assert set(seqs) == set(range(4000))  # nothing lost

@@ -777,7 +777,9 @@ class ReliableProducer(Producer):
             "kept_frames": len(kept),
             "kept_records": kept[-1][1] - kept[0][0] if kept else 0,
             "peer_alive": self._live.alive,
-            "reconnects": self._reconnects,
+            # Its own reconnects to a consumer declared dead, and a ray link's moves to a
+            # restarted or new consumer.
+            "reconnects": self._reconnects + int(getattr(self._keeping.inner, "reconnects", 0)),
         }
         if self._wal is not None:
             extra["wal_corrupt_tail_bytes"] = self._wal.corrupt_tail_bytes

@@ -770,6 +770,9 @@ class Producer:
         lost = self._lost_at_most() + self._skipped()
         if lost:
             extra["lost"] = lost
+        moves = getattr(self._link, "reconnects", None)  # a ray link following its consumer
+        if isinstance(moves, int):
+            extra["reconnects"] = moves
         return QueueStatistics(
             queue_id=self.queue_id,
             queue_type=self.queue_type,
