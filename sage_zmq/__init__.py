@@ -5,6 +5,8 @@ The public face: a :class:`QueueDescriptor` names a queue (``local``, ``shm``, `
 plain msgpack values, :class:`Packet`, :class:`EndOfStream` or numpy arrays.
 """
 
+from typing import TYPE_CHECKING
+
 from sage_zmq._runtime import shutdown
 from sage_zmq.config import Config, load_config
 from sage_zmq.descriptor import QueueDescriptor, queue_types, register_queue_type
@@ -28,6 +30,9 @@ from sage_zmq.packet import EndOfStream, Packet
 from sage_zmq.queues.base import Capabilities, QueueStatistics
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # imported lazily at run time (see __getattr__); typed like any other name
+    from sage_zmq.router.connection import Connection
 
 
 def __getattr__(name: str) -> object:

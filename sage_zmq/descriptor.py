@@ -15,11 +15,15 @@ import math
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
 from sage_zmq import _runtime
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 from sage_zmq.config import current_config
 from sage_zmq.errors import DescriptorError, InvalidArgument, InvalidArgumentType, SageZmqError
 from sage_zmq.queues.base import QueueStatistics, QueueType, check_flag, check_timeout
@@ -488,7 +492,12 @@ class QueueDescriptor:
         producer = handle.producer(self)
         return int(producer.poll_credit() if refresh else producer.qsize())
 
-    def alloc(self, shape: Any, dtype: Any = "u1", timeout: float | None = None) -> Any:
+    def alloc(
+        self,
+        shape: int | Sequence[int],
+        dtype: npt.DTypeLike = "u1",
+        timeout: float | None = None,
+    ) -> np.ndarray[Any, Any]:
         """A writable numpy array to fill and then ``put`` without a further copy.
 
         On ``shm`` queues it lives in this process's shared-memory pool; elsewhere (or when
@@ -527,7 +536,7 @@ class QueueDescriptor:
         for name in _BOUND_NAMES:
             self.__dict__.pop(name, None)
 
-    def __enter__(self) -> QueueDescriptor:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

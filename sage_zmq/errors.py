@@ -39,7 +39,21 @@ class Full(SageZmqError, _stdlib_queue.Full):
 
 
 class EncodeError(SageZmqError, TypeError):
-    """A record could not be encoded for the wire; the message names its type."""
+    """A record could not be encoded for the wire; the message names its type.
+
+    Raised by ``put``: ``accepted`` tells whether the record of that call was queued (``True``:
+    do not put it again; ``False``: it was refused, or was itself among those left out), and
+    ``records_dropped`` how many records were left out, that one included. Raised by
+    ``close``/``flush``: ``records_dropped`` counts what was left out since the last report.
+    """
+
+    accepted: bool
+    records_dropped: int
+
+    def __init__(self, message: str = "", *, accepted: bool = False, records_dropped: int = 0):
+        super().__init__(message)
+        self.accepted = accepted
+        self.records_dropped = records_dropped
 
 
 class DecodeError(SageZmqError, ValueError):

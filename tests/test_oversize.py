@@ -50,7 +50,7 @@ def test_several_dropped_records_are_each_named() -> None:
         # A record of a class msgpack cannot carry is refused at its own put, even here.
         with pytest.raises(EncodeError, match=r"record refused: .*builtins\.set") as refused:
             qd.put({1, 2}, timeout=conf.GET_TIMEOUT)
-        assert refused.value.accepted is False  # type: ignore[attr-defined]
+        assert refused.value.accepted is False
         # What is inside a record is checked when its batch is encoded.
         for record in (1, {"v": {1, 2}}, 2, {"v": decimal.Decimal(1)}, 3, [1j]):
             qd.put(record, timeout=conf.GET_TIMEOUT)
@@ -107,7 +107,7 @@ def test_a_compressible_batch_over_the_limit_is_split_not_refused(queue_type: st
             try:
                 qd.put(record, timeout=conf.GET_TIMEOUT)
             except EncodeError as exc:  # a later put reports it; its own record went in
-                assert exc.accepted  # type: ignore[attr-defined]
+                assert exc.accepted
                 errors.append(str(exc))
         assert len(errors) == 1 and "more than max_message_size (100000)" in errors[0]
         got = list(qd)
@@ -132,14 +132,14 @@ def test_accepted_says_whether_the_call_s_own_record_went_in(queue_type: str) ->
         qd.put("b", timeout=conf.GET_TIMEOUT)
         with pytest.raises(EncodeError, match=r"builtins\.set") as own:
             qd.put({"v": {1}}, timeout=conf.GET_TIMEOUT)  # fills the batch, and is the bad one
-        assert own.value.accepted is False  # type: ignore[attr-defined]
+        assert own.value.accepted is False
         producer._busy, producer._flush_at = True, 3
         qd.put({"v": {2}}, timeout=conf.GET_TIMEOUT)
         qd.put("c", timeout=conf.GET_TIMEOUT)
         with pytest.raises(EncodeError, match=r"builtins\.set") as earlier:
             qd.put("d", timeout=conf.GET_TIMEOUT)  # fills the batch; an earlier one was bad
-        assert earlier.value.accepted is True  # type: ignore[attr-defined]
-        assert earlier.value.records_dropped == 1  # type: ignore[attr-defined]
+        assert earlier.value.accepted is True
+        assert earlier.value.records_dropped == 1
         qd.put(EndOfStream(), timeout=conf.GET_TIMEOUT)
         assert list(qd) == ["a", "b", "c", "d"]
     finally:

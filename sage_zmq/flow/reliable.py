@@ -764,7 +764,10 @@ class ReliableProducer(Producer):
                 undelivered,
             )
         if errors:
-            raise EncodeError(f"queue {self.queue_id!r}: record dropped: {errors[0]}")
+            raise EncodeError(
+                f"queue {self.queue_id!r}: record dropped: {errors[0]}",
+                records_dropped=len(errors),
+            )
 
     def statistics(self) -> QueueStatistics:
         stats = super().statistics()

@@ -64,10 +64,7 @@ def new_producer_id() -> str:
 
 def refused(queue_id: str, why: str) -> EncodeError:
     """The EncodeError of a record ``put`` did not accept (nothing of it was queued)."""
-    err = EncodeError(f"queue {queue_id!r}: record refused: {why}")
-    err.records_dropped = 1  # type: ignore[attr-defined]
-    err.accepted = False  # type: ignore[attr-defined]
-    return err
+    return EncodeError(f"queue {queue_id!r}: record refused: {why}", records_dropped=1)
 
 
 def wrong_queue(
@@ -580,10 +577,11 @@ class Producer:
             # Each one named (the part before its explanation), not only counted.
             named = "; ".join(e.split(": records must", 1)[0] for e in errors[1:6])
             more = f" (and {len(errors) - 1} more: {named}{'; ...' if len(errors) > 6 else ''})"
-        err = EncodeError(f"queue {self.queue_id!r}: record dropped: {errors[0]}{more}{note}")
-        err.records_dropped = len(errors)  # type: ignore[attr-defined]
-        err.accepted = accepted  # type: ignore[attr-defined]
-        return err
+        return EncodeError(
+            f"queue {self.queue_id!r}: record dropped: {errors[0]}{more}{note}",
+            accepted=accepted,
+            records_dropped=len(errors),
+        )
 
     # -------------------------------------------------------------- lifecycle
     def close(self, timeout: float | None = None) -> None:
@@ -686,7 +684,10 @@ class Producer:
                 lost,
             )
         if errors:
-            raise EncodeError(f"queue {self.queue_id!r}: record dropped: {errors[0]}")
+            raise EncodeError(
+                f"queue {self.queue_id!r}: record dropped: {errors[0]}",
+                records_dropped=len(errors),
+            )
 
     def _unconfirmed(self, count: int, confirmed_to: int) -> str:
         """``count`` unconfirmed seqs in words: an END among them is no record put."""
