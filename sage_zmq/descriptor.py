@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -106,7 +107,15 @@ def _alloc_layout(shape: Any, dtype: Any) -> tuple[tuple[int, ...], Any]:
             f"alloc(dtype=...) cannot be {dt}: it holds Python objects, which are not bytes a "
             "buffer can carry; put such records as they are instead"
         )
-    return tuple(int(d) for d in dims), dt
+    layout = tuple(int(d) for d in dims)
+    if dt.subdtype is not None:  # ("f8", (3,)): numpy appends the item's shape to the array's
+        dt, item_shape = dt.subdtype
+        layout += item_shape
+    if math.prod(layout) * dt.itemsize > sys.maxsize:
+        raise InvalidArgument(
+            f"alloc of shape {layout} and dtype {dt} needs more bytes than this process can address"
+        )
+    return layout, dt
 
 
 @dataclass(frozen=True)

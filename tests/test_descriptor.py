@@ -307,3 +307,17 @@ def test_alloc_refuses_bad_arguments_alike_on_every_type(
         assert buf.shape == (2, 3) and buf.dtype == "f4"
     finally:
         qd.close()
+
+
+@pytest.mark.parametrize("queue_type", ["shm", "tcp"])
+def test_alloc_folds_a_subarray_dtype_and_refuses_impossible_sizes(queue_type: str) -> None:
+    from sage_zmq import InvalidArgument
+
+    qd = QueueDescriptor(queue_type=queue_type)
+    try:
+        buf = qd.alloc(4, ("f8", (3,)))  # as numpy.empty does: the item shape is appended
+        assert buf.shape == (4, 3) and buf.dtype == "f8"
+        with pytest.raises(InvalidArgument, match="more bytes than this process can address"):
+            qd.alloc((10**10, 10**10))
+    finally:
+        qd.close()

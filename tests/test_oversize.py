@@ -144,3 +144,21 @@ def test_accepted_says_whether_the_call_s_own_record_went_in(queue_type: str) ->
         assert list(qd) == ["a", "b", "c", "d"]
     finally:
         qd.close()
+
+
+def test_accepted_is_false_when_the_call_s_own_record_was_too_large() -> None:
+    qd = QueueDescriptor(None, "tcp", {"maxsize": 1000, "max_message_size": LIMIT})
+    with contextlib.suppress(Exception):
+        qd.get_nowait()  # bind
+    try:
+        producer = qd._handle().producer(qd)
+        producer._busy, producer._flush_at = True, 3
+        qd.put("a", timeout=conf.GET_TIMEOUT)
+        qd.put("b", timeout=conf.GET_TIMEOUT)
+        with pytest.raises(EncodeError, match=r"more than max_message_size") as own:
+            qd.put(b"x" * (2 * LIMIT), timeout=conf.GET_TIMEOUT)  # fills the batch: dropped
+        assert own.value.accepted is False
+        qd.put(EndOfStream(), timeout=conf.GET_TIMEOUT)
+        assert list(qd) == ["a", "b"]
+    finally:
+        qd.close()

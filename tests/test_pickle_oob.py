@@ -111,3 +111,23 @@ def test_a_producer_with_pickle_on_reaches_a_consumer_with_it_off(with_set: bool
             proc.kill()
             proc.join()
         qd.close()
+
+
+def test_idle_puts_of_pickled_objects_leave_no_pool_slot_behind() -> None:
+    # The put-time check encoded such a record once more to see if it can be: the pickle's
+    # out-of-band buffer took a pool slot that no frame carried, and it was never given back.
+    import gc
+
+    qd = QueueDescriptor(queue_type="shm", metadata={"allow_pickle": True, "maxsize": 10})
+    try:
+        for i in range(5):
+            qd.put(Frame(f"h{i}", np.arange(1 << 16, dtype=np.float64)), timeout=10)
+            got = qd.get(timeout=10)
+            assert got.name == f"h{i}"
+            del got
+        gc.collect()
+        producer = qd._handle().producer(qd)
+        placed = producer.shm.statistics()["placed"]
+        assert placed == 5, placed  # one slot per put, not two
+    finally:
+        qd.close()

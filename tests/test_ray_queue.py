@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import subprocess
 import sys
 import threading
 import time
@@ -379,6 +380,34 @@ def test_a_second_live_consumer_is_refused() -> None:
     finally:
         _close_quietly(qd)
         ray.kill(first)
+
+
+def test_a_dead_consumers_stale_entry_does_not_block_its_successor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A killed actor never unpublishes. Its port may serve another socket by now (even the
+    successor's), so on this host the kernel is asked whether its process lives."""
+    import socket
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()  # something unrelated now listens on the dead consumer's port
+        endpoint = f"tcp://127.0.0.1:{other.getsockname()[1]}"
+        dead = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        stale = rayq.ConsumerEntry(endpoint, "t", "n", int(dead.stdout), "", rayq._netns())
+        monkeypatch.setattr(rayq, "lookup_consumer", lambda qd: stale)
+        qd = QueueDescriptor("rq-stale", "ray")
+        rayq._refuse_if_consumed(qd, "tcp://127.0.0.1:1")  # the dead one is replaced
+        rayq._refuse_if_consumed(qd, endpoint)  # nor is a consumer refused by its own entry
+        alive = rayq.ConsumerEntry(endpoint, "t", "n", os.getppid(), "", rayq._netns())
+        monkeypatch.setattr(rayq, "lookup_consumer", lambda qd: alive)
+        with pytest.raises(DescriptorError, match="already has a consumer"):
+            rayq._refuse_if_consumed(qd, "tcp://127.0.0.1:1")
 
 
 def _until_the_producer_noticed(qd: QueueDescriptor) -> None:

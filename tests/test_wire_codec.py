@@ -330,3 +330,21 @@ def _pack_default(obj: Any) -> Any:
     # Random control bodies may contain Packets; encode them as the codec would.
     frame, _, _ = Codec().encode_batch(PRODUCER, 0, [obj])
     return msgpack.unpackb(frame[HEADER_SIZE:], raw=False, ext_hook=msgpack.ExtType)[2][0]
+
+
+class NeedsPickle:
+    """Picklable (defined at module level), and msgpack cannot carry it."""
+
+
+def test_a_pickled_value_left_out_of_a_frame_does_not_mark_it_pickle() -> None:
+    # The first pack pickled part of a record it then failed on; the salvage pass left that
+    # record out but kept the PICKLE flag, so a pickle-off consumer refused the plain rest.
+    import threading
+
+    from sage_zmq.wire.frame import FLAG_PICKLE, parse_header
+
+    bad = [NeedsPickle(), threading.Lock()]  # pickles its first item, fails on the lock
+    frame, sent, errors = Codec(allow_pickle=True).encode_batch("p", 0, [{"a": 1}, bad, 2])
+    assert sent == [{"a": 1}, 2] and len(errors) == 1
+    assert not parse_header(frame)[1] & FLAG_PICKLE
+    assert Codec().decode(frame).fields[2] == [{"a": 1}, 2]

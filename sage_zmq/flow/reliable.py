@@ -205,6 +205,7 @@ class _KeepingLink:
         self.sent_at: Callable[[int], None] = lambda seq: None
         self.monitor: zmq.Socket[Any] | None = None
         self.connections = 0
+        self.moves_before = 0  # a ray link's moves to new consumers, on links replaced since
         self._inline(inner)
         self._watch()
 
@@ -259,6 +260,7 @@ class _KeepingLink:
         if sock is not None:
             sock.setsockopt(zmq.LINGER, 0)  # stale frames are retransmitted anyway
         self.inner.close()
+        self.moves_before += int(getattr(self.inner, "reconnects", 0))  # counts from 0 anew
         self.inner = inner
         self._inline(inner)
         self._watch()
@@ -782,7 +784,9 @@ class ReliableProducer(Producer):
             "peer_alive": self._live.alive,
             # Its own reconnects to a consumer declared dead, and a ray link's moves to a
             # restarted or new consumer.
-            "reconnects": self._reconnects + int(getattr(self._keeping.inner, "reconnects", 0)),
+            "reconnects": self._reconnects
+            + self._keeping.moves_before
+            + int(getattr(self._keeping.inner, "reconnects", 0)),
         }
         if self._wal is not None:
             extra["wal_corrupt_tail_bytes"] = self._wal.corrupt_tail_bytes

@@ -245,9 +245,9 @@ class Producer:
     def _fails_alone(self, record: Any) -> bool:
         """Whether ``record`` alone fails to encode (asked only once its batch had errors).
 
-        A throwaway codec of the same settings answers, without the link's side effects
-        (a shared-memory slot per payload) and without a size limit (payloads that would go
-        through the pool are not too large for a frame).
+        A throwaway codec of the same settings answers, without the link's side effects (a
+        shared-memory slot per payload). It keeps the link's size limit unless the link has a
+        pool (a payload that goes through it is not too large for a frame).
         """
         if any(p is record for p in self._pending):
             return False  # still queued: credit held it back from the flush
@@ -256,7 +256,9 @@ class Producer:
             return False
         from sage_zmq.wire.codec import Codec, DecodeLimits
 
-        probe = Codec(allow_pickle=codec.allow_pickle, limits=DecodeLimits(2**63, 2**63))
+        pooled = getattr(codec, "shm_encoder", None) is not None
+        limits = DecodeLimits(2**63, 2**63) if pooled else codec.limits
+        probe = Codec(allow_pickle=codec.allow_pickle, limits=limits)
         return bool(probe.encode_batch(self.producer_id, 0, [record])[2])
 
     def _wait_for_room(self, block: bool, timeout: float | None) -> bool:
@@ -667,15 +669,21 @@ class Producer:
                 undelivered + held + self._lost_at_most() + self._skipped(),
             )
         skipped = self._skipped()
+        lost = self._lost_at_most()
         if skipped:
+            also = (
+                f"; and up to {lost} more went to a consumer that was replaced before "
+                "confirming them"
+                if lost
+                else ""
+            )
             raise DeliveryError(
                 f"queue {self.queue_id!r}: {skipped} record{'s' if skipped != 1 else ''} put "
                 f"{'were' if skipped != 1 else 'was'} lost in transit: the consumer never "
                 "received them (it refused their frame, or ZeroMQ dropped it, e.g. over the "
-                "consumer's max_message_size; the consumer's log names the seqs and why)",
-                skipped,
+                f"consumer's max_message_size; the consumer's log names the seqs and why){also}",
+                skipped + lost,
             )
-        lost = self._lost_at_most()
         if lost:
             raise DeliveryError(
                 f"queue {self.queue_id!r}: up to {lost} records went to a consumer that was "

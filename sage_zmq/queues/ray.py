@@ -168,21 +168,38 @@ def _unpublish(descriptor: QueueDescriptor, token: str) -> None:
         _kv()._internal_kv_del(_key(descriptor), namespace=KV_NAMESPACE)
 
 
-def _refuse_if_consumed(descriptor: QueueDescriptor) -> None:
-    """A queue has one consumer: refuse to replace a published one that still listens.
+def _refuse_if_consumed(descriptor: QueueDescriptor, own_endpoint: str) -> None:
+    """A queue has one consumer: refuse to replace a published one that still lives.
 
     Replacing it silently split the stream by timing (producers that looked it up before
-    kept sending to the first). One that died (a killed actor Ray restarts, a lost node)
-    no longer accepts connections, and is replaced.
+    kept sending to the first). One that died (a killed actor Ray restarts, a lost node) is
+    replaced. On this host the kernel says whether its process lives (its port may already
+    serve another socket, even this one); elsewhere, whether its endpoint still accepts.
     """
     current = lookup_consumer(descriptor)
-    if current is None or not _listening(current.endpoint):
+    if current is None or current.endpoint == own_endpoint:
+        return
+    if current.netns and current.netns == _netns():
+        alive = current.pid != os.getpid() and _pid_alive(current.pid)
+    else:
+        alive = _listening(current.endpoint)
+    if not alive:
         return
     raise DescriptorError(
         f"ray queue {descriptor.queue_id!r} already has a consumer (pid {current.pid} on node "
         f"{current.node_id[:12]}, at {current.endpoint}); a queue has one consumer: close that "
         "one first, or give this consumer its own queue id"
     )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
 
 
 def _listening(endpoint: str, timeout: float = 0.5) -> bool:
@@ -218,7 +235,7 @@ class RayConsumerInlet(RouterInlet):
             self.local_endpoint = self._bind_local() if descriptor.metadata.get("ipc", True) else ""
             ray = _connected_ray()
             node = ray.get_runtime_context().get_node_id()
-            _refuse_if_consumed(descriptor)
+            _refuse_if_consumed(descriptor, self.endpoint)
             entry = ConsumerEntry(
                 self.endpoint, self.token, node, os.getpid(), self.local_endpoint, _netns()
             )

@@ -69,8 +69,9 @@ DEFAULT_SHM_WAIT = 2.0
 FRAME_CAP = 4 << 20
 """A batch whose frame comes out larger is split: big frames stall the consumer and memory."""
 
-LIVE_VIEW_WAKE = 0.01
-"""Longest blocking read while received views live: their releases leave at least this often."""
+LIVE_VIEW_WAKE = 0.05
+"""Longest blocking read while received views live: their releases leave at least this often
+(a few wake-ups a second for a consumer that keeps arrays, far inside a producer's shm_wait)."""
 
 
 # --------------------------------------------------------------------------------- producer

@@ -257,11 +257,16 @@ class Codec:
         """Why ``record`` cannot be encoded (as ``encode_batch`` would say), or None.
 
         For records of unusual types at ``put``: encoding one costs what its batch would pay.
+        Nothing is placed in shared memory: the value built here is thrown away, and a slot
+        it took would never be sent nor given back.
         """
+        encoder, self.shm_encoder = self.shm_encoder, None
         try:
             self._pack_inner(record)
         except Exception as exc:
             return str(exc) if isinstance(exc, EncodeError) else _describe(record, exc)
+        finally:
+            self.shm_encoder = encoder
         return None
 
     def inline_array(self, arr: np.ndarray) -> msgpack.ExtType:
@@ -342,12 +347,16 @@ class Codec:
         parts: list[bytes] = []
         sent: list[Any] = []
         errors: list[str] = []
-        for record in records:
+        pickled = False  # only records that stay in the frame count (the failed pass may
+        for record in records:  # have pickled part of one left out)
+            self._pickled = False
             try:
                 parts.append(self._pack_inner(record))
                 sent.append(record)
+                pickled = pickled or self._pickled
             except Exception as exc:
                 errors.append(str(exc) if isinstance(exc, EncodeError) else _describe(record, exc))
+        self._pickled = pickled
         head = msgpack.Packer(use_bin_type=True)
         body = (
             head.pack_array_header(3)
