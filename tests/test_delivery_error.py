@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,25 +16,29 @@ from sage_zmq.wire.frame import Kind, parse_header
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.mark.parametrize("queue_type", ["tcp", "sage"])
-def test_an_unconfirmed_end_is_not_called_a_record(queue_type: str) -> None:
-    # A consumer confirms the 5 records but never the END after them: close() must not say
-    # "1 records put were not confirmed" when every record was (PROTOCOL §4: the END counts).
-    codec = Codec()
+CODEC = Codec()
+Answer = Callable[[Kind, bytes, list[Any]], "dict[str, Any] | None"]
+
+
+def _close_against_raw_consumer(
+    queue_type: str, puts: list[Any], answer: Answer, timeout: float
+) -> tuple[BaseException | None, list[Any]]:
+    """Put ``puts``, then close() while a raw ROUTER plays the consumer: ``answer(kind, frame,
+    records so far)`` gives the CREDIT body to send back (None: no reply). Returns what close()
+    raised and the records the raw consumer received."""
     with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as sock:
         sock.linger = 0
         port = sock.bind_to_random_port("tcp://127.0.0.1")
         qd = QueueDescriptor(
             queue_type=queue_type, metadata={"endpoint": f"tcp://127.0.0.1:{port}", "maxsize": 100}
         )
-        for i in range(5):
-            qd.put(i)
-        qd.put(EndOfStream())
+        for item in puts:
+            qd.put(item)
         outcome: list[BaseException | None] = []
 
         def close() -> None:
             try:
-                qd.close(timeout=1.5)
+                qd.close(timeout=timeout)
                 outcome.append(None)
             except BaseException as exc:  # handed to the test thread
                 outcome.append(exc)
@@ -48,13 +53,29 @@ def test_an_unconfirmed_end_is_not_called_a_record(queue_type: str) -> None:
                 peer, frame = sock.recv_multipart()
                 kind = parse_header(frame)[0]
                 if kind is Kind.DATA:
-                    records += codec.decode(frame).fields[2]
-                if kind in (Kind.HELLO, Kind.DATA, Kind.CLOSE):
-                    n = len(records)
-                    body = {"session": "raw", "received": n, "acked": n, "limit": 1000}
-                    sock.send_multipart([peer, codec.encode_control(Kind.CREDIT, body)])
+                    records += CODEC.decode(frame).fields[2]
+                body = answer(kind, frame, records)
+                if body is not None:
+                    sock.send_multipart([peer, CODEC.encode_control(Kind.CREDIT, body)])
         finally:
-            closer.join(10)
+            closer.join(timeout + 10)
+    return outcome[0], records
+
+
+@pytest.mark.parametrize("queue_type", ["tcp", "sage"])
+def test_an_unconfirmed_end_is_not_called_a_record(queue_type: str) -> None:
+    # A consumer confirms the 5 records but never the END after them: close() must not say
+    # "1 records put were not confirmed" when every record was (PROTOCOL §4: the END counts).
+    def confirm_records(kind: Kind, frame: bytes, records: list[Any]) -> dict[str, Any] | None:
+        if kind not in (Kind.HELLO, Kind.DATA, Kind.CLOSE):
+            return None
+        n = len(records)
+        return {"session": "raw", "received": n, "acked": n, "limit": 1000}
+
+    raised, records = _close_against_raw_consumer(
+        queue_type, [0, 1, 2, 3, 4, EndOfStream()], confirm_records, 1.5
+    )
+    outcome = [raised]
     assert records[:5] == [0, 1, 2, 3, 4]
     assert isinstance(outcome[0], DeliveryError), outcome
     message = str(outcome[0])
@@ -117,39 +138,15 @@ def test_a_put_waiting_on_a_consumer_that_never_answered_says_so_once(
 def test_records_the_consumer_reports_lost_in_transit_fail_close() -> None:
     # A plain consumer moves past a gap (a frame it refused, or one ZeroMQ dropped) and says
     # so in CREDIT "lost"; close() used to return normally on a receipt covering every seq.
-    codec = Codec()
-    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as sock:
-        sock.linger = 0
-        port = sock.bind_to_random_port("tcp://127.0.0.1")
-        qd = QueueDescriptor(
-            queue_type="tcp", metadata={"endpoint": f"tcp://127.0.0.1:{port}", "maxsize": 100}
-        )
-        for i in range(5):
-            qd.put(i)
-        outcome: list[BaseException | None] = []
+    def receipt_with_loss(kind: Kind, frame: bytes, records: list[Any]) -> dict[str, Any] | None:
+        if kind is not Kind.CLOSE:
+            return None
+        seq = CODEC.decode(frame).fields[1]
+        # as if the frame with seqs 1-2 had been refused
+        return {"session": "raw", "received": seq, "acked": seq, "limit": 1000, "lost": 2}
 
-        def close() -> None:
-            try:
-                qd.close(timeout=10)
-                outcome.append(None)
-            except BaseException as exc:  # handed to the test thread
-                outcome.append(exc)
-
-        closer = threading.Thread(target=close)
-        closer.start()
-        try:
-            while closer.is_alive():
-                if not sock.poll(100):
-                    continue
-                peer, frame = sock.recv_multipart()
-                kind = parse_header(frame)[0]
-                if kind is Kind.CLOSE:
-                    seq = codec.decode(frame).fields[1]
-                    body = {"session": "raw", "received": seq, "acked": seq, "limit": 1000}
-                    body["lost"] = 2  # as if the frame with seqs 1-2 had been refused
-                    sock.send_multipart([peer, codec.encode_control(Kind.CREDIT, body)])
-        finally:
-            closer.join(15)
+    raised, _ = _close_against_raw_consumer("tcp", [0, 1, 2, 3, 4], receipt_with_loss, 10)
+    outcome = [raised]
     assert isinstance(outcome[0], DeliveryError), outcome
     assert "2 records put were lost in transit" in str(outcome[0])
     assert outcome[0].undelivered == 2

@@ -120,12 +120,17 @@ test("close without a consumer reports what was not delivered", async () => {
   });
 });
 
-test("the consumer answers HEARTBEAT and CLOSE with CREDIT and rejects bad frames", async () => {
+/** A Consumer (maxsize 8) and a raw DEALER connected to it playing the producer. */
+async function consumerWithRawProducer() {
   const consumer = new Consumer({ maxsize: 8 });
-  const endpoint = await consumer.bind();
   const dealer = new zmq.Dealer();
-  dealer.connect(endpoint);
+  dealer.connect(await consumer.bind());
   const next = async () => decodeFrame((await dealer.receive())[0]);
+  return { consumer, dealer, next };
+}
+
+test("the consumer answers HEARTBEAT and CLOSE with CREDIT and rejects bad frames", async () => {
+  const { consumer, dealer, next } = await consumerWithRawProducer();
   try {
     const hello = { producer: "p", epoch: 0, queue: "q", next_seq: 0, acked: 0 };
     await dealer.send(encodeFrame(Kind.HELLO, hello));
@@ -282,11 +287,7 @@ test("a plain producer waiting for credit says HELLO again and goes on with a ne
 });
 
 test("seqs that never arrive before an END or CLOSE are counted and reported as lost", { timeout: 20000 }, async () => {
-  const consumer = new Consumer({ maxsize: 8 });
-  const endpoint = await consumer.bind();
-  const dealer = new zmq.Dealer();
-  dealer.connect(endpoint);
-  const next = async () => decodeFrame((await dealer.receive())[0]);
+  const { consumer, dealer, next } = await consumerWithRawProducer();
   try {
     await dealer.send(encodeFrame(Kind.HELLO, { producer: "p", epoch: 0, next_seq: 0, acked: 0 }));
     assert.equal((await next()).kind, Kind.CREDIT);
