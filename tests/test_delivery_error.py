@@ -150,3 +150,23 @@ def test_records_the_consumer_reports_lost_in_transit_fail_close() -> None:
     assert isinstance(outcome[0], DeliveryError), outcome
     assert "2 records put were lost in transit" in str(outcome[0])
     assert outcome[0].undelivered == 2
+
+
+def test_a_lost_end_and_close_are_sent_again() -> None:
+    # A connection that broke took the END and CLOSE with it (a reconnect, a frame over the
+    # consumer's MAXMSGSIZE): the consumer never ended the stream and close() waited out its
+    # timeout. A plain producer sends both again while it waits for the receipt.
+    seen: list[Kind] = []
+
+    def drop_the_first_tail(kind: Kind, frame: bytes, records: list[Any]) -> dict[str, Any] | None:
+        seen.append(kind)
+        if kind is not Kind.CLOSE or seen.count(Kind.CLOSE) == 1:
+            return None  # as if the first END and CLOSE never arrived
+        seq = CODEC.decode(frame).fields[1]
+        return {"session": "raw", "received": seq, "acked": seq, "limit": 1000}
+
+    raised, records = _close_against_raw_consumer(
+        "tcp", [0, 1, EndOfStream()], drop_the_first_tail, 10
+    )
+    assert raised is None and records == [0, 1]
+    assert seen.count(Kind.END) >= 2 and seen.count(Kind.CLOSE) == 2

@@ -619,12 +619,23 @@ class Producer:
                 # What the consumer reported meanwhile: with timeout 0 (at exit) the loop
                 # below would not read at all, and call received records unconfirmed.
                 self._apply(self._link.poll(0))
+            # A plain link resends the tail's END and CLOSE now and then: a connection that
+            # broke (a reconnect, a frame over the consumer's MAXMSGSIZE) took them with it,
+            # and the consumer would wait for the end and this close for its receipt. Both
+            # are idempotent; the reliable and ray links resend by themselves.
+            resend = getattr(self._link, "REHELLO_AFTER", None)
+            resend_at = None if resend is None else time.monotonic() + resend
             while self._received < self._next_seq:
                 wait = deadline - time.monotonic()
                 if wait <= 0 or getattr(self._link, "refused", None):
                     break
+                if resend_at is not None and time.monotonic() >= resend_at:
+                    resend_at += resend
+                    self._resend_tail()
                 if self.assist is not None:
                     wait = min(wait, 0.01)
+                if resend_at is not None:
+                    wait = min(wait, max(0.0, resend_at - time.monotonic()))
                 self._apply(self._link.poll(min(wait, 0.5)))
                 self._hear_local_consumer()
             undelivered = unsent + max(0, self._next_seq - self._received)
@@ -696,6 +707,13 @@ class Producer:
                 f"queue {self.queue_id!r}: record dropped: {errors[0]}",
                 records_dropped=len(errors),
             )
+
+    def _resend_tail(self) -> None:
+        """END(s) not yet confirmed, then CLOSE, again (the consumer ignores repeats)."""
+        for seq in self._end_seqs:
+            if seq >= self._received:
+                self._link.send_end(self.producer_id, seq)
+        self._link.send_close(self.producer_id, self._next_seq)
 
     def _unconfirmed(self, count: int, confirmed_to: int) -> str:
         """``count`` unconfirmed seqs in words: an END among them is no record put."""
