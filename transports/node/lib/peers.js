@@ -99,6 +99,7 @@ export class Producer {
     this.stats = { sent: 0, batches: 0, bytes: 0, credits: 0, creditWaits: 0 };
     this._credit = new Signal();
     this._lostBySession = new Map(); // consumer session -> seqs it reported lost (CREDIT "lost")
+    this._endSeqs = []; // seqs of the ENDs sent (resent with CLOSE while close waits)
     this._flushScheduled = false;
     this._socketOptions = socketOptions;
     this._sendError = null;
@@ -317,6 +318,7 @@ export class Producer {
       );
     }
     const frame = encodeFrame(Kind.END, [this.producerId, this.nextSeq]);
+    this._endSeqs.push(this.nextSeq);
     this._chain.send(frame);
     this._sent(this.nextSeq, this.nextSeq + 1, frame);
     this.nextSeq += 1;
@@ -339,6 +341,17 @@ export class Producer {
     return "received";
   }
 
+  /**
+   * A broken connection may have taken the END and CLOSE (section 4): send the unconfirmed END
+   * and the CLOSE again; the consumer ignores an END it has and answers every CLOSE.
+   */
+  _resendTail(closeSeq) {
+    for (const seq of this._endSeqs) {
+      if (seq >= this.received) this._chain.send(encodeFrame(Kind.END, [this.producerId, seq]));
+    }
+    this._chain.send(encodeFrame(Kind.CLOSE, [this.producerId, closeSeq]));
+  }
+
   _sendClose() {
     this._chain.send(encodeFrame(Kind.CLOSE, [this.producerId, this.nextSeq]));
   }
@@ -355,10 +368,15 @@ export class Producer {
     const closeSeq = this.nextSeq;
     this._closing = true;
     this._sendClose();
+    let resendAt = Date.now() + 1000;
     while (this.confirmed < closeSeq && !this.refused) {
       const left = deadline - Date.now();
       if (left <= 0) break;
-      await this._credit.wait(Math.min(left, 500));
+      if (Date.now() >= resendAt) {
+        resendAt += 1000;
+        this._resendTail(closeSeq);
+      }
+      await this._credit.wait(Math.min(left, 500, Math.max(0, resendAt - Date.now())));
     }
     this._stop();
     await this._chain.tail;

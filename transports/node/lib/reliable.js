@@ -262,6 +262,9 @@ export class ReliableProducer extends Producer {
   _stop() {
     clearInterval(this._timer);
   }
+
+  /** Kept frames (END among them) and CLOSE are resent by the retransmission timer. */
+  _resendTail() {}
 }
 
 /**

@@ -333,3 +333,30 @@ test("a producer whose consumer reports records lost says so at close", { timeou
     router.close();
   }
 });
+
+test("a producer sends a lost END and CLOSE again while close waits", { timeout: 20000 }, async () => {
+  const router = new zmq.Router();
+  await router.bind("tcp://127.0.0.1:*");
+  const producer = new Producer(router.lastEndpoint, { maxsize: 100, timeout: 10 });
+  const seen = [];
+  const serve = (async () => {
+    for await (const [peer, frame] of router) {
+      const msg = decodeFrame(frame);
+      seen.push(msg.kind);
+      if (msg.kind === Kind.CLOSE && seen.filter((k) => k === Kind.CLOSE).length === 2) {
+        const seq = Number(msg.fields.seq); // the first END and CLOSE were "lost"
+        await router.send([peer, encodeFrame(Kind.CREDIT, { session: "raw", received: seq, acked: seq, limit: 1000 })]);
+        return;
+      }
+    }
+  })();
+  try {
+    await producer.put(1);
+    await producer.end();
+    await producer.close();
+    await serve;
+    assert.ok(seen.filter((k) => k === Kind.END).length >= 2);
+  } finally {
+    router.close();
+  }
+});
