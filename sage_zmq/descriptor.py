@@ -341,15 +341,15 @@ class QueueDescriptor:
         try:
             return json.dumps(self.to_dict(), sort_keys=True)
         except TypeError as exc:
-            hint = (
-                "; a wrapped queue object has no JSON form: pickle the descriptor (a "
-                "ray.util.queue.Queue), pass it to a multiprocessing.Process it starts (a "
-                "multiprocessing.Queue), or use an shm/tcp queue"
-                if self.queue_type == "wrapped"
-                else ""
-            )
+            if self.queue_type == "wrapped":
+                raise DescriptorError(
+                    f"descriptor {self.queue_id!r} wraps a queue object, which has no JSON form: "
+                    "pickle the descriptor (a ray.util.queue.Queue), pass it to a "
+                    "multiprocessing.Process it starts (a multiprocessing.Queue), or use an "
+                    "shm/tcp queue"
+                ) from None
             raise DescriptorError(
-                f"descriptor {self.queue_id!r} has metadata that JSON cannot carry: {exc}{hint}"
+                f"descriptor {self.queue_id!r} has metadata that JSON cannot carry: {exc}"
             ) from None
 
     @classmethod
