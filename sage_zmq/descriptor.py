@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -26,8 +25,9 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 from sage_zmq.config import current_config
-from sage_zmq.errors import DescriptorError, InvalidArgument, InvalidArgumentType, SageZmqError
+from sage_zmq.errors import DescriptorError, SageZmqError
 from sage_zmq.queues.base import QueueStatistics, QueueType, check_flag, check_timeout
+from sage_zmq.wire.dtypes import alloc_layout
 
 __all__ = [
     "QueueDescriptor",
@@ -77,45 +77,6 @@ def lookup_queue_type(name: str) -> QueueType:
 
     module = importlib.import_module(module_name)
     return register_queue_type(getattr(module, cls_name))
-
-
-def _alloc_layout(shape: Any, dtype: Any) -> tuple[tuple[int, ...], Any]:
-    """``alloc``'s ``shape`` as a tuple of ints >= 0 and its ``dtype``, or a clear error."""
-    import numbers
-
-    import numpy as np
-
-    dims = (shape,) if isinstance(shape, numbers.Integral) else shape
-    try:
-        dims = tuple(dims)
-    except TypeError:
-        dims = None
-    if dims is None or not all(
-        isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims
-    ):
-        raise InvalidArgumentType(
-            f"alloc(shape=...) must be an int or a sequence of ints, got {shape!r}"
-        )
-    if any(d < 0 for d in dims):
-        raise InvalidArgument(f"alloc(shape=...) must not have negative dimensions, got {shape!r}")
-    try:
-        dt = np.dtype(dtype)
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgumentType(f"alloc(dtype=...) is not a numpy dtype: {exc}") from None
-    if dt.hasobject:
-        raise InvalidArgument(
-            f"alloc(dtype=...) cannot be {dt}: it holds Python objects, which are not bytes a "
-            "buffer can carry; put such records as they are instead"
-        )
-    layout = tuple(int(d) for d in dims)
-    if dt.subdtype is not None:  # ("f8", (3,)): numpy appends the item's shape to the array's
-        dt, item_shape = dt.subdtype
-        layout += item_shape
-    if math.prod(layout) * dt.itemsize > sys.maxsize:
-        raise InvalidArgument(
-            f"alloc of shape {layout} and dtype {dt} needs more bytes than this process can address"
-        )
-    return layout, dt
 
 
 @dataclass(frozen=True)
@@ -514,7 +475,7 @@ class QueueDescriptor:
         in a full pool (default ``performance.shm_wait``); ``shape`` is an int or a sequence of
         ints >= 0 and ``dtype`` anything :func:`numpy.dtype` takes that holds no objects.
         """
-        shape, dtype = _alloc_layout(shape, dtype)  # the same errors on every queue type
+        shape, dtype = alloc_layout(shape, dtype)  # the same errors on every queue type
         if timeout is not None:
             timeout = check_timeout(timeout, "alloc")
         producer = self._handle().producer(self)

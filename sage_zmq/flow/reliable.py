@@ -214,6 +214,11 @@ class _KeepingLink:
         return str(getattr(self.inner, "endpoint", ""))
 
     @property
+    def moves(self) -> int:
+        """A ray link's moves to new consumers, over every inner link this one has had."""
+        return self.moves_before + int(getattr(self.inner, "reconnects", 0))
+
+    @property
     def codec(self) -> Any:
         """The inner link's codec: the producer asks it whether a record can be encoded."""
         return getattr(self.inner, "codec", None)
@@ -784,9 +789,7 @@ class ReliableProducer(Producer):
             "peer_alive": self._live.alive,
             # Its own reconnects to a consumer declared dead, and a ray link's moves to a
             # restarted or new consumer.
-            "reconnects": self._reconnects
-            + self._keeping.moves_before
-            + int(getattr(self._keeping.inner, "reconnects", 0)),
+            "reconnects": self._reconnects + self._keeping.moves,
         }
         if self._wal is not None:
             extra["wal_corrupt_tail_bytes"] = self._wal.corrupt_tail_bytes

@@ -306,17 +306,20 @@ class Producer:
         """Say once that no consumer ever answered while a put waits for credit: a refused
         CURVE handshake (or nothing at the endpoint) shows a plain producer nothing else."""
         self._silence_noted = True
-        from sage_zmq.observe.logging import connection_event
-
-        connection_event(
+        self._event(
             "connect_failed",
-            queue=self.queue_id,
-            peer=str(getattr(self._link, "endpoint", "")),
-            detail="a put is waiting for credit and no consumer has answered yet: is one "
+            "a put is waiting for credit and no consumer has answered yet: is one "
             "running at this endpoint and reading (a consumer answers from its first get(); "
             "a port bound when the queue was made is not yet a consumer), and if it requires "
             "CURVE, does it accept this producer's key?",
         )
+
+    def _event(self, event: str, detail: str) -> None:
+        """A connection event (WARNING or INFO, see observe.logging) about this producer's link."""
+        from sage_zmq.observe.logging import connection_event
+
+        peer = str(getattr(self._link, "endpoint", ""))
+        connection_event(event, queue=self.queue_id, peer=peer, detail=detail)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -529,13 +532,9 @@ class Producer:
         at_risk = base - self._acked
         if at_risk > 0:
             self._lost += at_risk
-            from sage_zmq.observe.logging import connection_event
-
-            connection_event(
+            self._event(
                 "lost",
-                queue=self.queue_id,
-                peer=str(getattr(self._link, "endpoint", "")),
-                detail=f"up to {at_risk} records went to a consumer that was replaced before "
+                f"up to {at_risk} records went to a consumer that was replaced before "
                 "confirming them; set metadata ack=True to have them resent",
             )
         self._received = max(self._received, base)
@@ -544,13 +543,9 @@ class Producer:
     def _consumer_skipped(self, session: str, lost: int) -> None:
         more = lost - self._skipped_by.get(session, 0)
         self._skipped_by[session] = lost
-        from sage_zmq.observe.logging import connection_event
-
-        connection_event(
+        self._event(
             "lost",
-            queue=self.queue_id,
-            peer=str(getattr(self._link, "endpoint", "")),
-            detail=f"the consumer never received {more} more records of this producer: it "
+            f"the consumer never received {more} more records of this producer: it "
             "refused their frame or ZeroMQ dropped it (e.g. over the consumer's "
             "max_message_size); the consumer's log names the seqs",
         )

@@ -42,7 +42,7 @@ from sage_zmq.shm.pool import (
 )
 from sage_zmq.shm.sweep import SHM_DIR
 from sage_zmq.wire.codec import EXT_SHM_REF
-from sage_zmq.wire.dtypes import dtype_from_wire, dtype_to_wire
+from sage_zmq.wire.dtypes import alloc_layout, dtype_from_wire, dtype_to_wire
 
 log = logging.getLogger("sage_zmq.shm")
 
@@ -546,12 +546,7 @@ class ShmSender:
         the queue's ``shm_wait``); otherwise it is an ordinary array and ``put`` copies it.
         After ``put`` the queue owns the memory: do not write to the array again.
         """
-        dt = np.dtype(dtype)
-        if dt.hasobject:
-            raise TypeError(f"cannot allocate dtype {dt} in shared memory: it holds objects")
-        shp = (int(shape),) if isinstance(shape, int | np.integer) else tuple(map(int, shape))
-        if shp and min(shp) < 0:
-            raise ValueError(f"shape {shp} must not have negative dimensions")
+        shp, dt = alloc_layout(shape, dtype)
         nbytes = math.prod(shp) * dt.itemsize
         if nbytes == 0 or not self.enabled:
             return np.empty(shp, dt)

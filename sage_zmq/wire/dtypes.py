@@ -8,14 +8,17 @@ so the receiver rebuilds the layout from offsets instead and the padding stays p
 
 from __future__ import annotations
 
+import math
+import numbers
+import sys
 from typing import TYPE_CHECKING, Any
 
-from sage_zmq.errors import DecodeError
+from sage_zmq.errors import DecodeError, InvalidArgument, InvalidArgumentType
 
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["dtype_from_wire", "dtype_to_wire"]
+__all__ = ["alloc_layout", "dtype_from_wire", "dtype_to_wire"]
 
 # A nested structured type is a descr list inside a descr list; real ones nest a few levels.
 _MAX_DEPTH = 32
@@ -86,3 +89,41 @@ def _structured(descr: list[Any], depth: int) -> np.dtype[Any]:
     if any(t is not None for t in titles):
         layout["titles"] = titles
     return np.dtype(layout)  # type: ignore[call-overload]  # the stubs miss the dict form
+
+
+def alloc_layout(shape: Any, dtype: Any) -> tuple[tuple[int, ...], Any]:
+    """``alloc``'s ``shape`` as a tuple of ints >= 0 and its ``dtype``, or a clear error (the
+    same on every queue type, whoever allocates)."""
+    import numpy as np
+
+    dims = (shape,) if isinstance(shape, numbers.Integral) else shape
+    try:
+        dims = tuple(dims)
+    except TypeError:
+        dims = None
+    if dims is None or not all(
+        isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims
+    ):
+        raise InvalidArgumentType(
+            f"alloc(shape=...) must be an int or a sequence of ints, got {shape!r}"
+        )
+    if any(d < 0 for d in dims):
+        raise InvalidArgument(f"alloc(shape=...) must not have negative dimensions, got {shape!r}")
+    try:
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentType(f"alloc(dtype=...) is not a numpy dtype: {exc}") from None
+    if dt.hasobject:
+        raise InvalidArgument(
+            f"alloc(dtype=...) cannot be {dt}: it holds Python objects, which are not bytes a "
+            "buffer can carry; put such records as they are instead"
+        )
+    layout = tuple(int(d) for d in dims)
+    if dt.subdtype is not None:  # ("f8", (3,)): numpy appends the item's shape to the array's
+        dt, item_shape = dt.subdtype
+        layout += item_shape
+    if math.prod(layout) * dt.itemsize > sys.maxsize:
+        raise InvalidArgument(
+            f"alloc of shape {layout} and dtype {dt} needs more bytes than this process can address"
+        )
+    return layout, dt
