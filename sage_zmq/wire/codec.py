@@ -33,6 +33,7 @@ import msgpack
 from sage_zmq.errors import DecodeError, EncodeError
 from sage_zmq.observe import tracing as _tracing
 from sage_zmq.packet import EndOfStream, Packet
+from sage_zmq.wire import _fast
 from sage_zmq.wire.dtypes import dtype_from_wire, dtype_to_wire
 from sage_zmq.wire.frame import FLAG_LZ4, FLAG_PICKLE, HEADER_SIZE, Kind, header, parse_header
 
@@ -145,6 +146,7 @@ class Codec:
     """
 
     trace_queue: str | None = None  # the queue named in trace hops; set when its socket opens
+    fast = _fast.AVAILABLE  # ormsgpack first where it gives the same result (wire/_fast.py)
 
     def __init__(
         self,
@@ -173,27 +175,16 @@ class Codec:
         self.lz4_policy = Lz4Policy()
         self._ext_depth = 0
         self._packer = msgpack.Packer(default=self._default, use_bin_type=True, datetime=False)
+        self._fast_unpack = _fast.unpacker(self._fast_ext_hook) if _fast.AVAILABLE else None
+        self._fast_decoding = False  # inside a fast pass: nested extensions decode fast too
+        self._slow_encodes = 0  # frames left to msgpack-python after the fast path declined
+        self._slow_decodes = 0
 
     # ------------------------------------------------------------------ encode
     def _default(self, obj: Any) -> Any:
         cls = obj.__class__
         if cls is Packet:
-            headers = obj.headers
-            if headers is not None and _tracing.HOPS in headers:  # a traced packet: add a hop
-                headers = _tracing.on_encode(headers, self.trace_queue)
-            return msgpack.ExtType(
-                EXT_PACKET,
-                self._pack_inner(
-                    [
-                        obj.payload,
-                        obj.input_index,
-                        obj.partition_key,
-                        obj.partition_strategy,
-                        headers,
-                        obj.timestamp,
-                    ]
-                ),
-            )
+            return msgpack.ExtType(EXT_PACKET, self._pack_inner(self._packet_fields(obj)))
         # numpy is imported on demand (~100 ms): where it was never imported, no record can
         # hold an array, and a queue of plain records never pays for it.
         numpy = sys.modules.get("numpy")
@@ -226,6 +217,37 @@ class Codec:
             "Packet, EndOfStream or numpy arrays; convert it, or enable pickle "
             "(security.allow_pickle) on an authenticated or local link"
         )
+
+    def _packet_fields(self, packet: Packet) -> list[Any]:
+        headers = packet.headers
+        if headers is not None and _tracing.HOPS in headers:  # a traced packet: add a hop
+            headers = _tracing.on_encode(headers, self.trace_queue)
+        return [
+            packet.payload,
+            packet.input_index,
+            packet.partition_key,
+            packet.partition_strategy,
+            headers,
+            packet.timestamp,
+        ]
+
+    def _fast_default(self, obj: Any) -> Any:
+        """``_default`` for the fast path, for what it packs as msgpack-python does; the
+        rest (pickle, shared memory, non-str keys, ...) is declined, with no side effect."""
+        cls = obj.__class__
+        if cls is msgpack.ExtType:  # a payload staged for the pool (a namedtuple to ormsgpack)
+            return _fast.Ext(obj.code, obj.data)
+        if cls is Packet:
+            return _fast.Ext(EXT_PACKET, _fast.pack(self._packet_fields(obj), self._fast_default))
+        if cls is EndOfStream:
+            return _fast.Ext(EXT_END_OF_STREAM, _fast.pack([obj.source], self._fast_default))
+        numpy = sys.modules.get("numpy")
+        if numpy is not None:
+            if isinstance(obj, numpy.ndarray) and self.shm_encoder is None:
+                return _fast.Ext(EXT_NDARRAY, self._pack_ndarray(obj))
+            if isinstance(obj, numpy.generic):
+                return obj.item()
+        raise _fast.Declined(cls.__qualname__)
 
     def _pickle(self, obj: Any) -> msgpack.ExtType:
         # Protocol 5 hands large buffers (numpy data, PickleBuffer) out of band: they travel
@@ -305,13 +327,15 @@ class Codec:
         still encoded, so one bad record does not cost its batch.
         """
         self._pickled = False
-        try:
-            body = self._packer.pack([producer, seq, records])
-            sent: list[Any] = records
-            errors: list[str] = []
-        except Exception:
-            self._packer.reset()
-            body, sent, errors = self._encode_salvaging(producer, seq, records)
+        sent: list[Any] = records
+        errors: list[str] = []
+        body = self._fast_pack([producer, seq, records]) if self.fast else None
+        if body is None:
+            try:
+                body = self._packer.pack([producer, seq, records])
+            except Exception:
+                self._packer.reset()
+                body, sent, errors = self._encode_salvaging(producer, seq, records)
         limit = self.limits.max_frame_bytes
         oversize = len(body) + HEADER_SIZE > limit
         if oversize and len(sent) == 1:
@@ -340,6 +364,16 @@ class Codec:
             # consumer that has pickle off (its refusal of the others shows in close()).
             flags |= FLAG_PICKLE
         return header(Kind.DATA, flags) + body, sent, errors
+
+    def _fast_pack(self, value: Any) -> bytes | None:
+        if self._slow_encodes:
+            self._slow_encodes -= 1
+            return None
+        try:
+            return _fast.pack(value, self._fast_default)
+        except Exception:
+            self._slow_encodes = _fast.PAUSE
+            return None
 
     def _encode_salvaging(
         self, producer: str, seq: int, records: list[Any]
@@ -412,6 +446,19 @@ class Codec:
         if self.shm_decoder is not None:
             self._shm_views = {}  # a second pass must reuse the first one's views (see below)
         try:
+            fast = self._fast_unpack
+            if fast is not None and self.fast and len(body) <= _fast.MAX_BODY:
+                if self._slow_decodes:
+                    self._slow_decodes -= 1
+                else:
+                    self._fast_decoding = True
+                    try:
+                        return fast(body)
+                    except Exception:
+                        # Done again by msgpack-python: the same value, or its exact error.
+                        self._slow_decodes = _fast.PAUSE
+                    finally:
+                        self._fast_decoding = False
             for pairs_hook in (None, _tuple_keys):
                 self._pairs_hook = pairs_hook
                 try:
@@ -450,6 +497,12 @@ class Codec:
         if decompressor.unused_data:
             raise DecodeError("bytes after the lz4 frame: the body must be exactly one frame")
         return out
+
+    def _fast_ext_hook(self, code: int, data: bytes) -> Any:
+        if code in (EXT_PICKLE, EXT_PICKLE_OOB):
+            # Unpickling may have effects: it runs once, in the msgpack-python pass.
+            raise _fast.Declined("pickle")
+        return self._ext_hook(code, data)
 
     def _ext_hook(self, code: int, data: bytes) -> Any:
         try:
@@ -522,6 +575,8 @@ class Codec:
             raise DecodeError(f"extension values nested deeper than {MAX_EXT_DEPTH}")
         self._ext_depth = depth + 1
         try:
+            if self._fast_decoding:
+                return self._fast_unpack(data)  # type: ignore[misc]
             return msgpack.unpackb(
                 data,
                 ext_hook=self._ext_hook,
