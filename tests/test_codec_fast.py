@@ -239,23 +239,18 @@ def test_a_packet_extension_with_trailing_bytes_is_refused() -> None:
 
 def test_the_fast_path_is_taken_for_plain_records(monkeypatch: pytest.MonkeyPatch) -> None:
     used = collections.Counter[str]()
-    pack, unpacker = _fast.pack, _fast.unpacker
+    pack, unpack = _fast.pack, _fast.unpack
 
     def counting_pack(value: Any, default: Any) -> bytes:
         used["pack"] += 1
         return pack(value, default)
 
-    def counting_unpacker(hook: Any) -> Any:
-        unpack = unpacker(hook)
-
-        def counted(data: Any) -> Any:
-            used["unpack"] += 1
-            return unpack(data)
-
-        return counted
+    def counting_unpack(data: Any, hook: Any) -> Any:
+        used["unpack"] += 1
+        return unpack(data, hook)
 
     monkeypatch.setattr(_fast, "pack", counting_pack)
-    monkeypatch.setattr(_fast, "unpacker", counting_unpacker)
+    monkeypatch.setattr(_fast, "unpack", counting_unpack)
     codec = Codec()
     records = [{"id": i, "tags": ["a", "b"], "v": 0.5} for i in range(100)]
     frame, sent, errors = codec.encode_batch("p", 0, records)

@@ -68,20 +68,19 @@ def pack(value: Any, default: Callable[[Any], Any]) -> bytes:
     return ormsgpack.packb(value, default=default, option=_PACK_OPTIONS)
 
 
-def unpacker(ext_hook: Callable[[int, bytes], Any]) -> Callable[[Any], Any]:
-    """A function decoding exactly one msgpack value (as msgpack-python's ``unpackb`` with
-    ``raw=False``, ``strict_map_key=False``) or raising; ``ext_hook`` decodes extensions."""
-    loads = ormsgpack.unpackb
+def unpack(data: Any, ext_hook: Callable[[int, bytes], Any]) -> Any:
+    """The one msgpack value ``data`` holds (as msgpack-python's ``unpackb`` with ``raw=False``
+    and ``strict_map_key=False`` gives it), or an exception; ``ext_hook`` decodes extensions.
 
-    def hook(code: int, data: bytes) -> Any:
-        if code == _MARK_CODE and data == _NONCE:
+    The timestamp extension (-1), which msgpack-python decodes itself, reaches ``ext_hook``.
+    """
+
+    def hook(code: int, payload: bytes) -> Any:
+        if code == _MARK_CODE and payload == _NONCE:
             return _MARKED
-        return ext_hook(code, data)  # the timestamp (-1) is refused: msgpack-python has it
+        return ext_hook(code, payload)
 
-    def unpack(data: Any) -> Any:
-        value, mark = loads(_PAIR + data + _MARK, ext_hook=hook)
-        if mark is not _MARKED:
-            raise Declined("bytes after the value")
-        return value
-
-    return unpack
+    value, mark = ormsgpack.unpackb(_PAIR + data + _MARK, ext_hook=hook)
+    if mark is not _MARKED:
+        raise Declined("bytes after the value")
+    return value

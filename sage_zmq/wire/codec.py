@@ -175,7 +175,6 @@ class Codec:
         self.lz4_policy = Lz4Policy()
         self._ext_depth = 0
         self._packer = msgpack.Packer(default=self._default, use_bin_type=True, datetime=False)
-        self._fast_unpack = _fast.unpacker(self._fast_ext_hook) if _fast.AVAILABLE else None
         self._fast_decoding = False  # inside a fast pass: nested extensions decode fast too
         self._slow_encodes = 0  # frames left to msgpack-python after the fast path declined
         self._slow_decodes = 0
@@ -446,14 +445,13 @@ class Codec:
         if self.shm_decoder is not None:
             self._shm_views = {}  # a second pass must reuse the first one's views (see below)
         try:
-            fast = self._fast_unpack
-            if fast is not None and self.fast and len(body) <= _fast.MAX_BODY:
+            if self.fast and len(body) <= _fast.MAX_BODY:
                 if self._slow_decodes:
                     self._slow_decodes -= 1
                 else:
                     self._fast_decoding = True
                     try:
-                        return fast(body)
+                        return _fast.unpack(body, self._fast_ext_hook)
                     except Exception:
                         # Done again by msgpack-python: the same value, or its exact error.
                         self._slow_decodes = _fast.PAUSE
@@ -576,7 +574,7 @@ class Codec:
         self._ext_depth = depth + 1
         try:
             if self._fast_decoding:
-                return self._fast_unpack(data)  # type: ignore[misc]
+                return _fast.unpack(data, self._fast_ext_hook)
             return msgpack.unpackb(
                 data,
                 ext_hook=self._ext_hook,
