@@ -113,6 +113,8 @@ class Producer:
         self._heavy = False  # busy with large records: each put takes its own look
         # Bytes a link moves beside its frames (shm payloads), for the flush size.
         self._side_bytes: Any = getattr(link, "side_bytes", None)
+        # A link may ship less per flush (shm: every payload in a frame holds a pool slot).
+        self._flush_bytes: int = getattr(link, "flush_bytes", FLUSH_BYTES)
         self._side_seen = 0
         self._next_seq = next_seq
         self._limit = next_seq + window  # implicit first credit: both ends know maxsize
@@ -433,7 +435,7 @@ class Producer:
             self._flush_at, self._heavy = 1, False
         elif records:
             per_record = weight // records + 1
-            self._flush_at = max(1, min(self._batch_size, FLUSH_BYTES // per_record))
+            self._flush_at = max(1, min(self._batch_size, self._flush_bytes // per_record))
             # Payloads that go beside the frames (the shm pool) are copied at put while
             # batching, whatever their size: the caller may reuse its buffer once put returns
             # (docs/architecture.md), and a batch holds records until its flush.

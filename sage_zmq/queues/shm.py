@@ -69,6 +69,13 @@ DEFAULT_SHM_WAIT = 2.0
 FRAME_CAP = 4 << 20
 """A batch whose frame comes out larger is split: big frames stall the consumer and memory."""
 
+SHM_FLUSH_BYTES = 8 << 20
+"""About how many payload bytes a busy producer ships per frame (the generic FLUSH_BYTES is
+16 MiB). Each payload in a frame holds a pool slot until the consumer has taken the whole frame
+and released it, so the slots a producer cycles through grow with the frame: fewer of them stay
+in cache. 1 MiB arrays between two processes, 1000 a run (median of 7, 2-core VM): put
+10.7 -> 13.6 GB/s, alloc + fill + put 10.2 -> 13.4; 6-8 MiB beat 4 and 12."""
+
 LIVE_VIEW_WAKE = 0.05
 """Longest blocking read while received views live: their releases leave at least this often
 (a few wake-ups a second for a consumer that keeps arrays, far inside a producer's shm_wait)."""
@@ -79,6 +86,8 @@ LIVE_VIEW_WAKE = 0.05
 
 class ShmDealerLink(DealerLink):
     """A DEALER that sends large payloads through its :class:`ShmSender`'s pool."""
+
+    flush_bytes = SHM_FLUSH_BYTES
 
     def __init__(
         self,
