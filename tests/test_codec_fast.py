@@ -14,6 +14,9 @@ import collections
 import dataclasses
 import datetime
 import enum
+import subprocess
+import sys
+import textwrap
 import uuid
 from typing import Any
 
@@ -128,6 +131,22 @@ class Ratio(float):
 Point = collections.namedtuple("Point", "x y")
 
 
+class OwnItems(dict):  # type: ignore[type-arg]
+    def items(self) -> Any:
+        return [("x", 1)]
+
+
+class OwnIter(list):  # type: ignore[type-arg]
+    def __iter__(self) -> Any:
+        return iter([9, 9])
+
+
+def _moved_to_end() -> collections.OrderedDict[str, int]:
+    od = collections.OrderedDict(a=1, b=2)
+    od.move_to_end("a")  # msgpack-python packs b, a: the dict's storage still says a, b
+    return od
+
+
 @dataclasses.dataclass
 class Reading:
     value: int
@@ -156,12 +175,19 @@ UNUSUAL = [
     {True: 1},
     {(1, (2, 3)): "nested tuple key"},
     memoryview(b"abcdef")[::2],
+    _moved_to_end(),
+    OwnItems(a=1),
+    OwnIter([1, 2]),
+    collections.defaultdict(int, a=1),
+    Packet({"k": 1}, headers=_moved_to_end()),
     np.float32(1.25),
     np.int64(-3),
     np.uint64(2**64 - 1),
     np.bool_(True),
     np.str_("s"),
+    np.str_("s\x00"),  # item() would drop the NUL
     np.bytes_(b"b"),
+    np.bytes_(b"b\x00"),
     np.datetime64("2026-01-01"),
     np.arange(6, dtype=np.int16).reshape(2, 3)[:, ::2],
     np.zeros((), dtype="<f8"),
@@ -274,3 +300,49 @@ def test_large_bodies_skip_the_fast_path() -> None:
     big = b"x" * (_fast.MAX_BODY + 1)
     fast, slow = _decode_both(header(Kind.DATA) + msgpack.packb(["p", 1, [big]]))
     assert fast == slow and fast[0] == "ok"
+
+
+def test_a_failing_shared_memory_ref_is_looked_up_once() -> None:
+    calls: list[bytes] = []
+
+    def decoder(data: bytes) -> Any:
+        calls.append(data)
+        raise ValueError("the slot is gone")
+
+    frame = header(Kind.DATA) + msgpack.packb(["p", 1, [msgpack.ExtType(4, b"ref"), {1: 2}]])
+    with pytest.raises(DecodeError, match="the slot is gone"):
+        Codec(shm_decoder=decoder).decode(frame)
+    assert calls == [b"ref"]  # the fast pass and the msgpack-python pass share its outcome
+
+
+def test_deep_values_do_not_overflow_a_small_thread_stack() -> None:
+    # ormsgpack recurses in C: a 128 KiB thread stack overflowed (SIGSEGV) decoding a frame
+    # 250 levels deep, which a peer may send. (msgpack-python decodes without recursing, and
+    # its packer recurses too: the record packed here stays shallow enough for it.)
+    script = textwrap.dedent(
+        """
+        import threading
+        from sage_zmq.wire.codec import Codec
+        from sage_zmq.wire.frame import Kind, header
+        deep = header(Kind.DATA) + b"\\x93\\xa1p\\x01\\x91" + b"\\x91" * 1000 + b"\\xc0"
+        record = None
+        for _ in range(240):
+            record = [record]
+        threading.stack_size(128 * 1024)
+        out = []
+        def work():
+            codec = Codec()
+            out.append(codec.decode(deep).kind.name)
+            frame, sent, errors = codec.encode_batch("p", 0, [record])
+            out.append((len(frame), len(sent), errors))
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+        print(out)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr.decode()[-2000:])
+    assert done.stdout.decode().strip() == "['DATA', (254, 1, [])]"

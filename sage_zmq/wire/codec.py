@@ -244,7 +244,8 @@ class Codec:
         if numpy is not None:
             if isinstance(obj, numpy.ndarray) and self.shm_encoder is None:
                 return _fast.Ext(EXT_NDARRAY, self._pack_ndarray(obj))
-            if isinstance(obj, numpy.generic):
+            # item() drops the trailing NULs of np.bytes_/np.str_, which msgpack-python keeps
+            if isinstance(obj, numpy.generic) and not isinstance(obj, str | bytes):
                 return obj.item()
         raise _fast.Declined(cls.__qualname__)
 
@@ -328,7 +329,7 @@ class Codec:
         self._pickled = False
         sent: list[Any] = records
         errors: list[str] = []
-        body = self._fast_pack([producer, seq, records]) if self.fast else None
+        body = self._fast_pack([producer, seq, records]) if self.fast and _fast.stack_ok() else None
         if body is None:
             try:
                 body = self._packer.pack([producer, seq, records])
@@ -445,7 +446,7 @@ class Codec:
         if self.shm_decoder is not None:
             self._shm_views = {}  # a second pass must reuse the first one's views (see below)
         try:
-            if self.fast and len(body) <= _fast.MAX_BODY:
+            if self.fast and len(body) <= _fast.MAX_BODY and _fast.stack_ok():
                 if self._slow_decodes:
                     self._slow_decodes -= 1
                 else:
@@ -539,11 +540,18 @@ class Codec:
                 views = self._shm_views
                 if views is None:
                     return self.shm_decoder(data)
-                # One view per slot for the whole frame: a second decoding pass (tuple keys)
-                # gets the first pass's view, so the slot is leased, and released, once.
+                # One view per slot for the whole frame: a second decoding pass (msgpack-python
+                # after the fast path, tuple keys) gets the first pass's view, or its error, so
+                # the slot is leased, and released, once.
                 view = views.get(data)
                 if view is None:
-                    view = views[data] = self.shm_decoder(data)
+                    try:
+                        view = self.shm_decoder(data)
+                    except Exception as exc:
+                        view = exc
+                    views[data] = view
+                if isinstance(view, Exception):
+                    raise view
                 return view
             if code == EXT_PICKLE and self.allow_pickle:
                 return self._counted(pickle.loads(data))
