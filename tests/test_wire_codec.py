@@ -348,3 +348,35 @@ def test_a_pickled_value_left_out_of_a_frame_does_not_mark_it_pickle() -> None:
     assert sent == [{"a": 1}, 2] and len(errors) == 1
     assert not parse_header(frame)[1] & FLAG_PICKLE
     assert Codec().decode(frame).fields[2] == [{"a": 1}, 2]
+
+
+def test_without_ormsgpack_msgpack_does_everything() -> None:
+    # ormsgpack is a CPython-only dependency (pyproject.toml): elsewhere the codec must work
+    # with msgpack alone, frames unchanged.
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["ormsgpack"] = None  # an import of it now fails, as where it is missing
+        from sage_zmq import QueueDescriptor
+        from sage_zmq.wire.codec import Codec
+        codec = Codec()
+        frame, _, _ = codec.encode_batch("p", 3, [{"a": [1, 2.5]}, {1: "x"}])
+        print(codec.fast, frame.hex(), codec.decode(frame).fields)
+        qd = QueueDescriptor(queue_type="tcp")
+        qd.put({"k": "v"})
+        print(qd.get(timeout=10))
+        qd.close()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    first, second = done.stdout.decode().splitlines()
+    expected, _, _ = Codec().encode_batch("p", 3, [{"a": [1, 2.5]}, {1: "x"}])
+    assert first == f"False {expected.hex()} ('p', 3, [{{'a': [1, 2.5]}}, {{1: 'x'}}])"
+    assert second == "{'k': 'v'}"
