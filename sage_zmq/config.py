@@ -64,6 +64,7 @@ _RULES: dict[str, Rule] = {
     "performance.shm_threshold": Rule(ge=0),
     "performance.flush_interval": Rule(gt=0),
     "performance.max_message_size": Rule(ge=1024),
+    "performance.spin_wait": Rule(ge=0, le=0.01),
     "reliability.heartbeat_interval": Rule(gt=0),
     "reliability.liveness": Rule(ge=1),
     "reliability.reconnect_initial": Rule(gt=0),
@@ -152,6 +153,7 @@ class PerformanceConfig(_Section):
     shm_threshold: int = 65536
     flush_interval: float = 0.001
     max_message_size: int = 2147483648
+    spin_wait: float = 0.0002
 
 
 @dataclass(frozen=True)

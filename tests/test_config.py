@@ -548,7 +548,7 @@ def test_to_dict_round_trip(tmp_path: Path) -> None:
     path = write(tmp_path, yaml.safe_dump(d, sort_keys=False))
     assert load_config(path) == cfg
     assert set(leaves(d)) == set(leaves(Config().to_dict()))
-    assert len(leaves(d)) == 34
+    assert len(leaves(d)) == 35
 
 
 # --- docs stay in step with the schema ------------------------------------------------------

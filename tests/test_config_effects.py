@@ -389,6 +389,22 @@ def test_max_message_size_rejects_bigger_frames(use: Use, queues: Any) -> None:
             qd.get(timeout=0.5)
 
 
+@pytest.mark.parametrize("spin_wait", [0.0, 0.005])
+def test_spin_wait_is_how_long_a_consumer_polls_before_it_sleeps(
+    use: Use, queues: Any, spin_wait: float
+) -> None:
+    use(**{"performance.spin_wait": spin_wait})
+    qd = queues(None, "tcp")
+    qd.qsize()  # the consumer is here
+    inlet = qd._handle().consumer(qd)._inlets[0]
+    assert inlet.spin.limit == spin_wait
+    for i in range(5):  # replies that come at once: short waits
+        qd.put(i)
+        assert qd.get(timeout=5) == i
+    # Polling follows short waits only where it is on (tests/test_spin_wait.py has the rest).
+    assert inlet.spin.wants_spin() is (spin_wait > 0)
+
+
 # ================================================================== reliability
 def _sage(queues: Any, raw: RawConsumer) -> QueueDescriptor:
     qd: QueueDescriptor = queues(None, "sage", {"endpoint": raw.endpoint})

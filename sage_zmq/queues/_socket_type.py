@@ -135,8 +135,9 @@ class SocketQueueType(QueueType):
         meta = descriptor.metadata
         max_size = int(meta.get("max_message_size", cfg.performance.max_message_size))
         curve = self.curve(descriptor, cfg)
+        spin = cfg.performance.spin_wait
         if not self.reliable(descriptor):
-            return SocketOptions(max_message_size=max_size, curve=curve)
+            return SocketOptions(max_message_size=max_size, spin_wait=spin, curve=curve)
         from sage_zmq.flow.reliable import ReliabilitySettings
 
         t = ReliabilitySettings.from_metadata(meta).timing
@@ -150,6 +151,7 @@ class SocketQueueType(QueueType):
             reconnect_ivl_max_ms=max(1, round(t.reconnect_max * 1000)),
             heartbeat_ivl_ms=max(1, round(t.heartbeat_interval * 1000)),
             heartbeat_timeout_ms=max(1, round(t.heartbeat_interval * t.liveness * 1000)),
+            spin_wait=spin,
             curve=curve,
         )
 

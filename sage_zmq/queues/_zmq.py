@@ -29,6 +29,7 @@ from zmq.utils.monitor import recv_monitor_message
 from sage_zmq import _runtime
 from sage_zmq import observe as _observe
 from sage_zmq.errors import DecodeError, DescriptorError
+from sage_zmq.queues._spin import SpinPolicy
 from sage_zmq.queues.base import Credit
 from sage_zmq.wire.codec import PLAIN_DATA_HEADER, Codec
 from sage_zmq.wire.frame import HEADER_SIZE, Kind, parse_header
@@ -41,6 +42,8 @@ MAX_BATCH_FRAME = 4 * 1024 * 1024
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq enum wrappers cost time on every call
+_perf = time.perf_counter
+_yield = getattr(_os, "sched_yield", lambda: None)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")  # kept out of ipc file names
 # pyzmq's Python-level Socket.send only adds DRAFT options (routing_id, group) to this one.
@@ -65,6 +68,7 @@ class SocketOptions:
     heartbeat_ivl_ms: int = 0
     heartbeat_timeout_ms: int = 0
     linger_ms: int = 1000
+    spin_wait: float = 0.0  # performance.spin_wait (consumer side)
     curve: Any = None  # sage_zmq.security.CurveSetup or None
 
 
@@ -402,6 +406,7 @@ class RouterInlet:
         # endpoint now bound by another one, must not have its records taken here).
         self._foreign: dict[bytes, str] = {}
         self._rcvtimeo = -1  # libzmq's default
+        self.spin = SpinPolicy(opts.spin_wait)
         sock = _new_socket(zmq.ROUTER, queue_id)
         _apply_common(sock, opts)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -502,6 +507,18 @@ class RouterInlet:
             "first"
         )
 
+    def _spin_recv(self, timeout: float) -> Any:
+        """The next message's first part if one comes within the spin limit (and
+        ``timeout``), else None; gives the CPU away between polls (see queues/_spin.py)."""
+        sock, end = self.sock, _perf() + min(self.spin.limit, timeout)
+        while True:
+            try:
+                return sock.recv(_NOBLOCK)
+            except zmq.Again:
+                if _perf() >= end:
+                    return None
+                _yield()
+
     def recv(self, timeout: float) -> list[tuple[Any, ...]]:
         sock = self.sock
         # Straight to recv (RCVTIMEO when we may wait): a message that is already here costs
@@ -510,8 +527,17 @@ class RouterInlet:
             if timeout <= 0:
                 peer = sock.recv(_NOBLOCK)
             else:
-                _wait_at_most(self, timeout)
-                peer = sock.recv()
+                spin = self.spin
+                spun = spin.wants_spin()
+                peer = self._spin_recv(timeout) if spun else None
+                if spun:
+                    spin.note(None if peer is None else 0.0)
+                if peer is None:
+                    _wait_at_most(self, timeout)
+                    started = _perf()
+                    peer = sock.recv()
+                    if not spun:
+                        spin.note(_perf() - started)
         except zmq.Again:
             return []
         # The parts of one message arrive together. A Frame tells whether more follow for
