@@ -507,37 +507,51 @@ class RouterInlet:
             "first"
         )
 
-    def _spin_recv(self, timeout: float) -> Any:
-        """The next message's first part if one comes within the spin limit (and
-        ``timeout``), else None; gives the CPU away between polls (see queues/_spin.py)."""
-        sock, end = self.sock, _perf() + min(self.spin.limit, timeout)
-        while True:
-            try:
-                return sock.recv(_NOBLOCK)
-            except zmq.Again:
-                if _perf() >= end:
-                    return None
+    def _next_message(self, timeout: float) -> Any:
+        """The first part of the next message, waiting up to ``timeout`` seconds.
+
+        A message already here says nothing about waits. Otherwise the read polls first,
+        giving the CPU away between polls, while most recent waits were short (see
+        queues/_spin.py), then sleeps for what is left of ``timeout``. Raises ``zmq.Again``
+        when nothing came.
+        """
+        sock, spin = self.sock, self.spin
+        try:
+            return sock.recv(_NOBLOCK)
+        except zmq.Again:
+            pass
+        started = _perf()
+        if spin.wants_spin():
+            end = started + min(spin.limit, timeout)
+            while _perf() < end:
                 _yield()
+                try:
+                    peer = sock.recv(_NOBLOCK)
+                except zmq.Again:
+                    continue
+                spin.note(0.0)
+                return peer
+            spin.note(None)
+            timeout -= _perf() - started
+            if timeout <= 0:
+                raise zmq.Again()
+            _wait_at_most(self, timeout)
+            return sock.recv()
+        _wait_at_most(self, timeout)
+        try:
+            peer = sock.recv()
+        except zmq.Again:
+            spin.note(None)
+            raise
+        spin.note(_perf() - started)
+        return peer
 
     def recv(self, timeout: float) -> list[tuple[Any, ...]]:
         sock = self.sock
         # Straight to recv (RCVTIMEO when we may wait): a message that is already here costs
         # no ZMQ_EVENTS check, which is a syscall inside libzmq on the idle path.
         try:
-            if timeout <= 0:
-                peer = sock.recv(_NOBLOCK)
-            else:
-                spin = self.spin
-                spun = spin.wants_spin()
-                peer = self._spin_recv(timeout) if spun else None
-                if spun:
-                    spin.note(None if peer is None else 0.0)
-                if peer is None:
-                    _wait_at_most(self, timeout)
-                    started = _perf()
-                    peer = sock.recv()
-                    if not spun:
-                        spin.note(_perf() - started)
+            peer = sock.recv(_NOBLOCK) if timeout <= 0 else self._next_message(timeout)
         except zmq.Again:
             return []
         # The parts of one message arrive together. A Frame tells whether more follow for
