@@ -12,6 +12,7 @@ import itertools
 import logging
 import shutil
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -389,7 +390,7 @@ def test_max_message_size_rejects_bigger_frames(use: Use, queues: Any) -> None:
             qd.get(timeout=0.5)
 
 
-@pytest.mark.parametrize("spin_wait", [0.0, 0.005])
+@pytest.mark.parametrize("spin_wait", [0.0, 0.01])
 def test_spin_wait_is_how_long_a_consumer_polls_before_it_sleeps(
     use: Use, queues: Any, spin_wait: float
 ) -> None:
@@ -398,9 +399,13 @@ def test_spin_wait_is_how_long_a_consumer_polls_before_it_sleeps(
     qd.qsize()  # the consumer is here
     inlet = qd._handle().consumer(qd)._inlets[0]
     assert inlet.spin.limit == spin_wait
-    for i in range(5):  # replies that come at once: short waits
-        qd.put(i)
-        assert qd.get(timeout=5) == i
+    for i in range(8):  # records that come 1 ms after each get starts: short waits
+        timer = threading.Timer(0.001, qd.put, args=(i,))
+        timer.start()
+        try:
+            assert qd.get(timeout=5) == i
+        finally:
+            timer.join()
     # Polling follows short waits only where it is on (tests/test_spin_wait.py has the rest).
     assert inlet.spin.wants_spin() is (spin_wait > 0)
 
