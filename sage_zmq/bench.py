@@ -646,7 +646,7 @@ def run_core(quick: bool, progress: Callable[[str], None]) -> list[Row]:
         },
         m,
     )
-    ours_lat, raw_lat, raw_queues_lat = lat["ours"], lat["raw"], lat["raw queues"]
+    ours_lat, raw_lat = lat["ours"], lat["raw"]
     rows += percentile_rows(
         "shm idle round trip {}",
         ours_lat,
@@ -656,30 +656,23 @@ def run_core(quick: bool, progress: Callable[[str], None]) -> list[Row]:
         unit="us",
         p50_target="p50 <= 1.2x raw",
     )
-    # The same sockets as two queues (one one-way link each way): what the layout costs.
-    rows.append(
-        result_row(
-            "shm idle round trip p50",
-            _pct(ours_lat, 0.5) * 1e6,
-            "us",
-            "raw pyzmq ping-pong over two DEALER->ROUTER ipc links",
-            _pct(raw_queues_lat, 0.5) * 1e6,
-            higher_is_better=False,
+    # The same sockets as two queues (one one-way link each way): what the layout costs. And
+    # since sage-zmq consumers poll briefly before they sleep (performance.spin_wait), next to
+    # the competitor, which sleeps in recv, the same ping-pong with that polling.
+    for key, competitor in (
+        ("raw queues", "raw pyzmq ping-pong over two DEALER->ROUTER ipc links"),
+        ("raw polling", "raw pyzmq PAIR ipc ping-pong, polling 200 us before blocking"),
+    ):
+        rows.append(
+            result_row(
+                "shm idle round trip p50",
+                _pct(ours_lat, 0.5) * 1e6,
+                "us",
+                competitor,
+                _pct(lat[key], 0.5) * 1e6,
+                higher_is_better=False,
+            )
         )
-    )
-    # sage-zmq consumers poll briefly before they sleep (performance.spin_wait): next to the
-    # issue's competitor, which sleeps in recv, the same ping-pong with that polling.
-    raw_polling_lat = lat["raw polling"]
-    rows.append(
-        result_row(
-            "shm idle round trip p50",
-            _pct(ours_lat, 0.5) * 1e6,
-            "us",
-            "raw pyzmq PAIR ipc ping-pong, polling 200 us before blocking",
-            _pct(raw_polling_lat, 0.5) * 1e6,
-            higher_is_better=False,
-        )
-    )
     # What a round trip's hops cost in CPU alone, without the wake-ups (docs/architecture.md).
     progress("work per idle hop")
     hop_ours, hop_raw = bench_hop_work(20_000 if quick else 100_000)
