@@ -4,6 +4,7 @@ producer that put them, never lost silently, and the records around them still a
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 import pytest
@@ -150,5 +151,27 @@ def test_accepted_says_whether_the_call_s_own_record_went_in(
         assert earlier.value.records_dropped == 1
         qd.put(EndOfStream(), timeout=conf.GET_TIMEOUT)
         assert list(qd) == ["a", "b", "c", "d"]
+    finally:
+        qd.close()
+
+
+@pytest.mark.parametrize("queue_type", ["tcp", "shm"])
+def test_a_flush_whose_records_were_all_refused_does_not_start_batching(queue_type: str) -> None:
+    # A put right after the previous flush takes the batching path. When its record was
+    # refused, that flush (0 bytes sent) read as "busy, with tiny records": the producer
+    # switched to batches of batch_size, and the next oversize record waited in one instead
+    # of being refused at its put (seen once in a full run).
+    qd = QueueDescriptor(None, queue_type, {"maxsize": 5000, "max_message_size": LIMIT})
+    qd.qsize()  # the consumer is here
+    try:
+        qd.put("before", timeout=conf.GET_TIMEOUT)
+        producer = qd._handle().producer(qd)
+        for record in ["x" * (5 * LIMIT), list(range(LIMIT))]:
+            producer._last_flush = time.perf_counter()  # the caller came straight back
+            with pytest.raises(EncodeError, match=r"more than max_message_size \(100000\)"):
+                qd.put(record, timeout=conf.GET_TIMEOUT)
+        assert not producer._busy and producer._flush_at == 1
+        qd.put(EndOfStream(), timeout=conf.GET_TIMEOUT)
+        assert list(qd) == ["before"]
     finally:
         qd.close()

@@ -352,6 +352,7 @@ class Producer:
         pending = self._pending
         take = max(0, min(len(pending), self._limit - self._next_seq))
         weight = 0
+        first = self._next_seq
         if take > 0:
             # One slice for the whole flush: deleting from a list's front moves what remains.
             chunk = pending[:take]
@@ -364,7 +365,13 @@ class Producer:
                     pending[:0] = chunk[start:]  # accepted records stay queued, in order
                     self._update_room()
                     raise
-        self._note_flush(now, take, weight)
+        if take and self._next_seq == first:
+            # Every record was refused, nothing sent: no measure of the caller's pace nor of
+            # record sizes. Read as "busy, with 0-byte records", it made the next oversize
+            # record wait in a batch of batch_size instead of being refused at its put.
+            self._last_flush = time.perf_counter()
+        else:
+            self._note_flush(now, take, weight)
         self._update_room()
 
     def _read_credit_if_due(self) -> None:
