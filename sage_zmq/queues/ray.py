@@ -179,8 +179,10 @@ def _refuse_if_consumed(descriptor: QueueDescriptor, own_endpoint: str) -> None:
     current = lookup_consumer(descriptor)
     if current is None or current.endpoint == own_endpoint:
         return
-    if current.netns and current.netns == _netns():
-        alive = current.pid != os.getpid() and _pid_alive(current.pid)
+    if current.netns and current.netns == _netns() and current.pid > 0:
+        from sage_zmq.shm.sweep import pid_alive  # here: the shm package imports numpy
+
+        alive = current.pid != os.getpid() and pid_alive(current.pid)
     else:
         alive = _listening(current.endpoint)
     if not alive:
@@ -190,16 +192,6 @@ def _refuse_if_consumed(descriptor: QueueDescriptor, own_endpoint: str) -> None:
         f"{current.node_id[:12]}, at {current.endpoint}); a queue has one consumer: close that "
         "one first, or give this consumer its own queue id"
     )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, under another user
-    return True
 
 
 def _listening(endpoint: str, timeout: float = 0.5) -> bool:

@@ -73,6 +73,8 @@ class Message(NamedTuple):
 
 COMPRESS_AUTO = "auto"
 
+_DECLINED = object()  # what _fast_unpack returns for a body it leaves to msgpack-python
+
 
 def compression_mode(setting: bool | str, endpoint: str | None) -> bool | str:
     """What a producer link passes to ``encode_batch(compress=...)`` for a config setting.
@@ -329,7 +331,7 @@ class Codec:
         self._pickled = False
         sent: list[Any] = records
         errors: list[str] = []
-        body = self._fast_pack([producer, seq, records]) if self.fast and _fast.stack_ok() else None
+        body = self._fast_pack([producer, seq, records])
         if body is None:
             try:
                 body = self._packer.pack([producer, seq, records])
@@ -366,6 +368,9 @@ class Codec:
         return header(Kind.DATA, flags) + body, sent, errors
 
     def _fast_pack(self, value: Any) -> bytes | None:
+        """``value`` packed by the fast path, or None: msgpack-python packs it."""
+        if not (self.fast and _fast.stack_ok()):
+            return None
         if self._slow_encodes:
             self._slow_encodes -= 1
             return None
@@ -446,18 +451,9 @@ class Codec:
         if self.shm_decoder is not None:
             self._shm_views = {}  # a second pass must reuse the first one's views (see below)
         try:
-            if self.fast and len(body) <= _fast.MAX_BODY and _fast.stack_ok():
-                if self._slow_decodes:
-                    self._slow_decodes -= 1
-                else:
-                    self._fast_decoding = True
-                    try:
-                        return _fast.unpack(body, self._fast_ext_hook)
-                    except Exception:
-                        # Done again by msgpack-python: the same value, or its exact error.
-                        self._slow_decodes = _fast.PAUSE
-                    finally:
-                        self._fast_decoding = False
+            value = self._fast_unpack(body)
+            if value is not _DECLINED:
+                return value
             for pairs_hook in (None, _tuple_keys):
                 self._pairs_hook = pairs_hook
                 try:
@@ -496,6 +492,23 @@ class Codec:
         if decompressor.unused_data:
             raise DecodeError("bytes after the lz4 frame: the body must be exactly one frame")
         return out
+
+    def _fast_unpack(self, body: bytes | memoryview) -> Any:
+        """``body`` decoded by the fast path, or ``_DECLINED``: msgpack-python decodes it
+        (the same value, or its exact error)."""
+        if not (self.fast and len(body) <= _fast.MAX_BODY and _fast.stack_ok()):
+            return _DECLINED
+        if self._slow_decodes:
+            self._slow_decodes -= 1
+            return _DECLINED
+        self._fast_decoding = True
+        try:
+            return _fast.unpack(body, self._fast_ext_hook)
+        except Exception:
+            self._slow_decodes = _fast.PAUSE
+            return _DECLINED
+        finally:
+            self._fast_decoding = False
 
     def _fast_ext_hook(self, code: int, data: bytes) -> Any:
         if code in (EXT_PICKLE, EXT_PICKLE_OOB):
