@@ -703,6 +703,37 @@ def test_a_new_consumer_gets_back_the_pool_room_a_killed_one_held(make: Any) -> 
     assert not ours(os.getpid())
 
 
+def _taking_consumer(conn: Connection, qd: QueueDescriptor, n: int) -> None:
+    taken = []
+    for _ in range(n):
+        arr = qd.get(timeout=T)
+        taken.append(float(arr[0]))
+        del arr  # released: its slot can take the next payload
+    conn.send(taken)
+
+
+def test_a_pool_smaller_than_a_batch_never_waits_for_its_own_unsent_slots(make: Any) -> None:
+    # 50 payloads of 256 KiB through a 1 MiB pool: a busy producer batches them, and the
+    # fifth finds the pool full of the four still in its own batch, which nobody can release
+    # before they are sent. It sends them and waits for their release, instead of waiting
+    # shm_wait and sending everything inline from then on.
+    qd = make(maxsize=100, shm_threshold=64 * KiB, memory_pool_size=1, shm_wait=T)
+    proc, conn = _spawn(_taking_consumer, qd, 50)
+    try:
+        src = np.zeros(256 * KiB // 8)
+        for i in range(50):
+            src[0] = i
+            qd.put(src, timeout=T)
+        assert _recv(conn) == [float(i) for i in range(50)]
+        stats = sender_stats(qd)
+        assert stats["placed"] == 50 and stats["inline_fallbacks"] == 0, stats
+    finally:
+        proc.join(T)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(T)
+
+
 def _reopening_consumer(conn: Connection, qd: QueueDescriptor) -> None:
     held = qd.get(timeout=T)
     qd.close()  # this consumer ends; its process, and the view, live on

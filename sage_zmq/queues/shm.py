@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sage_zmq.config import current_config
-from sage_zmq.errors import DescriptorError, QueueClosed
+from sage_zmq.errors import DeliveryError, DescriptorError, QueueClosed
 from sage_zmq.packet import Packet
 from sage_zmq.queues._producer import Producer
 from sage_zmq.queues._socket_type import SocketQueueType
@@ -289,6 +289,15 @@ class ShmProducer(Producer):
         # may reuse its array or buffer as soon as put returns.
         return self.shm.snapshot(item, self._link.codec.inline_array)
 
+    def ship_for_room(self) -> None:
+        """Send the batched records now: the pool is full, and the slots of those records
+        come back only once they are sent and consumed. Called by the pool's owner while a
+        ``put`` or ``alloc`` of this producer holds its lock."""
+        if self._pending:
+            # A link that fails leaves the records queued; the next put or flush reports it.
+            with contextlib.suppress(DeliveryError):
+                self._flush_locked()
+
     def alloc(
         self,
         shape: int | Sequence[int],
@@ -462,4 +471,5 @@ class ShmQueueType(SocketQueueType):
         assert isinstance(link, ShmDealerLink)
         producer = ShmProducer(link, **producer_options(descriptor))
         producer.shm = link.shm
+        link.shm.ship_pending = producer.ship_for_room
         return producer

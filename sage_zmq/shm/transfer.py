@@ -204,6 +204,9 @@ class ShmSender:
         self.wait = float(wait)
         self.queue_id = queue_id
         self.poll_releases: Callable[[float], None] = lambda timeout: None
+        # Sends what the producer batched (set by it): a full pool must not wait for the
+        # release of slots that are still in our own unsent batch.
+        self.ship_pending: Callable[[], None] = lambda: None
         self._segment_bytes = segment_bytes
         self._pool: SharedMemoryPool | None = None
         self._disabled = self.capacity <= 0
@@ -290,6 +293,11 @@ class ShmSender:
             return None
         except Full:
             pass
+        if self._early and self._batch is None:
+            # Payloads placed at put wait in the producer's batch: nobody can release their
+            # slots before they are sent. (Not while a frame is being encoded: that frame is
+            # the batch.)
+            self.ship_pending()
         bound = self.wait if wait is None else wait
         # Releases are cheaper than a new segment, which takes tens of ms to pre-fault and
         # spreads the copies over more memory, colder in cache. Read those that arrived, and
