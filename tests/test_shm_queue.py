@@ -712,11 +712,18 @@ def _taking_consumer(conn: Connection, qd: QueueDescriptor, n: int) -> None:
     conn.send(taken)
 
 
-def test_a_pool_smaller_than_a_batch_never_waits_for_its_own_unsent_slots(make: Any) -> None:
+def test_a_pool_smaller_than_a_batch_never_waits_for_its_own_unsent_slots(
+    make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # 50 payloads of 256 KiB through a 1 MiB pool: a busy producer batches them, and the
     # fifth finds the pool full of the four still in its own batch, which nobody can release
     # before they are sent. It sends them and waits for their release, instead of waiting
     # shm_wait and sending everything inline from then on.
+    from sage_zmq.shm import ring
+
+    monkeypatch.setattr(
+        ring, "SUPPORTED", False
+    )  # releases as frames; the ring case: test_shm_ring
     qd = make(maxsize=100, shm_threshold=64 * KiB, memory_pool_size=1, shm_wait=T)
     proc, conn = _spawn(_taking_consumer, qd, 50)
     try:

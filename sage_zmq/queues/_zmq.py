@@ -360,6 +360,7 @@ class DealerLink:
                         f.get("base"),
                         f.get("pid"),
                         f.get("lost", 0),
+                        f.get("release_ring"),
                     )
                 )
             elif msg.kind is Kind.RELEASE:
@@ -648,7 +649,18 @@ class RouterInlet:
             pass
 
     def send_credit(self, peer: Any, credit: Credit) -> bool:
-        body = {
+        body = self.credit_body(peer, credit)
+        try:
+            self.sock.send_multipart(
+                [peer, self.codec.encode_control(Kind.CREDIT, body)], zmq.NOBLOCK
+            )
+        except zmq.ZMQError:
+            return False
+        return True
+
+    def credit_body(self, peer: Any, credit: Credit) -> dict[str, Any]:
+        """The CREDIT map for ``peer`` (PROTOCOL.md §3)."""
+        body: dict[str, Any] = {
             "session": credit.session,
             "received": credit.received,
             "acked": credit.acked,
@@ -660,13 +672,7 @@ class RouterInlet:
             body["pid"] = credit.pid
         if credit.lost:
             body["lost"] = credit.lost
-        try:
-            self.sock.send_multipart(
-                [peer, self.codec.encode_control(Kind.CREDIT, body)], zmq.NOBLOCK
-            )
-        except zmq.ZMQError:
-            return False
-        return True
+        return body
 
     def send_release(self, peer: Any, producer: str, slots: list[int]) -> bool:
         try:

@@ -85,7 +85,8 @@ class Credit:
     (sent on one host only). With both, a producer can tell which shared-memory slots went to a
     consumer that is gone (PROTOCOL.md §6). ``lost``: seqs of this producer a plain consumer
     skipped for good (gaps: frames refused or dropped in transit), so that ``close()`` can say
-    so instead of reporting them delivered.
+    so instead of reporting them delivered. ``ring``: the consumer's release ring for this
+    producer's shared-memory slots (§6), if it made one.
     """
 
     session: str
@@ -95,6 +96,7 @@ class Credit:
     base: int | None = None
     pid: int | None = None
     lost: int = 0
+    ring: str | None = None
 
 
 class ProducerLink(Protocol):

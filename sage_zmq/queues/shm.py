@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -33,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sage_zmq.config import current_config
-from sage_zmq.errors import DeliveryError, DescriptorError, QueueClosed
+from sage_zmq.errors import DeliveryError, DescriptorError, QueueClosed, SecurityError
 from sage_zmq.packet import Packet
 from sage_zmq.queues._producer import Producer
 from sage_zmq.queues._socket_type import SocketQueueType
@@ -52,6 +53,9 @@ from sage_zmq.queues.base import (
     QueueStatistics,
     producer_options,
 )
+from sage_zmq.shm import ring as ring_mod
+from sage_zmq.shm.pool import ShmError
+from sage_zmq.shm.ring import ReleaseRing
 from sage_zmq.shm.sweep import pid_alive, sweep_orphans
 from sage_zmq.shm.transfer import SCAN_DEPTH, ShmReceiver, ShmSender
 from sage_zmq.wire.codec import Codec
@@ -75,6 +79,11 @@ SHM_FLUSH_BYTES = 8 << 20
 and released it, so the slots a producer cycles through grow with the frame: fewer of them stay
 in cache. 1 MiB arrays between two processes, 1000 a run (median of 7, 2-core VM): put
 10.7 -> 13.6 GB/s, alloc + fill + put 10.2 -> 13.4; 6-8 MiB beat 4 and 12."""
+
+RING_LOOK_FIRST = 0.0002
+RING_LOOK_MAX = 0.005
+"""A producer waiting for room looks at its release ring after RING_LOOK_FIRST s, then at
+doubling intervals up to RING_LOOK_MAX: a release written there wakes nobody."""
 
 LIVE_VIEW_WAKE = 0.05
 """Longest blocking read while received views live: their releases leave at least this often
@@ -104,6 +113,7 @@ class ShmDealerLink(DealerLink):
         self.frame_cap = min(FRAME_CAP, codec.limits.max_frame_bytes)
         self._stash: list[Credit] = []  # credits read while waiting for releases
         self._consumer: tuple[str, int | None] | None = None  # (session, pid) last seen
+        self._ring_name: str | None = None  # the release ring last named by the consumer
         sender.poll_releases = self._read_releases
         codec.shm_encoder = sender.encode_array
 
@@ -180,15 +190,32 @@ class ShmDealerLink(DealerLink):
 
     def _read_releases(self, timeout: float) -> None:
         # Called while a full pool waits: keep the credits for the producer's next poll().
+        if self.shm.ring is None:
+            self._read_socket(timeout)
+            return
+        # Releases written to the ring wake nobody: look at it between short waits on the
+        # socket (which brings credits, and releases the ring had no room for).
+        deadline = time.monotonic() + timeout
+        step = RING_LOOK_FIRST
+        while True:
+            if self._read_socket(max(0.0, min(step, deadline - time.monotonic()))):
+                return
+            if time.monotonic() >= deadline:
+                return
+            step = min(step * 2, RING_LOOK_MAX)
+
+    def _read_socket(self, timeout: float) -> bool:
         credits = DealerLink.poll(self, timeout)
-        self._apply_released()
+        got = self._apply_released()
         if credits:
             self._follow_consumer(credits)
             self._stash.extend(credits)
             del self._stash[:-64]  # cumulative values: the latest ones say everything
+        return got
 
     def _follow_consumer(self, credits: list[Credit]) -> None:
-        """On a new consumer session, take back the slots its dead predecessor held.
+        """Read the release ring a consumer names; on a new consumer session, take back the
+        slots its dead predecessor held.
 
         A dead consumer never releases what it held. Its successor's CREDIT says where its
         life started (``base``): frames before that went to the predecessor (or were lost with
@@ -196,6 +223,8 @@ class ShmDealerLink(DealerLink):
         a living process may still hold views of those slots.
         """
         for credit in credits:
+            if credit.ring is not None and credit.ring != self._ring_name:
+                self._adopt_ring(credit.ring)
             known = self._consumer
             if known is not None and known[0] == credit.session:
                 continue
@@ -216,10 +245,36 @@ class ShmDealerLink(DealerLink):
                     taken,
                 )
 
-    def _apply_released(self) -> None:
+    def _adopt_ring(self, name: str) -> None:
+        """Read releases from the consumer's ring ``name`` from now on (the one before it,
+        if any, is drained first: its consumer was replaced)."""
+        self._ring_name = name
+        if not ring_mod.SUPPORTED or not self.shm.enabled:
+            return
+        try:
+            ring = ReleaseRing.open(name)
+        except (ShmError, SecurityError) as exc:
+            log.warning(
+                "queue %s: cannot read the consumer's release ring (%s); releases come as frames",
+                self.queue_id,
+                exc,
+            )
+            return
+        old = self.shm.ring
+        if old is not None:
+            self.shm.take_ring()
+            old.close()
+        ring.attach()
+        self.shm.ring = ring
+
+    def _apply_released(self) -> bool:
+        """Apply the releases read from the socket and the ring; whether there were any."""
+        got = self.shm.take_ring() if self.shm.ring is not None else 0
         if self.released:
             ids, self.released = self.released, []
             self.shm.apply_releases(ids)
+            return True
+        return got > 0
 
     def close(self) -> None:
         try:
@@ -340,12 +395,20 @@ class ShmInlet(RouterInlet):
     def pending_work(self) -> bool:  # type: ignore[override]
         return bool(self.shm.unsent_releases)
 
+    def credit_body(self, peer: Any, credit: Credit) -> dict[str, Any]:
+        body = super().credit_body(peer, credit)
+        ring = self.shm.ring_name(peer)
+        if ring is not None:
+            body["release_ring"] = ring  # until its producer reads it, releases go as frames
+        return body
+
     def recv(self, timeout: float) -> list[tuple[Any, ...]]:
         shm = self.shm
         if shm.unsent_releases:
-            # The socket's owner is here: safe to send. Releases go in batches (RELEASE_BATCH,
-            # or after RELEASE_DELAY): one frame each way per payload would cost more than the
-            # copy saves. A wait is cut short so that queued releases still leave on time.
+            # The socket's owner is here: safe to send. Releases to a producer that reads our
+            # ring go into it at once; the others go in batches (RELEASE_BATCH, or after
+            # RELEASE_DELAY): one frame each way per payload would cost more than the copy
+            # saves. A wait is cut short so that queued releases still leave on time.
             shm.flush(self.send_release, force=False)
             if timeout > 0:
                 due = shm.due_in()

@@ -29,6 +29,7 @@ import numpy.typing as npt
 
 from sage_zmq.errors import DecodeError, Full
 from sage_zmq.packet import Packet
+from sage_zmq.shm import ring as ring_mod
 from sage_zmq.shm.pool import (
     PayloadTooLarge,
     PoolClosed,
@@ -40,7 +41,8 @@ from sage_zmq.shm.pool import (
     _find_lease,
     byte_interface,
 )
-from sage_zmq.shm.sweep import SHM_DIR
+from sage_zmq.shm.ring import ReleaseRing
+from sage_zmq.shm.sweep import SHM_DIR, pid_alive, sweep_orphans
 from sage_zmq.wire.codec import EXT_SHM_REF
 from sage_zmq.wire.dtypes import alloc_layout, dtype_from_wire, dtype_to_wire
 
@@ -65,6 +67,10 @@ RELEASE_DELAY = 0.002
 """Seconds a release may wait for company before it is sent."""
 GROW_AFTER = 2 * RELEASE_DELAY
 """Seconds a full pool waits for releases before it adds a segment."""
+MAX_RINGS = 64
+"""Release rings a consumer keeps (one per producer connection); producers beyond get frames."""
+RING_ATTACH_WAIT = 60.0
+"""Seconds after which a ring no producer attached to may give way to another producer's."""
 GROW_RETRY = 1.0
 """Seconds after a segment could not be created (no memory) before the pool tries again."""
 
@@ -224,11 +230,14 @@ class ShmSender:
         self._lock = threading.Lock()  # guards pool creation and close against GC callbacks
         self._weak_self = weakref.ref(self)
         self._loans: dict[int, _LoanWatch] = {}  # slot id -> watch of its buffer's owner
+        # The consumer's release ring, once it named one and we attached (set by the link).
+        self.ring: ReleaseRing | None = None
         self.placed = 0
         self.placed_bytes = 0
         self.lent = 0
         self.inline_fallbacks = 0
         self.released = 0
+        self.ring_released = 0
         self.reclaimed = 0
         self.waits = 0
 
@@ -278,12 +287,17 @@ class ShmSender:
         pool = self._get_pool()
         if pool is None:
             return None
-        self._unread_bytes += nbytes
-        if self._unread_bytes >= RELEASE_BYTES:
-            # Take back what the consumer released since the last look, so that first-fit
-            # reuses those slots: the copy then lands in memory still in the cache.
-            self._unread_bytes = 0
-            self.poll_releases(0.0)
+        if self.ring is not None:
+            # What the consumer released since the last look, without a syscall: first-fit
+            # then reuses those slots, and the copy lands in memory still in the cache.
+            self.take_ring()
+        else:
+            self._unread_bytes += nbytes
+            if self._unread_bytes >= RELEASE_BYTES:
+                # The same from RELEASE frames: reading the socket costs a few syscalls, so
+                # only every few MiB of payloads.
+                self._unread_bytes = 0
+                self.poll_releases(0.0)
         try:
             return pool.alloc(nbytes, timeout=0, grow=False)
         except PayloadTooLarge:
@@ -579,6 +593,27 @@ class ShmSender:
 
     # -- releases ---------------------------------------------------------------------------
 
+    def take_ring(self) -> int:
+        """Free the slots released through the consumer's ring since the last look.
+
+        Called under the producer's lock, like :meth:`commit`: a slot is in ``_sent_at``
+        before its frame can reach the consumer that releases it.
+        """
+        ring = self.ring
+        if ring is None:
+            return 0
+        ids = ring.take()
+        if ids:
+            pool, sent_at = self._pool, self._sent_at
+            for slot_id in ids:
+                # Only what we sent and still count as the consumer's: a dead consumer's
+                # ring may still hold slots reclaimed since (reclaim_sent_before).
+                if sent_at.pop(slot_id, None) is not None and pool is not None:
+                    pool.release(slot_id)
+                    self.ring_released += 1
+            self._starved = False
+        return len(ids)
+
     def apply_releases(self, slot_ids: Iterable[int]) -> None:
         """Free slots the consumer released (ids from RELEASE frames)."""
         pool = self._pool
@@ -607,6 +642,7 @@ class ShmSender:
             "placed_bytes": self.placed_bytes,
             "lent": self.lent,
             "released": self.released,
+            "ring_released": self.ring_released,
             "reclaimed": self.reclaimed,
             "inline_fallbacks": self.inline_fallbacks,
             "waits": self.waits,
@@ -621,8 +657,15 @@ class ShmSender:
         with self._lock:
             self._closed = True
             pool, self._pool = self._pool, None
+            ring, self.ring = self.ring, None
+        if ring is not None:
+            ring.close()  # detaches: the consumer sends any later releases as frames
         if pool is not None:
             pool.close()
+            # A consumer SIGKILLed before it could name its release ring left the ring
+            # behind: nobody else might look at /dev/shm for a long time.
+            for name in sweep_orphans():
+                log.info("removed orphaned shared-memory segment %s", name)
 
 
 def _loan_collected(watch: _LoanWatch) -> None:
@@ -672,9 +715,14 @@ class ShmReceiver:
         self._last_nbytes = 0
         self._release_at = RELEASE_BATCH  # pending releases that go out at once
         self._closed = False
+        # Release rings (shm/ring.py), one per producer connection that sent a slot, named in
+        # the CREDITs to it; used once its producer attached.
+        self.rings: dict[Any, ReleaseRing] = {}
+        self._ring_refused: set[Any] = set()  # peers for which no ring could be made
         self.views = 0
         self.copies = 0
         self.releases_sent = 0
+        self.ring_releases = 0
 
     def decode(self, data: bytes) -> Any:
         """Codec hook for ext 4."""
@@ -682,7 +730,10 @@ class ShmReceiver:
         if ref.nbytes != self._last_nbytes:  # sizes mostly repeat: recompute on a change
             self._last_nbytes = ref.nbytes
             self._release_at = max(1, min(RELEASE_BATCH, RELEASE_BYTES // max(1, ref.nbytes)))
-        on_release = self._callback(self._codec.shm_origin)
+        peer = self._codec.shm_origin
+        if peer not in self.rings and ring_mod.SUPPORTED and peer not in self._ring_refused:
+            self._new_ring(peer)
+        on_release = self._callback(peer)
         cache = self.cache
         if not self.zero_copy:
             self.copies += 1
@@ -694,6 +745,39 @@ class ShmReceiver:
             return cache.view(ref, on_release)
         assert shape is not None
         return cache.exact_array(ref, dt, shape, on_release)
+
+    def _new_ring(self, peer: Any) -> None:
+        if len(self.rings) >= MAX_RINGS:
+            self._prune_rings()
+            if len(self.rings) >= MAX_RINGS:
+                self._ring_refused.add(peer)  # its releases go as frames, as before
+                return
+        try:
+            self.rings[peer] = ReleaseRing.create()
+        except ShmError as exc:  # /dev/shm full: frames do the same job
+            self._ring_refused.add(peer)
+            log.debug("no release ring for a producer (%s); releases go as frames", exc)
+
+    def _prune_rings(self) -> None:
+        # Rings whose producer went away (it detached on close, or its process is gone), and
+        # rings never attached after a while (a producer that does not read rings: frames).
+        stale = time.monotonic() - RING_ATTACH_WAIT
+        for peer, ring in list(self.rings.items()):
+            reader = ring.reader
+            if ring.was_read:
+                if reader and pid_alive(reader):
+                    continue
+            elif reader or ring.created > stale:
+                continue
+            else:
+                self._ring_refused.add(peer)
+            del self.rings[peer]
+            ring.close()
+
+    def ring_name(self, peer: Any) -> str | None:
+        """The release ring to name in a CREDIT to ``peer`` (None: it has none)."""
+        ring = self.rings.get(peer)
+        return None if ring is None else ring.name
 
     def _callback(self, peer: Any) -> Callable[[int], None]:
         cb = self._callbacks.get(peer)
@@ -729,17 +813,36 @@ class ShmReceiver:
         if not pending:
             return
         now = time.monotonic()
-        if force or len(pending) >= self._release_at or now - self._last_flush >= RELEASE_DELAY:
+        due = force or len(pending) >= self._release_at or now - self._last_flush >= RELEASE_DELAY
+        rings = self.rings
+        if not due and not rings:
+            return
+        groups: dict[Any, list[int]] = {}
+        while pending:
+            peer, slot_id = pending.popleft()
+            groups.setdefault(peer, []).append(slot_id)
+        held: list[tuple[Any, int]] = []
+        for peer, ids in groups.items():
+            ring = rings.get(peer)
+            if ring is not None and ring.reader:
+                # Into the producer's ring at once: it costs no frame, so nothing waits.
+                ring.was_read = True
+                done = ring.put(ids)
+                self.ring_releases += done
+                ids = ids[done:]  # the ring is full: the rest go as a frame
+                if not ids:
+                    continue
+            if not due:
+                held.extend((peer, slot_id) for slot_id in ids)
+                continue
+            producer = self.producers.get(peer, "unknown")
+            for i in range(0, len(ids), _RELEASE_CHUNK):
+                if send(peer, producer, ids[i : i + _RELEASE_CHUNK]):
+                    self.releases_sent += 1
+        if held:
+            pending.extend(held)
+        if due:
             self._last_flush = now
-            groups: dict[Any, list[int]] = {}
-            while pending:
-                peer, slot_id = pending.popleft()
-                groups.setdefault(peer, []).append(slot_id)
-            for peer, ids in groups.items():
-                producer = self.producers.get(peer, "unknown")
-                for i in range(0, len(ids), _RELEASE_CHUNK):
-                    if send(peer, producer, ids[i : i + _RELEASE_CHUNK]):
-                        self.releases_sent += 1
             if self.cache.mapped_count != self._mapped:
                 self.forget_gone()  # a new segment may replace ones its producer dropped
 
@@ -758,12 +861,17 @@ class ShmReceiver:
             "mapped_segments": len(self.cache.mapped),
             "releases_pending": len(self.unsent_releases),
             "release_frames": self.releases_sent,
+            "ring_releases": self.ring_releases,
+            "release_rings": len(self.rings),
         }
 
     def close(self) -> None:
         """Stop queuing releases; unmap segments no view uses (the rest when their views go)."""
         self._closed = True
         self.unsent_releases.clear()
+        rings, self.rings = self.rings, {}
+        for ring in rings.values():
+            ring.close()
         self.cache.close()
 
 

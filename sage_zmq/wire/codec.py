@@ -750,6 +750,7 @@ _MAP_SCHEMAS: dict[Kind, dict[str, type | tuple[type, ...]]] = {
         "base": int,
         "pid": int,
         "lost": int,
+        "release_ring": str,
     },
     Kind.ERROR: {"code": str, "message": str},
 }

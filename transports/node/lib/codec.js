@@ -558,7 +558,16 @@ const SCHEMAS = {
     required: ["producer", "epoch", "next_seq"],
   },
   [Kind.CREDIT]: {
-    types: { session: "str", received: "int", acked: "int", limit: "int", base: "int", pid: "int", lost: "int" },
+    types: {
+      session: "str",
+      received: "int",
+      acked: "int",
+      limit: "int",
+      base: "int",
+      pid: "int",
+      lost: "int",
+      release_ring: "str",
+    },
     required: ["session", "received", "acked", "limit"],
   },
   [Kind.ERROR]: { types: { code: "str", message: "str" }, required: ["code", "message"] },
