@@ -622,7 +622,9 @@ class _QueueHandle:
         self._bound.clear()
 
     def _bind(self, descriptor: QueueDescriptor, name: str, method: Any) -> None:
-        if descriptor.__dict__.get(name) is not method:
+        # ``!=``, not ``is not``: ``producer.put`` is a new bound method on every read, so an
+        # identity test bound again (one more weakref kept) on every alloc.
+        if descriptor.__dict__.get(name) != method:
             descriptor.__dict__[name] = method
             self._bound.append(weakref.ref(descriptor))
 

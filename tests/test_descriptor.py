@@ -321,3 +321,16 @@ def test_alloc_folds_a_subarray_dtype_and_refuses_impossible_sizes(queue_type: s
             qd.alloc((10**10, 10**10))
     finally:
         qd.close()
+
+
+@pytest.mark.parametrize("queue_type", ["local", "shm", "tcp"])
+def test_alloc_binds_the_descriptor_once(queue_type: str) -> None:
+    # Each alloc used to bind qd.put anew (a bound method is a new object on every read),
+    # keeping one more weak reference per call for the life of the queue.
+    qd = QueueDescriptor(queue_type=queue_type)
+    try:
+        for _ in range(5):
+            qd.alloc(1 << 16)
+        assert len(qd._handle()._bound) == 1
+    finally:
+        qd.close()
