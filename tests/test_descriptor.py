@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import pickle
 from typing import Any
@@ -321,6 +322,91 @@ def test_alloc_folds_a_subarray_dtype_and_refuses_impossible_sizes(queue_type: s
             qd.alloc((10**10, 10**10))
     finally:
         qd.close()
+
+
+def _alloc_layout_before(shape: Any, dtype: Any) -> tuple[tuple[int, ...], Any]:
+    """alloc_layout as it was before its fast path: what every call must still return/raise."""
+    import math
+    import numbers
+    import sys
+
+    import numpy as np
+
+    from sage_zmq import InvalidArgument, InvalidArgumentType
+
+    dims = (shape,) if isinstance(shape, numbers.Integral) else shape
+    try:
+        dims = tuple(dims)
+    except TypeError:
+        dims = None
+    if dims is None or not all(
+        isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims
+    ):
+        raise InvalidArgumentType(
+            f"alloc(shape=...) must be an int or a sequence of ints, got {shape!r}"
+        )
+    if any(d < 0 for d in dims):
+        raise InvalidArgument(f"alloc(shape=...) must not have negative dimensions, got {shape!r}")
+    try:
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentType(f"alloc(dtype=...) is not a numpy dtype: {exc}") from None
+    if dt.hasobject:
+        raise InvalidArgument(
+            f"alloc(dtype=...) cannot be {dt}: it holds Python objects, which are not bytes a "
+            "buffer can carry; put such records as they are instead"
+        )
+    layout = tuple(int(d) for d in dims)
+    if dt.subdtype is not None:
+        dt, item_shape = dt.subdtype
+        layout += item_shape
+    if math.prod(layout) * dt.itemsize > sys.maxsize:
+        raise InvalidArgument(
+            f"alloc of shape {layout} and dtype {dt} needs more bytes than this process can address"
+        )
+    return layout, dt
+
+
+def test_alloc_layout_fast_path_answers_as_the_general_one() -> None:
+    # A shape that is an int or a tuple of ints skips the numbers-ABC checks; whatever the
+    # shape and dtype, the result (or the error, type and message) is what it was before.
+    import enum
+
+    import numpy as np
+
+    from sage_zmq.wire.dtypes import alloc_layout
+
+    class Dim(enum.IntEnum):
+        THREE = 3
+
+    class Shape(tuple):  # type: ignore[type-arg]  # a tuple subclass, as torch.Size is
+        pass
+
+    shapes: list[Any] = [
+        4, 0, -1, (), (0,), (2, 3), (3, -1), [2, 3], range(3), Shape((2, 3)),
+        np.int32(5), (np.int64(2), 3), tuple(np.arange(1, 3)), Dim.THREE, (Dim.THREE, 2),
+        True, (True, 2), (2, False), 2.5, (2.0,), "abc", None, (2, None),
+        (10**10, 10**10), (2**70,), 2**70, (-(2**70),),
+    ]  # fmt: skip
+    dtypes: list[Any] = [
+        np.uint8, "u1", "f4", float, None, np.dtype("f8"), np.dtype(">i4"), "M8[ns]",
+        ("f8", (3,)), "(2,3)i4", np.dtype(("u1", (2, 2))),
+        np.dtype([("a", "u1"), ("b", "f8")], align=True),
+        np.dtype("f8", metadata={"unit": "m"}), object, "O", [("a", "O")], "zz", 3.5,
+    ]  # fmt: skip
+    for shape, dtype in itertools.product(shapes, dtypes):
+        try:
+            want: Any = _alloc_layout_before(shape, dtype)
+        except Exception as exc:
+            with pytest.raises(type(exc)) as got_exc:
+                alloc_layout(shape, dtype)
+            assert str(got_exc.value) == str(exc), (shape, dtype)
+            continue
+        layout, dt = alloc_layout(shape, dtype)
+        assert layout == want[0] and all(type(d) is int for d in layout), (shape, dtype)
+        assert type(layout) is tuple, (shape, dtype)
+        assert dt == want[1] and dt.metadata == want[1].metadata, (shape, dtype)
+        assert (dt is dtype) == (want[1] is dtype), (shape, dtype)  # a dtype given is kept
 
 
 @pytest.mark.parametrize("queue_type", ["local", "shm", "tcp"])

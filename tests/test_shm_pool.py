@@ -574,6 +574,34 @@ def test_unpack_ref_checks_every_body_and_remembers_only_good_dtypes() -> None:
             unpack_ref(msgpack.packb(["../etc", 64, 48, 7, "<f8", [6]]))
 
 
+def test_pack_ref_with_a_reused_packer_packs_the_same_ext() -> None:
+    ref = SlotRef("sagezmq-1-ab-0", 64, 48, 7)
+    want = msgpack.ExtType(4, msgpack.packb(["sagezmq-1-ab-0", 64, 48, 7, "<f8", [2, 3]]))
+    packer = msgpack.Packer(use_bin_type=True)
+    for packb in (None, packer.pack, packer.pack):
+        ext = pack_ref(ref, np.dtype("<f8"), (np.int64(2), 3), packb)
+        assert type(ext) is msgpack.ExtType and ext == want and hash(ext) == hash(want)
+        assert msgpack.packb(ext) == msgpack.packb(want)
+    raw = pack_ref(ref, None, None, packer.pack)
+    assert raw == msgpack.ExtType(4, msgpack.packb(["sagezmq-1-ab-0", 64, 48, 7, None, None]))
+
+
+def test_pool_slots_are_built_as_the_dataclass_builds_them() -> None:
+    # SharedMemoryPool.alloc sets a Slot's fields without its __init__ (half the time).
+    import dataclasses
+
+    from sage_zmq.shm.pool import Slot
+
+    with SharedMemoryPool(64 * KiB) as pool:
+        slot = pool.alloc(100)
+        values = {f.name: getattr(slot, f.name) for f in dataclasses.fields(Slot)}
+        assert type(slot) is Slot and repr(slot) == repr(Slot(**values))
+        assert values["nbytes"] == 100 and values["buffer"].nbytes == 100
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            slot.id = 99  # type: ignore[misc]
+        pool.release(slot.id)
+
+
 def test_exact_array_is_a_read_only_zero_copy_view_that_releases_once() -> None:
     with SharedMemoryPool(64 * KiB) as pool, SegmentCache() as cache, SegmentCache() as other:
         fired: list[int] = []

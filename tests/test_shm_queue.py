@@ -391,6 +391,30 @@ def test_alloc_fills_in_place_and_puts_without_a_copy(make: Any) -> None:
     assert producer.alloc(0).shape == (0,)
 
 
+def test_a_lent_buffer_goes_by_reference_from_where_it_starts(make: Any) -> None:
+    # The array alloc returned is known to start at its slot; any other view of the buffer
+    # says where it starts, even once that array is gone.
+    qd = make(shm_threshold=64 * KiB)
+    producer = producer_of(qd)
+    rows = producer.alloc((4, 32 * KiB), np.uint8)
+    rows[:] = np.arange(4, dtype=np.uint8)[:, None]
+    part = rows[1:]
+    del rows
+    gc.collect()
+    qd.put(part, timeout=T)
+    got = qd.get(timeout=T)
+    assert is_shared(got) and got.shape == (3, 32 * KiB)
+    assert [int(r.min()) for r in got] == [int(r.max()) for r in got] == [1, 2, 3]
+    flat = producer.alloc(96 * KiB, np.float32)  # one dimension: no reshape
+    assert flat.shape == (96 * KiB,) and flat.dtype == np.float32 and flat.flags.writeable
+    flat[:] = 5
+    qd.put(flat, timeout=T)
+    got = qd.get(timeout=T)
+    assert is_shared(got) and got.shape == flat.shape and (got == 5).all()
+    assert producer.alloc((), np.float64).shape == ()  # no dimension: reshaped to a scalar
+    assert (sender_stats(qd)["lent"], sender_stats(qd)["placed"]) == (2, 3)
+
+
 def test_a_producer_filling_alloc_buffers_back_to_back_batches(
     make: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -85,9 +85,20 @@ class InlineBytes(bytes):
 # --------------------------------------------------------------------------------------------
 # wire form of the reference
 
+_new_tuple = tuple.__new__
 
-def pack_ref(slot: SlotRef, dtype: np.dtype[Any] | None, shape: Sequence[int] | None) -> Any:
-    """Extension type 4 for a slot: ``[segment, offset, nbytes, slot, dtype, shape]``."""
+
+def pack_ref(
+    slot: SlotRef,
+    dtype: np.dtype[Any] | None,
+    shape: Sequence[int] | None,
+    packb: Callable[[Any], bytes] | None = None,
+) -> Any:
+    """Extension type 4 for a slot: ``[segment, offset, nbytes, slot, dtype, shape]``.
+
+    ``packb``: a reused ``msgpack.Packer(use_bin_type=True).pack`` (a packer is not
+    thread-safe: its owner's lock must cover it); without it, ``msgpack.packb``.
+    """
     body = [
         slot.segment,
         slot.offset,
@@ -96,7 +107,9 @@ def pack_ref(slot: SlotRef, dtype: np.dtype[Any] | None, shape: Sequence[int] | 
         None if dtype is None else dtype_to_wire(dtype),
         None if shape is None else [int(n) for n in shape],
     ]
-    return msgpack.ExtType(EXT_SHM_REF, msgpack.packb(body, use_bin_type=True))
+    data = msgpack.packb(body, use_bin_type=True) if packb is None else packb(body)
+    # msgpack.ExtType's __new__ checks its arguments in Python; these two are known good.
+    return _new_tuple(msgpack.ExtType, (EXT_SHM_REF, data))
 
 
 _WIRE_DTYPES: dict[str, np.dtype[Any]] = {}  # dtype strings seen on the wire, checked once
@@ -143,9 +156,20 @@ class _Loan:
     """Owner of a buffer handed out by :meth:`ShmSender.alloc`: every array over it has this in
     its ``.base`` chain, so the slot goes back to the pool when the last one dies unsent."""
 
-    __slots__ = ("__array_interface__", "__weakref__", "_export", "sender", "slot", "watch")
+    __slots__ = (
+        "__array_interface__",
+        "__weakref__",
+        "_export",
+        "array",
+        "sender",
+        "slot",
+        "watch",
+    )
 
     watch: _LoanWatch  # set by ShmSender.alloc, which keeps the watch reachable
+    # The array alloc returned, which starts at the slot (a weak reference: the array holds
+    # the loan). Its put needs no ``__array_interface__`` (about 1 us) to learn where it starts.
+    array: weakref.ref[np.ndarray]
 
     def __init__(self, sender: ShmSender, slot: Slot) -> None:
         # While this export lives the pool cannot release the slot's buffer under an array.
@@ -232,6 +256,7 @@ class ShmSender:
         self._loans: dict[int, _LoanWatch] = {}  # slot id -> watch of its buffer's owner
         # The consumer's release ring, once it named one and we attached (set by the link).
         self.ring: ReleaseRing | None = None
+        self._packb = msgpack.Packer(use_bin_type=True).pack  # under the producer's lock
         self.placed = 0
         self.placed_bytes = 0
         self.lent = 0
@@ -436,11 +461,16 @@ class ShmSender:
     def _place(
         self, data: Any, dtype: np.dtype[Any] | None, shape: Sequence[int] | None, nbytes: int
     ) -> Any:
-        loan = _find_loan(data)
-        if loan is not None and loan.sender is self and not loan.sent:
+        # An alloc buffer or a view of it has the loan's byte array as its base: no walk.
+        base = data.base if data.__class__ is np.ndarray else None
+        if base.__class__ is np.ndarray and base.base.__class__ is _Loan:
+            loan: _Loan | None = base.base
+        else:
+            loan = _find_loan(data)
+        if loan is not None and loan.sender is self and not loan.watch.sent:
             ref = self._lent_ref(loan, data, nbytes)
             if ref is not None:
-                ext = pack_ref(ref, dtype, shape)
+                ext = pack_ref(ref, dtype, shape, self._packb)
                 self._track(ref.slot_id, loan, nbytes, ext)
                 return ext
         slot = self._slot(nbytes)
@@ -453,7 +483,7 @@ class ShmSender:
             raise
         self.placed += 1
         self.placed_bytes += nbytes
-        ext = pack_ref(slot.ref(), dtype, shape)
+        ext = pack_ref(slot.ref(), dtype, shape, self._packb)
         self._track(slot.id, None, nbytes, ext)
         return ext
 
@@ -469,10 +499,10 @@ class ShmSender:
         if not view.flags.c_contiguous:
             return None
         slot = loan.slot
-        delta = view.__array_interface__["data"][0] - slot.address
+        delta = 0 if loan.array() is view else view.__array_interface__["data"][0] - slot.address
         if delta < 0 or delta + nbytes > slot.nbytes or self._pool is None or self._pool.closed:
             return None
-        loan.sent = True
+        loan.watch.sent = True
         self.lent += 1
         return SlotRef(slot.segment, slot.offset + delta, nbytes, slot.id)
 
@@ -570,7 +600,7 @@ class ShmSender:
         """
         shp, dt = alloc_layout(shape, dtype)
         nbytes = math.prod(shp) * dt.itemsize
-        if nbytes == 0 or not self.enabled:
+        if nbytes == 0 or self._disabled or self._closed:  # not self.enabled, without a call
             return np.empty(shp, dt)
         slot = self._slot(nbytes, wait=timeout)
         if slot is None:
@@ -584,7 +614,11 @@ class ShmSender:
         self._loans[slot.id] = watch
         self.placed += 1
         self.placed_bytes += nbytes
-        return np.asarray(loan).view(dt).reshape(shp)
+        array = np.asarray(loan).view(dt)
+        if len(shp) != 1:  # one dimension: the view has the shape already
+            array = array.reshape(shp)
+        loan.array = weakref.ref(array)
+        return array
 
     def _loan_dropped(self, slot_id: int) -> None:
         pool = self._pool

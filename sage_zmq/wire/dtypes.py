@@ -96,6 +96,38 @@ def alloc_layout(shape: Any, dtype: Any) -> tuple[tuple[int, ...], Any]:
     same on every queue type, whoever allocates)."""
     import numpy as np
 
+    # An int or a tuple of ints >= 0 passes on identity checks: those against the numbers
+    # ABCs in _checked_shape cost more than the rest of an alloc's checks together. Any other
+    # shape, a bad one included, goes through them (and their errors).
+    layout = (shape,) if shape.__class__ is int else shape
+    if layout.__class__ is tuple:
+        for d in layout:
+            if d.__class__ is not int or d < 0:
+                layout = _checked_shape(shape)
+                break
+    else:
+        layout = _checked_shape(shape)
+    try:
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentType(f"alloc(dtype=...) is not a numpy dtype: {exc}") from None
+    if dt.hasobject:
+        raise InvalidArgument(
+            f"alloc(dtype=...) cannot be {dt}: it holds Python objects, which are not bytes a "
+            "buffer can carry; put such records as they are instead"
+        )
+    if dt.subdtype is not None:  # ("f8", (3,)): numpy appends the item's shape to the array's
+        dt, item_shape = dt.subdtype
+        layout += item_shape
+    if math.prod(layout) * dt.itemsize > sys.maxsize:
+        raise InvalidArgument(
+            f"alloc of shape {layout} and dtype {dt} needs more bytes than this process can address"
+        )
+    return layout, dt
+
+
+def _checked_shape(shape: Any) -> tuple[int, ...]:
+    """``alloc``'s ``shape`` as a tuple of ints >= 0, or the error saying what is wrong."""
     dims = (shape,) if isinstance(shape, numbers.Integral) else shape
     try:
         dims = tuple(dims)
@@ -109,21 +141,4 @@ def alloc_layout(shape: Any, dtype: Any) -> tuple[tuple[int, ...], Any]:
         )
     if any(d < 0 for d in dims):
         raise InvalidArgument(f"alloc(shape=...) must not have negative dimensions, got {shape!r}")
-    try:
-        dt = np.dtype(dtype)
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgumentType(f"alloc(dtype=...) is not a numpy dtype: {exc}") from None
-    if dt.hasobject:
-        raise InvalidArgument(
-            f"alloc(dtype=...) cannot be {dt}: it holds Python objects, which are not bytes a "
-            "buffer can carry; put such records as they are instead"
-        )
-    layout = tuple(int(d) for d in dims)
-    if dt.subdtype is not None:  # ("f8", (3,)): numpy appends the item's shape to the array's
-        dt, item_shape = dt.subdtype
-        layout += item_shape
-    if math.prod(layout) * dt.itemsize > sys.maxsize:
-        raise InvalidArgument(
-            f"alloc of shape {layout} and dtype {dt} needs more bytes than this process can address"
-        )
-    return layout, dt
+    return tuple(int(d) for d in dims)
