@@ -639,6 +639,7 @@ def test_a_full_pool_takes_releases_that_come_soon_over_a_new_segment() -> None:
     try:
         held = [sender._slot(256 * KiB) for _ in range(4)]  # the first segment, full
         assert all(held) and sender.pool is not None
+        sender._sent_at.update((slot.id, 0) for slot in held)  # type: ignore[union-attr]
         looks: list[float] = []
 
         def consumer_a_moment_behind(timeout: float) -> None:
@@ -678,6 +679,7 @@ def test_a_pool_that_cannot_grow_sends_inline_and_waits_before_trying_again(
     try:
         held = [sender._slot(256 * KiB) for _ in range(4)]  # the first segment, full
         assert all(held) and sender.pool is not None
+        sender._sent_at.update((slot.id, 0) for slot in held)  # type: ignore[union-attr]
         tries: list[int] = []
 
         def no_space(self: SharedMemoryPool, size: int) -> Any:

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sage_zmq import QueueDescriptor
-from sage_zmq.errors import DeliveryError, DescriptorError, Empty
+from sage_zmq.errors import DeliveryError, DescriptorError, Empty, EncodeError
 from sage_zmq.packet import Packet
 from sage_zmq.queues import _producer
 from sage_zmq.queues.shm import ShmQueueType, _has_nested_bytes
@@ -962,3 +962,33 @@ def test_a_buffer_refilled_after_each_put_arrives_as_it_was_put(kib: int) -> Non
             del arr, data
     finally:
         qd.close()
+
+
+def test_a_payload_whose_record_fails_to_encode_gives_its_slot_back(make: Any) -> None:
+    # A busy producer copies a payload into the pool at put; if its record then fails at the
+    # flush (here a Packet whose headers hold a set), that slot is never sent, so nobody
+    # would release it: it is given back with the error, or the pool drains, bad record by
+    # bad record, until every payload goes inline.
+    qd = make(maxsize=1000, shm_threshold=64 * KiB, memory_pool_size=8)
+    producer = producer_of(qd)
+    failures = 0
+    for i in range(40):
+        headers: dict[str, Any] = {"bad": {1, 2}} if i == 20 else {"i": i}
+        try:
+            qd.put(Packet(np.full(256 * KiB // 8, float(i)), 0, None, None, headers), timeout=T)
+        except EncodeError:
+            failures += 1
+    try:
+        producer.flush(timeout=T)
+    except EncodeError:
+        failures += 1
+    assert failures == 1
+    got = []
+    for _ in range(39):
+        packet = qd.get(timeout=T)
+        got.append(int(packet.payload[0]))
+        del packet
+    assert got == [i for i in range(40) if i != 20]
+    assert not producer.shm._early
+    # The consumer's releases go out, the producer reads them: every slot comes back.
+    wait_until(lambda: (pump(qd), producer.shm.pool.slots_in_use)[1] == 0, "every slot back")

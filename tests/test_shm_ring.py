@@ -3,9 +3,11 @@ between ring and RELEASE frames, and queues that hand slots back through one."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from sage_zmq import QueueDescriptor
-from sage_zmq.errors import SecurityError
+from sage_zmq.errors import DeliveryError, SecurityError
 from sage_zmq.shm import ring as ring_mod
 from sage_zmq.shm import transfer
 from sage_zmq.shm.pool import ShmError
@@ -305,3 +307,214 @@ def test_without_rings_releases_go_as_frames(make: Any, monkeypatch: pytest.Monk
     produced, consumed = _run(make(), 300, 256 * KiB)
     assert produced["ring_released"] == 0 and produced["released"] >= 250, produced
     assert consumed["release_rings"] == 0 and consumed["release_frames"] > 0, consumed
+
+
+# ------------------------------------------------------------- review regressions (bbR)
+
+
+def test_releases_through_the_ring_let_the_pool_shrink_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # apply_releases trims an idle pool after a burst; take_ring must too, or a producer
+    # whose consumer reads rings keeps every segment a burst made until it closes.
+    monkeypatch.setattr(transfer, "_TRIM_EVERY", 0.0)
+    sender = transfer.ShmSender(threshold=1, capacity=4 << 20, wait=0, segment_bytes=1 << 20)
+    ring = ReleaseRing.create(capacity=16)
+    try:
+        sender.begin()
+        for _ in range(6):  # 6 x 512 KiB: three segments of 1 MiB
+            assert sender.encode_bytes(b"\0" * (512 * KiB)) is not None
+        sender.commit(0, [])
+        pool = sender.pool
+        assert pool is not None and len(pool.statistics().segments) == 3
+        sender.ring = ReleaseRing.open(ring.name)
+        assert ring.put(sorted(sender._sent_at)) == 6
+        assert sender.take_ring() == 6
+        assert len(pool.statistics().segments) == 1
+    finally:
+        sender.close()
+        ring.close()
+
+
+def test_pids_beyond_pid_t_are_nobody() -> None:
+    from sage_zmq.shm.sweep import owner_pid, pid_alive, sweep_orphans
+
+    big = 2**31
+    assert owner_pid(f"sagezmq-{big}-0-0") is None
+    assert pid_alive(big) is False
+    stray = os.path.join(SHM_DIR, f"sagezmq-{big}-0-0")  # anyone may create this name
+    fd = os.open(stray, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.close(fd)
+    try:
+        assert stray.rsplit("/", 1)[1] not in sweep_orphans()  # no OverflowError, not ours
+    finally:
+        os.unlink(stray)
+
+
+def test_a_credit_pid_that_is_no_pid_is_dropped() -> None:
+    from sage_zmq.queues._zmq import _pid_or_none
+
+    assert _pid_or_none(1234) == 1234
+    for bad in (0, -1, 2**31, 2**64 - 1, True, None, "12"):
+        assert _pid_or_none(bad) is None
+
+
+def test_a_reader_garbage_pid_does_not_crash_the_consumer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(transfer, "MAX_RINGS", 1)
+    receiver, send, _ = _receiver()
+    try:
+        receiver._new_ring(b"a")
+        reader = ReleaseRing.open(receiver.rings[b"a"].name)
+        reader._words[2] = 2**31  # what a broken producer might write
+        receiver._released(b"a", 1)
+        receiver.flush(send, force=True)
+        receiver._new_ring(b"b")  # prunes: no OverflowError from pid_alive
+        assert set(receiver.rings) == {b"b"}
+        reader.close()
+    finally:
+        receiver.close()
+
+
+def test_open_refuses_a_ring_too_large() -> None:
+    name = f"sagezmq-{os.getpid()}-abba-9"
+    path = os.path.join(SHM_DIR, name)
+    size = 1 << 50
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        header = np.array([ring_mod.MAGIC, size // 8 - HEADER_WORDS], np.uint64)
+        os.pwrite(fd, header.tobytes(), 0)
+        with pytest.raises(ShmError):
+            ReleaseRing.open(name)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def test_entries_is_read_when_a_ring_is_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ring_mod, "ENTRIES", 4)
+    r = ReleaseRing.create()
+    try:
+        assert r.capacity == 4
+    finally:
+        r.close()
+
+
+def test_a_release_of_a_slot_never_sent_is_ignored() -> None:
+    # A consumer (or anything writing RELEASE frames or ring entries) cannot free a slot the
+    # producer has not sent: a buffer still being filled must not be handed out again.
+    sender = transfer.ShmSender(threshold=1, capacity=1 << 20, wait=0)
+    try:
+        lent = sender.alloc(256 * KiB)
+        lent[:] = 7
+        pool = sender.pool
+        assert pool is not None
+        (slot_id,) = pool.in_use()
+        sender.apply_releases([slot_id, slot_id + 1000])
+        assert pool.in_use() == [slot_id] and sender.released == 0
+        assert int(lent[0]) == 7
+    finally:
+        sender.close()
+
+
+def _run_with_rings_in_turn(conn: Connection, qd: QueueDescriptor) -> None:
+    """Consumer: a session with a ring, then one without (rings off), 20 payloads each."""
+    for _ in range(20):
+        arr = qd.get(timeout=T)
+        del arr
+    conn.send("taken")
+    conn.recv()  # the producer has read our ring's name
+    qd.close()
+    ring_mod.SUPPORTED = False
+    while not isinstance(qd.get(timeout=T), str):
+        pass  # the greeting: this new session is connected
+    conn.send("greeted")
+    taken = 0
+    while taken < 20:
+        if not isinstance(qd.get(timeout=T), str):
+            taken += 1
+    conn.send("taken")
+    conn.recv()
+    qd.close()
+
+
+@needs_ring
+def test_a_producer_lets_go_of_the_ring_of_a_consumer_that_was_replaced(make: Any) -> None:
+    # The second consumer session names no ring: the producer drains the first one's and
+    # reads releases from frames again (a ring nobody writes to would stop it reading them).
+    qd = make(shm_threshold=64 * KiB)
+    ctx = mp.get_context("spawn")
+    mine, theirs = ctx.Pipe()
+    proc = ctx.Process(target=_run_with_rings_in_turn, args=(theirs, qd), daemon=True)
+    proc.start()
+    theirs.close()
+    producer = qd._handle().producer(qd)
+    try:
+        src = np.zeros(64 * KiB // 8)
+        for _ in range(20):
+            qd.put(src, timeout=T)
+        assert mine.poll(T) and mine.recv() == "taken"
+        _wait_until(lambda: (producer.poll_credit(), producer.shm.ring)[1] is not None)
+        mine.send("next")
+        for _ in range(int(T / 0.25)):  # greet the next session until it answers
+            qd.put("hello", timeout=T)
+            if mine.poll(0.25):
+                assert mine.recv() == "greeted"
+                break
+        for _ in range(20):
+            qd.put(src, timeout=T)
+        producer.flush(timeout=T)
+        assert mine.poll(T) and mine.recv() == "taken"
+        _wait_until(lambda: (producer.poll_credit(), producer.shm.ring)[1] is None)
+        assert producer.shm.statistics()["ring_released"] > 0  # the first session's ring
+        mine.send("done")
+    finally:
+        proc.join(T)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(T)
+        with contextlib.suppress(DeliveryError):
+            qd.close(timeout=1)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(qd.endpoint)[len("ipc://") :])  # if the consumer was killed
+
+
+def _wait_until(cond: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + T
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def test_a_ring_whose_reader_died_makes_room_for_another() -> None:
+    ctx = mp.get_context("spawn")
+    receiver, _, _ = _receiver()
+    try:
+        receiver._new_ring(b"a")
+        name = receiver.rings[b"a"].name
+        mine, theirs = ctx.Pipe()
+        proc = ctx.Process(target=_attach_and_wait, args=(theirs, name), daemon=True)
+        proc.start()
+        theirs.close()
+        assert mine.poll(T) and mine.recv() == "attached"
+        proc.kill()
+        proc.join(T)
+        assert receiver.rings[b"a"].reader == proc.pid  # it never detached: it was killed
+        transfer_max = transfer.MAX_RINGS
+        transfer.MAX_RINGS = 1
+        try:
+            receiver._new_ring(b"b")  # the dead reader's ring gives way
+        finally:
+            transfer.MAX_RINGS = transfer_max
+        assert set(receiver.rings) == {b"b"}
+    finally:
+        receiver.close()
+
+
+def _attach_and_wait(conn: Connection, name: str) -> None:
+    ring = ReleaseRing.open(name)
+    ring.attach()
+    conn.send("attached")
+    conn.recv()  # SIGKILLed here

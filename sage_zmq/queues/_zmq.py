@@ -166,6 +166,11 @@ def _allow_ipv6(sock: zmq.Socket[Any], endpoint: str) -> None:
 _RCVTIMEO = int(zmq.RCVTIMEO)
 
 
+def _pid_or_none(pid: Any) -> int | None:
+    """A CREDIT's pid if it can be a process id (a peer's garbage must not reach os.kill)."""
+    return pid if pid.__class__ is int and 0 < pid < 2**31 else None
+
+
 def _wait_at_most(link: DealerLink | RouterInlet, timeout: float) -> None:
     """Make the link's next blocking recv give up after ``timeout`` s (set only on change:
     socket options cost microseconds)."""
@@ -358,7 +363,7 @@ class DealerLink:
                         f["acked"],
                         f["limit"],
                         f.get("base"),
-                        f.get("pid"),
+                        _pid_or_none(f.get("pid")),
                         f.get("lost", 0),
                         f.get("release_ring"),
                     )

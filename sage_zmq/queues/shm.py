@@ -80,10 +80,11 @@ and released it, so the slots a producer cycles through grow with the frame: few
 in cache. 1 MiB arrays between two processes, 1000 a run (median of 7, 2-core VM): put
 10.7 -> 13.6 GB/s, alloc + fill + put 10.2 -> 13.4; 6-8 MiB beat 4 and 12."""
 
-RING_LOOK_FIRST = 0.0002
+RING_LOOK_FIRST = 0.001
 RING_LOOK_MAX = 0.005
-"""A producer waiting for room looks at its release ring after RING_LOOK_FIRST s, then at
-doubling intervals up to RING_LOOK_MAX: a release written there wakes nobody."""
+"""A producer waiting for room looks at its release ring after RING_LOOK_FIRST s (the
+shortest wait its socket can make), then at doubling intervals up to RING_LOOK_MAX: a release
+written there wakes nobody."""
 
 LIVE_VIEW_WAKE = 0.05
 """Longest blocking read while received views live: their releases leave at least this often
@@ -148,6 +149,7 @@ class ShmDealerLink(DealerLink):
                 shm.abort()
                 shm.begin()
                 keep = {id(s) for s in sent}
+                shm.forget([r for r, s in zip(records, staged, strict=True) if id(s) not in keep])
                 records = [r for r, s in zip(records, staged, strict=True) if id(s) in keep]
                 staged = shm.stage(records, deep=deep)
                 frame, sent, more = encode(producer, seq, staged, compress=self.compress)
@@ -157,6 +159,7 @@ class ShmDealerLink(DealerLink):
                 return self._send_split(producer, seq, records, len(frame), errors)
             if not sent:
                 shm.abort()
+                shm.forget(records)
                 return 0, 0, errors
             self._send_frame(frame)
         except BaseException:
@@ -223,7 +226,7 @@ class ShmDealerLink(DealerLink):
         a living process may still hold views of those slots.
         """
         for credit in credits:
-            if credit.ring is not None and credit.ring != self._ring_name:
+            if credit.ring != self._ring_name:
                 self._adopt_ring(credit.ring)
             known = self._consumer
             if known is not None and known[0] == credit.session:
@@ -245,11 +248,16 @@ class ShmDealerLink(DealerLink):
                     taken,
                 )
 
-    def _adopt_ring(self, name: str) -> None:
-        """Read releases from the consumer's ring ``name`` from now on (the one before it,
-        if any, is drained first: its consumer was replaced)."""
+    def _adopt_ring(self, name: str | None) -> None:
+        """Read releases from the consumer's ring ``name`` from now on (None: from frames
+        only). The ring before, if any, is drained and let go: its consumer was replaced."""
         self._ring_name = name
-        if not ring_mod.SUPPORTED or not self.shm.enabled:
+        old = self.shm.ring
+        if old is not None:
+            self.shm.take_ring()
+            self.shm.ring = None
+            old.close()
+        if name is None or not ring_mod.SUPPORTED or not self.shm.enabled:
             return
         try:
             ring = ReleaseRing.open(name)
@@ -260,10 +268,6 @@ class ShmDealerLink(DealerLink):
                 exc,
             )
             return
-        old = self.shm.ring
-        if old is not None:
-            self.shm.take_ring()
-            old.close()
         ring.attach()
         self.shm.ring = ring
 

@@ -51,6 +51,7 @@ SUPPORTED = platform.machine().lower() in {"x86_64", "amd64", "i386", "i486", "i
 
 _MAGIC, _CAPACITY, _READER = 0, 1, 2
 _ID_LIMIT = 1 << 63  # §6: slot ids are below 2^63, so slot + 1 fits an entry
+_MAX_CAPACITY = 1 << 20  # entries a reader accepts (8 MiB): a ring needs no more
 
 
 class ReleaseRing:
@@ -71,8 +72,10 @@ class ReleaseRing:
     # -- ends -------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, capacity: int = ENTRIES, *, prefix: str = DEFAULT_PREFIX) -> ReleaseRing:
+    def create(cls, capacity: int | None = None, *, prefix: str = DEFAULT_PREFIX) -> ReleaseRing:
         """A new ring in ``/dev/shm`` (mode 0600), owned and unlinked by this process."""
+        if capacity is None:
+            capacity = ENTRIES  # read now, so that ENTRIES can be changed (tests)
         name = segment_name(prefix, os.getpid(), secrets.token_hex(4), 0)
         mm = _create_segment(name, 8 * (HEADER_WORDS + capacity), prefault=True)
         words = memoryview(mm).cast("Q")
@@ -97,9 +100,16 @@ class ReleaseRing:
                 raise SecurityError(
                     f"refusing to map {path}: not a regular file owned by uid {os.getuid()}"
                 )
-            if st.st_size < 8 * (HEADER_WORDS + 1) or st.st_size % 8:
+            if (
+                st.st_size < 8 * (HEADER_WORDS + 1)
+                or st.st_size > 8 * (HEADER_WORDS + _MAX_CAPACITY)
+                or st.st_size % 8
+            ):
                 raise ShmError(f"release ring {path} has a bad size ({st.st_size} bytes)")
-            mm = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED)
+            try:
+                mm = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED)
+            except OSError as exc:
+                raise ShmError(f"cannot map release ring {path}: {exc}") from None
         finally:
             os.close(fd)
         words = memoryview(mm).cast("Q")
@@ -150,7 +160,7 @@ class ReleaseRing:
             return []
         cap = self.capacity
         out: list[int] = []
-        while True:
+        for _ in range(cap):  # one lap at most: a writer that never stops cannot hold us here
             value = words[at]
             if not value:
                 break

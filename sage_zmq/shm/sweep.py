@@ -19,6 +19,8 @@ SHM_DIR = "/dev/shm"
 DEFAULT_PREFIX = "sagezmq-"
 
 _TAIL_RE = re.compile(r"(\d+)-([0-9a-f]+)-(\d+)\Z")
+MAX_PID = 2**31 - 1
+"""The largest value a pid_t holds: os.kill raises OverflowError beyond it."""
 
 
 def segment_name(prefix: str, pid: int, token: str, n: int) -> str:
@@ -34,14 +36,17 @@ def owner_pid(name: str, prefix: str = DEFAULT_PREFIX) -> int | None:
     if match is None:
         return None
     pid = int(match.group(1))
-    # pid 0 / negative would make os.kill address process groups.
-    return pid if pid > 0 else None
+    # pid 0 / negative would make os.kill address process groups; no process has a pid
+    # beyond pid_t (os.kill would raise OverflowError): not a name of ours either.
+    return pid if 0 < pid <= MAX_PID else None
 
 
 def pid_alive(pid: int) -> bool:
     """Whether a process with this pid exists (as far as this pid namespace can tell)."""
     if pid <= 0:
         raise ValueError(f"pid must be positive, got {pid}")
+    if pid > MAX_PID:
+        return False  # no process has it (and os.kill would raise OverflowError)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

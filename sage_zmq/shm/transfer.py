@@ -426,6 +426,19 @@ class ShmSender:
                     if slot_id >= 0:
                         sent_at[slot_id] = seq
 
+    def forget(self, records: list[Any]) -> None:
+        """Give back the slots placed at put for ``records``, which will never be sent (their
+        encoding failed; the caller reports them): nobody would ever release them."""
+        early, pool = self._early, self._pool
+        if not early:
+            return
+        for record in records:
+            ext = record.payload if record.__class__ is Packet else record
+            if ext.__class__ is msgpack.ExtType:
+                slot_id = early.pop(ext, -1)
+                if slot_id >= 0 and pool is not None:
+                    pool.release(slot_id)
+
     def reclaim_sent_before(self, seq: int) -> int:
         """Take back the slots of frames before ``seq``: their consumer is gone (it died), and
         the one after it started at ``seq``. Returns how many were taken back."""
@@ -646,6 +659,7 @@ class ShmSender:
                     pool.release(slot_id)
                     self.ring_released += 1
             self._starved = False
+            self._maybe_trim()
         return len(ids)
 
     def apply_releases(self, slot_ids: Iterable[int]) -> None:
@@ -655,12 +669,17 @@ class ShmSender:
             return
         sent_at = self._sent_at
         for slot_id in slot_ids:
-            sent_at.pop(slot_id, None)
-            if pool.release(slot_id):
+            # Only what we sent and still count as the consumer's, as from the ring: a
+            # consumer cannot free a slot still being filled, nor one taken back since.
+            if sent_at.pop(slot_id, None) is not None and pool.release(slot_id):
                 self.released += 1
         self._starved = False
+        self._maybe_trim()
+
+    def _maybe_trim(self) -> None:
+        pool = self._pool
         now = time.monotonic()
-        if now - self._last_trim > _TRIM_EVERY:
+        if pool is not None and now - self._last_trim > _TRIM_EVERY:
             self._last_trim = now
             stats = pool.statistics()
             if stats.used == 0 and len(stats.segments) > 1:
@@ -796,15 +815,17 @@ class ShmReceiver:
         # Rings whose producer went away (it detached on close, or its process is gone), and
         # rings never attached after a while (a producer that does not read rings: frames).
         stale = time.monotonic() - RING_ATTACH_WAIT
+        if len(self._ring_refused) > 4 * MAX_RINGS:
+            self._ring_refused.clear()  # connections come and go: forget the old ones
         for peer, ring in list(self.rings.items()):
             reader = ring.reader
-            if ring.was_read:
-                if reader and pid_alive(reader):
+            if reader:
+                if pid_alive(reader):
                     continue
-            elif reader or ring.created > stale:
-                continue
-            else:
-                self._ring_refused.add(peer)
+            elif not ring.was_read:
+                if ring.created > stale:
+                    continue
+                self._ring_refused.add(peer)  # a producer that does not read rings
             del self.rings[peer]
             ring.close()
 
