@@ -286,6 +286,17 @@ class _Segment:
         return list(zip(self.free_off, self.free_len, strict=True))
 
 
+def owned_file(fd: int, path: str) -> os.stat_result:
+    """The stat of a segment just opened (with O_NOFOLLOW): a regular file of this user, or
+    SecurityError (§6: nothing else is mapped)."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+        raise SecurityError(
+            f"refusing to map {path}: not a regular file owned by uid {os.getuid()}"
+        )
+    return st
+
+
 def address_of(buffer: Any) -> int:
     """The address of a buffer's first byte (the temporary export ends before returning)."""
     return int(np.frombuffer(buffer, np.uint8).__array_interface__["data"][0])
@@ -744,11 +755,7 @@ class SegmentCache:
         except OSError as exc:
             raise ShmError(f"cannot open shared-memory segment {path}: {exc}") from exc
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
-                raise SecurityError(
-                    f"refusing to map {path}: not a regular file owned by uid {os.getuid()}"
-                )
+            st = owned_file(fd, path)
             if st.st_size == 0:
                 raise ShmError(f"shared-memory segment {path} is empty")
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if self._writable else 0)

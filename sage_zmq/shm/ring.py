@@ -37,8 +37,7 @@ import sys
 import time
 import weakref
 
-from sage_zmq.errors import SecurityError
-from sage_zmq.shm.pool import ShmError, _create_segment, _unlink_names, _valid_name
+from sage_zmq.shm.pool import ShmError, _create_segment, _unlink_names, _valid_name, owned_file
 from sage_zmq.shm.sweep import DEFAULT_PREFIX, SHM_DIR, owner_pid, pid_alive, segment_name
 
 MAGIC = int.from_bytes(b"SZRING01", sys.byteorder)
@@ -95,11 +94,7 @@ class ReleaseRing:
         except OSError as exc:
             raise ShmError(f"cannot open release ring {path}: {exc}") from None
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
-                raise SecurityError(
-                    f"refusing to map {path}: not a regular file owned by uid {os.getuid()}"
-                )
+            st = owned_file(fd, path)
             if (
                 st.st_size < 8 * (HEADER_WORDS + 1)
                 or st.st_size > 8 * (HEADER_WORDS + _MAX_CAPACITY)

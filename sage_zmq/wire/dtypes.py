@@ -96,16 +96,8 @@ def alloc_layout(shape: Any, dtype: Any) -> tuple[tuple[int, ...], Any]:
     same on every queue type, whoever allocates)."""
     import numpy as np
 
-    # An int or a tuple of ints >= 0 passes on identity checks: those against the numbers
-    # ABCs in _checked_shape cost more than the rest of an alloc's checks together. Any other
-    # shape, a bad one included, goes through them (and their errors).
-    layout = (shape,) if shape.__class__ is int else shape
-    if layout.__class__ is tuple:
-        for d in layout:
-            if d.__class__ is not int or d < 0:
-                layout = _checked_shape(shape)
-                break
-    else:
+    layout = _plain_shape(shape)
+    if layout is None:
         layout = _checked_shape(shape)
     try:
         dt = np.dtype(dtype)
@@ -124,6 +116,19 @@ def alloc_layout(shape: Any, dtype: Any) -> tuple[tuple[int, ...], Any]:
             f"alloc of shape {layout} and dtype {dt} needs more bytes than this process can address"
         )
     return layout, dt
+
+
+def _plain_shape(shape: Any) -> tuple[int, ...] | None:
+    """``shape`` if it is an int or a tuple of ints >= 0, found by identity checks only (those
+    against the numbers ABCs in _checked_shape cost more than the rest of an alloc's checks
+    together); None for any other shape, a bad one included, which _checked_shape judges."""
+    layout = (shape,) if shape.__class__ is int else shape
+    if layout.__class__ is not tuple:
+        return None
+    for d in layout:
+        if d.__class__ is not int or d < 0:
+            return None
+    return layout
 
 
 def _checked_shape(shape: Any) -> tuple[int, ...]:
