@@ -992,3 +992,17 @@ def test_a_payload_whose_record_fails_to_encode_gives_its_slot_back(make: Any) -
     assert not producer.shm._early
     # The consumer's releases go out, the producer reads them: every slot comes back.
     wait_until(lambda: (pump(qd), producer.shm.pool.slots_in_use)[1] == 0, "every slot back")
+
+
+def test_a_producers_pool_statistics_have_the_keys_operations_md_names(make: Any) -> None:
+    qd = make()
+    qd.put(np.zeros(128 * KiB // 8), timeout=T)
+    arr = qd.get(timeout=T)
+    del arr
+    shm = (producer_of(qd).statistics().extra or {})["shm"]
+    documented = {
+        "placed", "placed_bytes", "lent", "released", "ring_released", "reclaimed",
+        "inline_fallbacks", "waits", "in_use_bytes", "slots_in_use", "segments",
+    }  # fmt: skip
+    assert documented <= set(shm), documented - set(shm)
+    assert shm["placed"] == 1
