@@ -178,14 +178,6 @@ class _Loan:
         self.sender = sender
         self.slot = slot
 
-    @property
-    def sent(self) -> bool:
-        return self.watch.sent
-
-    @sent.setter
-    def sent(self, value: bool) -> None:
-        self.watch.sent = value
-
 
 class _LoanWatch(weakref.ref[_Loan]):
     """Calls :func:`_loan_collected` when its loan dies; it outlives the loan, so it carries
@@ -404,7 +396,7 @@ class ShmSender:
         pool = self._pool
         for slot_id, loan, nbytes in batch or ():
             if loan is not None:
-                loan.sent = False
+                loan.watch.sent = False
             elif pool is not None:
                 pool.release(slot_id)
                 self.placed -= 1  # counts payloads that went through the pool, not attempts
