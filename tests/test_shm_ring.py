@@ -420,12 +420,15 @@ def test_a_release_of_a_slot_never_sent_is_ignored() -> None:
 
 
 def _run_with_rings_in_turn(conn: Connection, qd: QueueDescriptor) -> None:
-    """Consumer: a session with a ring, then one without (rings off), 20 payloads each."""
+    """Consumer: a session with a ring (21 payloads), then one without (rings off, 20)."""
     for _ in range(20):
         arr = qd.get(timeout=T)
         del arr
     conn.send("taken")
     conn.recv()  # the producer has read our ring's name
+    # Releases before that went as frames; this one goes through the ring.
+    arr = qd.get(timeout=T)
+    del arr
     qd.close()
     ring_mod.SUPPORTED = False
     while not isinstance(qd.get(timeout=T), str):
@@ -457,6 +460,8 @@ def test_a_producer_lets_go_of_the_ring_of_a_consumer_that_was_replaced(make: An
             qd.put(src, timeout=T)
         assert mine.poll(T) and mine.recv() == "taken"
         _wait_until(lambda: (producer.poll_credit(), producer.shm.ring)[1] is not None)
+        qd.put(src, timeout=T)
+        producer.flush(timeout=T)
         mine.send("next")
         for _ in range(int(T / 0.25)):  # greet the next session until it answers
             qd.put("hello", timeout=T)
