@@ -96,11 +96,12 @@ class Consumer:
         return out
 
     def take_until_quiet(self, quiet: float) -> list[Any]:
-        """What arrives until nothing does for ``quiet`` seconds (or the end of stream)."""
+        """What arrives until nothing does for ``quiet`` seconds after the first record (or
+        the end of stream). The first may take long: its producer actor is still starting."""
         out: list[Any] = []
         while True:
             try:
-                item = self.qd.get(timeout=quiet)
+                item = self.qd.get(timeout=quiet if out else WAIT)
             except Empty:
                 return out
             out.append(item)
