@@ -4,6 +4,7 @@ between ring and RELEASE frames, and queues that hand slots back through one."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -417,6 +418,32 @@ def test_a_release_of_a_slot_never_sent_is_ignored() -> None:
         assert int(lent[0]) == 7
     finally:
         sender.close()
+
+
+@needs_ring
+def test_a_ring_gone_before_the_producer_read_its_name_is_no_warning(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A consumer that closes right after a CREDIT (a normal end) has removed the ring it named:
+    # nothing is wrong. A ring that is there and is not one is worth a warning.
+    qd = make(shm_threshold=64 * KiB)
+    link = qd._handle().producer(qd)._link
+    name = f"sagezmq-{os.getpid()}-feed-8"
+    with caplog.at_level(logging.DEBUG, logger="sage_zmq.queue"):
+        link._adopt_ring(name)
+        assert link.shm.ring is None
+        assert [r.levelno for r in caplog.records if "release ring" in r.message] == [logging.DEBUG]
+        caplog.clear()
+        path = _plain_file(name, b"\0" * 8 * (HEADER_WORDS + 4))
+        try:
+            link._adopt_ring(None)
+            link._adopt_ring(name)
+        finally:
+            os.unlink(path)
+        assert link.shm.ring is None
+        assert [r.levelno for r in caplog.records if "release ring" in r.message] == [
+            logging.WARNING
+        ]
 
 
 def _run_with_rings_in_turn(conn: Connection, qd: QueueDescriptor) -> None:

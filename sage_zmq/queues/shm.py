@@ -262,7 +262,10 @@ class ShmDealerLink(DealerLink):
         try:
             ring = ReleaseRing.open(name)
         except (ShmError, SecurityError) as exc:
-            log.warning(
+            # Gone: its consumer closed since the CREDIT (a normal end), or died.
+            gone = isinstance(exc.__cause__, FileNotFoundError)
+            log.log(
+                logging.DEBUG if gone else logging.WARNING,
                 "queue %s: cannot read the consumer's release ring (%s); releases come as frames",
                 self.queue_id,
                 exc,

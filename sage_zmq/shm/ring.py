@@ -94,7 +94,7 @@ class ReleaseRing:
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
-            raise ShmError(f"cannot open release ring {path}: {exc}") from None
+            raise ShmError(f"cannot open release ring {path}: {exc}") from exc
         try:
             st = owned_file(fd, path)
             if (
