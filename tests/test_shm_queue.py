@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from operator import length_hint
 from typing import Any
 
 import numpy as np
@@ -310,6 +311,28 @@ def test_a_view_dropped_while_the_consumer_waits_in_get_goes_back_promptly(make:
     assert not reader.is_alive() and len(got) == 1
     assert is_shared(got[0]) and got[0][0] == 2.0
     assert sender_stats(qd)["inline_fallbacks"] == 0
+
+
+def test_each_record_of_a_batch_lets_go_of_its_slot_when_the_application_drops_it(
+    make: Any,
+) -> None:
+    # The consumer reads a batch through an iterator; over a list, that kept every view of
+    # the batch, so every slot, until the application took the batch's last record.
+    qd = make(shm_threshold=64 * KiB)
+    for i in range(8):
+        qd.put(np.full(64 * KiB // 8, float(i)), timeout=T)
+    producer_of(qd).flush(timeout=T)
+    receiver = qd._handle().consumer(qd)._inlets[0].shm
+    waiting_in_batch = []
+    for i in range(8):
+        got = qd.get(timeout=T)
+        assert got[0] == float(i)
+        del got
+        consumer = qd._handle().consumer(qd)
+        left = length_hint(consumer._current)
+        waiting_in_batch.append(left)
+        assert receiver.cache.live_views == left + consumer._queued, i
+    assert max(waiting_in_batch) > 0  # some batch held more than one record
 
 
 def test_explicit_release_frees_the_slot_while_the_object_lives(make: Any) -> None:

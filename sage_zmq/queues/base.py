@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import numbers
 from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, overload
 
 from sage_zmq.errors import DescriptorError, InvalidArgument, InvalidArgumentType
 
@@ -132,6 +134,8 @@ class ConsumerInlet(Protocol):
         ``("data", inlet, peer, producer, seq, records, nbytes)``,
         ``("end", inlet, peer, producer, seq)``, ``("close", inlet, peer, producer, seq)``,
         ``("heartbeat", inlet, peer, producer)``.
+        ``records`` is a list, or a :class:`DrainingBatch` when the consumer must let go of
+        each record as the application takes it.
         """
         ...
 
@@ -140,6 +144,45 @@ class ConsumerInlet(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class DrainingBatch:
+    """A batch of records that forgets each record as it is taken: iterating it empties it.
+
+    The consumer reads a list batch through an iterator that holds the whole list until its
+    last record is taken. Records that hold something their last reference frees, such as
+    views of shared-memory slots, come in this instead: a slot goes back to its producer's
+    pool when the application drops its record, not when it takes the batch's last one.
+    """
+
+    __slots__ = ("_left",)
+
+    def __init__(self, records: Iterable[Any]) -> None:
+        self._left = deque(records)
+
+    def __len__(self) -> int:
+        return len(self._left)
+
+    def __length_hint__(self) -> int:  # what the consumer counts as not yet taken
+        return len(self._left)
+
+    @overload
+    def __getitem__(self, index: int) -> Any: ...
+    @overload
+    def __getitem__(self, index: slice) -> DrainingBatch: ...
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return DrainingBatch(list(self._left)[index])
+        return self._left[index]
+
+    def __iter__(self) -> DrainingBatch:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return self._left.popleft()
+        except IndexError:
+            raise StopIteration from None
 
 
 class QueueType(ABC):

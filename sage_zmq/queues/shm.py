@@ -49,6 +49,7 @@ from sage_zmq.queues.base import (
     Capabilities,
     ConsumerInlet,
     Credit,
+    DrainingBatch,
     ProducerLink,
     QueueStatistics,
     producer_options,
@@ -290,6 +291,13 @@ class ShmDealerLink(DealerLink):
             self.shm.close()
 
 
+def _draining(event: tuple[Any, ...]) -> tuple[Any, ...]:
+    if event[0] != "data":
+        return event
+    kind, inlet, peer, producer, seq, records, nbytes = event
+    return (kind, inlet, peer, producer, seq, DrainingBatch(records), nbytes)
+
+
 _LEAVES = frozenset({str, int, float, bool, type(None)})
 
 
@@ -426,7 +434,13 @@ class ShmInlet(RouterInlet):
             # release here, and only this thread may send it: a producer short of room would
             # wait for the whole read, then send inline. Wake up to look while views live.
             timeout = LIVE_VIEW_WAKE
+        views = shm.views
         events = RouterInlet.recv(self, timeout)
+        if shm.views != views:
+            # Records that hold views of slots: each slot is released when the application
+            # drops its record, not after it took the whole batch (a pool of a few slots
+            # would otherwise wait on a batch the application reads one record at a time).
+            events = [_draining(event) for event in events]
         producers = shm.producers
         for event in events:
             peer = event[2]
