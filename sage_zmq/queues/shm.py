@@ -78,8 +78,9 @@ SHM_FLUSH_BYTES = 8 << 20
 """About how many payload bytes a busy producer ships per frame (the generic FLUSH_BYTES is
 16 MiB). A consumer that reads on sends its releases when it next reads the socket, after the
 frame's last record, so each payload in a frame holds a pool slot until then: the slots a
-producer cycles through grow with the frame, and fewer of them stay in cache. 1 MiB arrays between two processes, 1000 a run (median of 7, 2-core VM): put
-10.7 -> 13.6 GB/s, alloc + fill + put 10.2 -> 13.4; 6-8 MiB beat 4 and 12."""
+producer cycles through grow with the frame, and fewer of them stay in cache. 1 MiB arrays
+between two processes, 1000 a run (median of 7, 2-core VM): put 10.7 -> 13.6 GB/s, alloc +
+fill + put 10.2 -> 13.4; 6-8 MiB beat 4 and 12."""
 
 RING_LOOK_FIRST = 0.001
 RING_LOOK_MAX = 0.005
