@@ -643,39 +643,34 @@ class ShmSender:
             return 0
         ids = ring.take()
         if ids:
-            pool, sent_at = self._pool, self._sent_at
-            for slot_id in ids:
-                # Only what we sent and still count as the consumer's: a dead consumer's
-                # ring may still hold slots reclaimed since (reclaim_sent_before).
-                if sent_at.pop(slot_id, None) is not None and pool is not None:
-                    pool.release(slot_id)
-                    self.ring_released += 1
-            self._starved = False
-            self._maybe_trim()
+            self.ring_released += self._free_sent(ids)
         return len(ids)
 
     def apply_releases(self, slot_ids: Iterable[int]) -> None:
         """Free slots the consumer released (ids from RELEASE frames)."""
+        self.released += self._free_sent(slot_ids)
+
+    def _free_sent(self, slot_ids: Iterable[int]) -> int:
+        """Free the slots a consumer released, from a ring or a frame; how many it freed."""
         pool = self._pool
         if pool is None:
-            return
+            return 0
         sent_at = self._sent_at
+        freed = 0
         for slot_id in slot_ids:
-            # Only what we sent and still count as the consumer's, as from the ring: a
-            # consumer cannot free a slot still being filled, nor one taken back since.
+            # Only what we sent and still count as the consumer's: it cannot free a slot
+            # still being filled, nor one taken back since (a dead consumer's ring may still
+            # hold slots reclaim_sent_before took).
             if sent_at.pop(slot_id, None) is not None and pool.release(slot_id):
-                self.released += 1
+                freed += 1
         self._starved = False
-        self._maybe_trim()
-
-    def _maybe_trim(self) -> None:
-        pool = self._pool
         now = time.monotonic()
-        if pool is not None and now - self._last_trim > _TRIM_EVERY:
+        if now - self._last_trim > _TRIM_EVERY:
             self._last_trim = now
             stats = pool.statistics()
             if stats.used == 0 and len(stats.segments) > 1:
                 pool.trim()  # buffers shrink back after a burst of big payloads
+        return freed
 
     def statistics(self) -> dict[str, Any]:
         pool = self._pool
