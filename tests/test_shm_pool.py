@@ -668,6 +668,35 @@ def test_a_full_pool_takes_releases_that_come_soon_over_a_new_segment() -> None:
         sender.close()
 
 
+def test_a_pool_one_payload_fills_grows_at_once_so_the_producer_need_not_take_turns() -> None:
+    # Waiting for the one slot in use would have the producer wait for the consumer on every
+    # payload (64 MiB arrays: up to a ring look, ~1 ms, each time); with a second segment it
+    # fills the next payload while the consumer still reads the last.
+    sender = ShmSender(threshold=1, capacity=4 * MiB, wait=1.0, segment_bytes=MiB)
+    try:
+        first = sender._slot(MiB)  # the first segment, full with one payload
+        assert first is not None and sender.pool is not None
+        sender._sent_at[first.id] = 0
+        looks: list[float] = []
+        sender.poll_releases = looks.append
+        t0 = time.monotonic()
+        second = sender._slot(MiB)
+        assert second is not None and time.monotonic() - t0 < GROW_AFTER
+        assert looks == [] and len(sender.pool.statistics().segments) == 2
+        # Two in turn is enough: with both in use, releases that come soon win again.
+        sender._sent_at[second.id] = 0
+
+        def consumer_a_moment_behind(timeout: float) -> None:
+            looks.append(timeout)
+            sender.apply_releases([first.id])
+
+        sender.poll_releases = consumer_a_moment_behind
+        assert sender._slot(MiB) is not None
+        assert len(looks) == 1 and len(sender.pool.statistics().segments) == 2
+    finally:
+        sender.close()
+
+
 def test_a_pool_that_cannot_grow_sends_inline_and_waits_before_trying_again(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

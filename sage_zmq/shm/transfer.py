@@ -333,8 +333,10 @@ class ShmSender:
         # Releases are cheaper than a new segment, which takes tens of ms to pre-fault and
         # spreads the copies over more memory, colder in cache. Read those that arrived, and
         # give a consumer that is merely behind a moment to send more (it sends what it
-        # dropped at least every RELEASE_DELAY) before growing.
-        if pool.slots_in_use:
+        # dropped at least every RELEASE_DELAY) before growing. Not while one payload fills
+        # the pool: waiting for it would have the producer take turns with the consumer on
+        # every payload, where a second segment lets it fill the next one meanwhile.
+        if pool.slots_in_use > 1:
             starved = self._starved and wait is None  # no release came lately: do not wait
             grace = time.monotonic() + (0.0 if starved else min(GROW_AFTER, bound))
             while True:
