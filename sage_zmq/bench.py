@@ -689,6 +689,8 @@ def run_core(quick: bool, progress: Callable[[str], None]) -> list[Row]:
     return rows
 
 
+_TAKES_PROGRESS = {"core", "shm"}  # sections whose run reports its steps (rounds of turns)
+
 SECTIONS: dict[str, str] = {
     "core": "sage_zmq.bench:run_core",
     "routing": "sage_zmq.bench_routing:run",
@@ -825,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
             results[section] = {"skipped": str(exc)}
             progress(f"skipped: {exc}")
             continue
-        rows = fn(args.quick, progress) if section == "core" else fn(args.quick)
+        rows = fn(args.quick, progress) if section in _TAKES_PROGRESS else fn(args.quick)
         results[section] = rows
         all_rows.extend(rows)
         if not args.json:

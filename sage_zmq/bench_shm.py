@@ -4,7 +4,9 @@ Every number is measured in the same run as the competitors it is compared with:
 memcpy of the same size, ``multiprocessing.Queue``, raw pyzmq PUSH/PULL over ipc with
 ``copy=False``. Producers are spawned processes; the consumer is this process. A transfer is
 timed from the "go" the consumer gives until it holds the last payload (the producer's start-up,
-its pool's creation and the first mapping are outside the window: one warm-up payload).
+its pool's creation and the first mapping are outside the window: one warm-up payload, two
+through ``shm``, whose pool may take a second segment at its second payload). The array and
+pool rows take turns and keep each contender's best of three rounds.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
 
-from sage_zmq.bench import result_row
+from sage_zmq.bench import best_of_alternating, result_row
 
 Row = dict[str, Any]
 MB = 1_000_000
@@ -51,7 +54,10 @@ def _payload(nbytes: int) -> np.ndarray:
 
 def _sage_producer(conn: Connection, qd: Any, nbytes: int, n: int, mode: str) -> None:
     src = _payload(nbytes)
-    qd.put(src, timeout=60)  # warm-up: the pool is created and pre-faulted here
+    # Warm-up: the pool is created and pre-faulted here, and reaches its steady size (a
+    # payload that fills a segment gets a second one while the consumer holds the first).
+    qd.put(src, timeout=60)
+    qd.put(src, timeout=60)
     conn.send("ready")
     conn.recv()
     if mode == "alloc":
@@ -119,9 +125,11 @@ def _spawn(target: Callable[..., None], *args: Any) -> tuple[Any, Connection]:
     return proc, mine
 
 
-def _timed(conn: Connection, take: Callable[[], Any], n: int) -> float:
-    """Seconds from "go" to holding the n-th payload (after one warm-up payload)."""
-    take()
+def _timed(
+    conn: Connection, take: Callable[[], Any], n: int, warm_up: Callable[[], Any] | None = None
+) -> float:
+    """Seconds from "go" to holding the n-th payload (after ``warm_up``, default one take)."""
+    (warm_up or take)()
     if not conn.poll(120):
         raise RuntimeError("benchmark producer did not start")
     assert conn.recv() == "ready"
@@ -189,8 +197,13 @@ def bench_sage_shm(
         arr = qd.get(timeout=120)
         checksum += float(arr[-1])  # the consumer holds a real array: read a value of it
 
+    def warm_up() -> None:
+        held = qd.get(timeout=120)
+        qd.get(timeout=120)  # the producer put this one while ``held`` kept the first slot
+        del held
+
     try:
-        seconds = _timed(conn, take, n)
+        seconds = _timed(conn, take, n, warm_up)
         _finish(proc, conn)
     finally:
         qd.close(timeout=5)
@@ -321,18 +334,30 @@ def bench_lz4_speed(records: list[bytes]) -> float:
 # ---------------------------------------------------------------------------- the section
 
 
-def run(quick: bool) -> list[Row]:
+def _quiet(step: str) -> None:
+    pass
+
+
+def run(quick: bool, progress: Callable[[str], None] = _quiet) -> list[Row]:
+    # As in the core section (docs/benchmarks.md): one run of each, one after the other,
+    # mostly measured which of them a noisy spell of this shared VM hit.
+    rounds = 1 if quick else 3
     rows: list[Row] = []
     gbs = "GB/s"
     for nbytes, n_full, n_quick in ((1 * MiB, 2000, 200), (64 * MiB, 48, 8)):
         n = n_quick if quick else n_full
         label = f"{nbytes // MiB} MiB"
-        memcpy = bench_memcpy(nbytes, 5 if nbytes > MiB else 50) / 1e9
-        cold = bench_memcpy_cold(nbytes, 8 if nbytes > MiB else 512) / 1e9
-        mpq = bench_mp_queue(nbytes, max(4, n // 4)) / 1e9
-        raw = bench_raw_zmq(nbytes, n) / 1e9
-        ours = bench_sage_shm(nbytes, n) / 1e9
-        lent = bench_sage_shm(nbytes, n, mode="alloc") / 1e9
+        reps, cold_reps = (5, 8) if nbytes > MiB else (50, 512)
+        runs = {
+            "memcpy": partial(bench_memcpy, nbytes, reps),
+            "memcpy, cold": partial(bench_memcpy_cold, nbytes, cold_reps),
+            "multiprocessing.Queue": partial(bench_mp_queue, nbytes, max(4, n // 4)),
+            "raw pyzmq ipc": partial(bench_raw_zmq, nbytes, n),
+            "shm put": partial(bench_sage_shm, nbytes, n),
+            "shm alloc": partial(bench_sage_shm, nbytes, n, mode="alloc"),
+        }
+        rates = best_of_alternating({f"{label} {k}": f for k, f in runs.items()}, rounds, progress)
+        memcpy, cold, mpq, raw, ours, lent = (rates[f"{label} {k}"] / 1e9 for k in runs)
         name = f"shm {label} numpy arrays, put (one copy into the pool, zero-copy get)"
         rows.append(_row(name, ours, gbs, "multiprocessing.Queue", mpq, ">= 10x"))
         rows.append(_row(name, ours, gbs, "raw pyzmq PUSH/PULL ipc copy=False", raw, ">= 2x"))
@@ -343,8 +368,15 @@ def run(quick: bool) -> list[Row]:
     # Where the pool starts to pay: payloads/s through the pool vs inline over the ipc socket.
     for kib in (16, 64, 256):
         n = 300 if quick else 3000
-        pool = bench_threshold(kib * 1024, n, True)
-        inline = bench_threshold(kib * 1024, n, False)
+        rates = best_of_alternating(
+            {
+                f"{kib} KiB through the pool": partial(bench_threshold, kib * 1024, n, True),
+                f"{kib} KiB inline": partial(bench_threshold, kib * 1024, n, False),
+            },
+            rounds,
+            progress,
+        )
+        pool, inline = rates[f"{kib} KiB through the pool"], rates[f"{kib} KiB inline"]
         rows.append(
             _row(
                 f"shm {kib} KiB payloads through the pool",
