@@ -30,8 +30,9 @@ from sage_zmq.shm import (
     SlotSizeError,
     list_segments,
     sweep_orphans,
+    transfer,
 )
-from sage_zmq.shm.transfer import GROW_AFTER, ShmSender, pack_ref, unpack_ref
+from sage_zmq.shm.transfer import GROW_AFTER, ShmReceiver, ShmSender, pack_ref, unpack_ref
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -695,6 +696,59 @@ def test_a_pool_one_payload_fills_grows_at_once_so_the_producer_need_not_take_tu
         assert len(looks) == 1 and len(sender.pool.statistics().segments) == 2
     finally:
         sender.close()
+
+
+def test_a_pool_in_use_drops_segments_idle_for_a_whole_interval() -> None:
+    # After a burst of large payloads, smaller ones keep the pool in use: the segments the
+    # burst made must not stay reserved for as long as the stream goes on.
+    sender = ShmSender(threshold=1, capacity=4 * MiB, wait=0.0, segment_bytes=MiB)
+    try:
+        slots = [sender._slot(MiB) for _ in range(3)]  # three segments, a payload in each
+        pool = sender.pool
+        assert all(slots) and pool is not None and len(pool.statistics().segments) == 3
+        sender._sent_at.update((slot.id, 0) for slot in slots)  # type: ignore[union-attr]
+        first, second, third = pool.statistics().segments
+
+        def release(slot: Any) -> tuple[str, ...]:
+            sender._last_trim = -float("inf")  # the periodic look is due
+            sender.apply_releases([slot.id])
+            return pool.statistics().segments
+
+        assert release(slots[2]) == (first, second, third)  # idle for a moment only: kept
+        pool._segments[2].idle_since -= transfer._TRIM_EVERY  # as if idle for an interval
+        assert release(slots[1]) == (first, second)  # the one idle just now stays
+        assert release(slots[0]) == (first,)  # the pool is idle: the burst is over
+    finally:
+        sender.close()
+
+
+def test_a_consumer_unmaps_segments_their_producer_removed_though_no_new_one_comes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Until every mapping of a removed segment is gone its memory stays taken; the consumer
+    # used to look only when it mapped a new segment, which a pool that shrinks never makes.
+    def mapped(name: str) -> bool:
+        with open("/proc/self/maps") as f:
+            return any(name in line for line in f)
+
+    monkeypatch.setattr(transfer, "GONE_LOOK_EVERY", 0.0)
+    receiver = ShmReceiver(codec=None)
+    try:
+        with SharedMemoryPool(2 * MiB, segment_bytes=MiB, prefault=False) as pool:
+            kept, trimmed = pool.alloc(MiB), pool.alloc(MiB)  # a segment each
+            for slot in (kept, trimmed):
+                del_now = receiver.cache.view(slot.ref(), lambda slot_id: None)
+                del del_now
+            gc.collect()
+            assert set(receiver.cache.mapped) == {kept.segment, trimmed.segment}
+            pool.release(trimmed.id)
+            assert pool.trim() == [trimmed.segment]
+            assert mapped(trimmed.segment)  # unlinked, and still taking its memory here
+            receiver.look_for_gone()
+            assert receiver.cache.mapped == (kept.segment,) and not mapped(trimmed.segment)
+            pool.release(kept.id)
+    finally:
+        receiver.close()
 
 
 def test_a_pool_that_cannot_grow_sends_inline_and_waits_before_trying_again(

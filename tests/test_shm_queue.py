@@ -552,6 +552,27 @@ def test_segments_are_private_and_removed_when_the_queue_closes(make: Any) -> No
     assert view.sum() == 10_000  # a view outlives its producer's segment (still mapped)
 
 
+def test_a_consumer_lets_go_of_the_segments_its_producer_trimmed(
+    make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A removed segment's memory stays taken while anyone maps it: trimming frees nothing
+    # unless the consumer unmaps too, though no new segment comes to make it look.
+    monkeypatch.setattr(transfer, "_TRIM_EVERY", 0.0)
+    monkeypatch.setattr(transfer, "GONE_LOOK_EVERY", 0.0)
+    qd = make(shm_threshold=1024)
+    big = np.ones(40 * MiB // 8)
+    qd.put(big, timeout=T)
+    first = qd.get(timeout=T)
+    qd.put(big, timeout=T)  # the first still held: a second segment
+    second = qd.get(timeout=T)
+    pool = producer_of(qd).shm.pool
+    cache = qd._handle().consumer(qd)._inlets[0].shm.cache
+    assert len(pool.statistics().segments) == 2 and len(cache.mapped) == 2
+    del first, second
+    wait_until(lambda: (pump(qd), len(pool.statistics().segments))[1] == 1, "the trim")
+    wait_until(lambda: (pump(qd), cache.mapped)[1] == pool.statistics().segments, "the unmap")
+
+
 def test_metadata_is_validated() -> None:
     for key, bad in (
         ("shm_threshold", -1),

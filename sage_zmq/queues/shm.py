@@ -420,6 +420,7 @@ class ShmInlet(RouterInlet):
 
     def recv(self, timeout: float) -> list[tuple[Any, ...]]:
         shm = self.shm
+        shm.look_for_gone()  # the background tick reads here too: an idle consumer looks
         if shm.unsent_releases:
             # The socket's owner is here: safe to send. Releases to a producer that reads our
             # ring go into it at once; the others go in batches (RELEASE_BATCH, or after

@@ -238,7 +238,17 @@ class PoolStatistics:
 class _Segment:
     """One mapped segment and its first-fit free list (sorted, coalesced)."""
 
-    __slots__ = ("address", "free_len", "free_off", "live", "mm", "name", "size", "view")
+    __slots__ = (
+        "address",
+        "free_len",
+        "free_off",
+        "idle_since",
+        "live",
+        "mm",
+        "name",
+        "size",
+        "view",
+    )
 
     def __init__(self, name: str, size: int, mm: mmap.mmap) -> None:
         self.name = name
@@ -249,6 +259,7 @@ class _Segment:
         self.free_off: list[int] = [0]
         self.free_len: list[int] = [size]
         self.live = 0
+        self.idle_since = time.monotonic()  # when ``live`` last dropped to 0
 
     def take(self, need: int) -> int | None:
         for i, length in enumerate(self.free_len):
@@ -364,7 +375,8 @@ class SharedMemoryPool:
     The first segment (``segment_bytes``, default min(capacity, 64 MiB)) is created and
     pre-faulted up front; more are added on demand up to ``capacity_bytes``. A payload larger
     than ``segment_bytes`` gets a segment of its own size. Fully idle segments are dropped when
-    room is needed for a new one, or on :meth:`trim`; ``on_segment_removed(name)`` is then
+    room is needed for a new one, or on :meth:`trim` (the producer's sender calls it now and
+    then, see ShmSender._free_sent); ``on_segment_removed(name)`` is then
     called (outside the pool's lock) so consumers can be told to ``forget`` it.
 
     :meth:`alloc` blocks while the pool is full and raises :class:`~sage_zmq.errors.Full` on
@@ -578,6 +590,8 @@ class SharedMemoryPool:
                 pass  # the producer still holds an array over the slot; nothing more to do
             seg.give(slot.offset, need)
             seg.live -= 1
+            if not seg.live:
+                seg.idle_since = time.monotonic()
             self._used -= need
             self._releases += 1
             if self._waiters:
@@ -589,10 +603,12 @@ class SharedMemoryPool:
         with self._cond:
             return list(self._slots)
 
-    def trim(self) -> list[str]:
-        """Drop every fully idle segment except the first; return the names removed."""
+    def trim(self, idle_for: float = 0.0) -> list[str]:
+        """Drop every segment except the first that has been fully idle for ``idle_for``
+        seconds or more; return the names removed."""
         with self._cond:
-            doomed = [s for s in self._segments[1:] if s.idle]
+            since = time.monotonic() - idle_for
+            doomed = [s for s in self._segments[1:] if s.idle and s.idle_since <= since]
             for seg in doomed:
                 self._drop_segment(seg)
         removed = [s.name for s in doomed]

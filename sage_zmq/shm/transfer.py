@@ -73,6 +73,9 @@ RING_ATTACH_WAIT = 60.0
 """Seconds after which a ring no producer attached to may give way to another producer's."""
 GROW_RETRY = 1.0
 """Seconds after a segment could not be created (no memory) before the pool tries again."""
+GONE_LOOK_EVERY = 5.0
+"""Seconds between a consumer's looks for mapped segments their producer removed (trimmed,
+closed, or it died): the memory of a removed segment is freed only once no process maps it."""
 
 
 class InlineBytes(bytes):
@@ -670,8 +673,10 @@ class ShmSender:
         if now - self._last_trim > _TRIM_EVERY:
             self._last_trim = now
             stats = pool.statistics()
-            if stats.used == 0 and len(stats.segments) > 1:
-                pool.trim()  # buffers shrink back after a burst of big payloads
+            if len(stats.segments) > 1:
+                # Buffers shrink back: every idle segment once a burst is over, and while the
+                # pool is in use those idle for a whole interval (the payloads got smaller).
+                pool.trim(0.0 if stats.used == 0 else _TRIM_EVERY)
         return freed
 
     def statistics(self) -> dict[str, Any]:
@@ -753,6 +758,7 @@ class ShmReceiver:
         self.unsent_releases: deque[tuple[Any, int]] = deque()
         self._callbacks: dict[Any, Callable[[int], None]] = {}
         self._mapped = 0
+        self._next_gone_look = time.monotonic() + GONE_LOOK_EVERY
         self._last_flush = 0.0
         self._last_nbytes = 0
         self._release_at = RELEASE_BATCH  # pending releases that go out at once
@@ -889,6 +895,15 @@ class ShmReceiver:
             self._last_flush = now
             if self.cache.mapped_count != self._mapped:
                 self.forget_gone()  # a new segment may replace ones its producer dropped
+
+    def look_for_gone(self) -> None:
+        """Every ``GONE_LOOK_EVERY`` s, :meth:`forget_gone` (a stat per mapped segment): a
+        producer that trims its pool maps no new segment, which is when flush looks."""
+        if self.cache.mapped_count:
+            now = time.monotonic()
+            if now >= self._next_gone_look:
+                self._next_gone_look = now + GONE_LOOK_EVERY
+                self.forget_gone()
 
     def forget_gone(self) -> None:
         """Unmap cached segments whose producer unlinked them (closed, trimmed or died)."""
