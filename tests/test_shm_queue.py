@@ -23,7 +23,7 @@ from sage_zmq import QueueDescriptor
 from sage_zmq.errors import DeliveryError, DescriptorError, Empty, EncodeError
 from sage_zmq.packet import Packet
 from sage_zmq.queues import _producer
-from sage_zmq.queues.shm import ShmQueueType, _has_nested_bytes
+from sage_zmq.queues.shm import SHM_FLUSH_BYTES, ShmQueueType, _has_nested_bytes
 from sage_zmq.shm import is_shared, list_segments, release, transfer
 from sage_zmq.wire.codec import Codec, Lz4Policy, compression_mode
 from sage_zmq.wire.frame import FLAG_LZ4
@@ -165,10 +165,10 @@ def test_busy_large_puts_share_frames_yet_each_put_is_a_snapshot(make: Any) -> N
 def test_busy_puts_into_a_full_pool_are_still_snapshots_counted_once(make: Any) -> None:
     # The pool is full (views held), so batched large payloads go inline: copied inside put
     # all the same, and each counted once (not again when its batch leaves).
-    qd = make(maxsize=64, memory_pool_size=1, shm_wait=0.05, shm_threshold=64 * KiB)
+    qd = make(maxsize=64, memory_pool_size=4, shm_wait=0.05, shm_threshold=64 * KiB)
     held = []
-    for i in range(4):  # 4 x 256 KiB fill the 1 MiB pool
-        qd.put(np.full(32 * KiB, i, np.float64), timeout=T)
+    for i in range(4):  # 4 x 1 MiB fill the 4 MiB pool (frames of 1 MiB: 256 KiB share them)
+        qd.put(np.full(128 * KiB, i, np.float64), timeout=T)
         held.append(qd.get(timeout=T))
     arr = np.zeros(32 * KiB)
     buf = bytearray(256 * KiB)
@@ -571,6 +571,17 @@ def test_a_consumer_lets_go_of_the_segments_its_producer_trimmed(
     del first, second
     wait_until(lambda: (pump(qd), len(pool.statistics().segments))[1] == 1, "the trim")
     wait_until(lambda: (pump(qd), cache.mapped)[1] == pool.statistics().segments, "the unmap")
+
+
+def test_frames_of_a_small_pool_carry_a_quarter_of_it(make: Any) -> None:
+    # A frame's slots come back only once it is sent and read; frames as large as a small pool
+    # made every busy put wait for the consumer to read the previous frame.
+    big, small = make(), make(memory_pool_size=4)
+    for qd in (big, small):
+        qd.put(np.ones(4), timeout=T)
+        assert qd.get(timeout=T).sum() == 4
+    assert producer_of(big)._flush_bytes == SHM_FLUSH_BYTES
+    assert producer_of(small)._flush_bytes == MiB
 
 
 def test_metadata_is_validated() -> None:
